@@ -1,0 +1,5 @@
+import sys
+
+from edgelr.cli import main
+
+sys.exit(main())

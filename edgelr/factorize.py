@@ -1,0 +1,341 @@
+"""The low-rank factorization pass: rewrite MatMul, Gemm and Conv layers as pairs of thinner ones.
+
+    model = edgelr.load("model.onnx")
+    grams = edgelr.collect_grams(model, edgelr.find_layers(model)[0], samples)   # optional
+    result = edgelr.factorize(model, FactorizeConfig(params=0.5), grams)          # in place
+
+MatMul(x, W)         -> MatMul(MatMul(x, down), up)
+Gemm(A, B, C)        -> Gemm(Gemm(A, down), up, C)        (alpha, beta, transA kept)
+Conv k x k, C -> N   -> channel: Conv k x k C -> r, then Conv 1 x 1 r -> N
+                        spatial: Conv kh x 1 C -> r, then Conv 1 x kw r -> N
+Strides, pads, auto_pad and dilations are split between the two convs; the bias goes on the second.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+from tqdm.auto import tqdm
+
+from edgelr import lowrank
+from edgelr.errors import EdgelrError
+from edgelr.layers import Layer, Skipped, Use, find_layers
+from edgelr.ranks import Allocation, Choice, allocate, layer_choices
+
+CONV_FORMS = ("auto", "channel", "spatial")
+
+
+@dataclass(frozen=True)
+class FactorizeConfig:
+    """What to keep and how close to stay.
+
+    params / flops: keep this fraction (0 < F <= 1) of the factorizable layers' total.
+    max_error: per-layer relative output error gate; a layer over it stays dense.
+    ranks: explicit ranks by layer name (other layers stay dense); overrides the budget.
+    conv_form: "auto" picks per layer the form with the lower error at equal cost.
+    damping: added to the Gram's diagonal, as a fraction of its mean, before whitening.
+    max_cost_ratio: factorize a layer only if it keeps at most this fraction of its dense cost.
+    """
+
+    params: float | None = None
+    flops: float | None = None
+    max_error: float | None = None
+    ranks: Mapping[str, int] | None = None
+    conv_form: str = "auto"
+    damping: float = 1e-3
+    max_cost_ratio: float = 0.75
+
+    def __post_init__(self):
+        for flag in ("params", "flops"):
+            value = getattr(self, flag)
+            if value is not None and not (0 < value <= 1):
+                raise EdgelrError(f"--{flag} {value}: the fraction to keep must be in (0, 1]")
+        if self.params is not None and self.flops is not None:
+            raise EdgelrError("give one budget: --params or --flops, not both")
+        if self.max_error is not None and not self.max_error > 0:
+            raise EdgelrError(f"--max-error {self.max_error}: must be a positive relative error, e.g. 0.05")
+        if self.params is None and self.flops is None and self.max_error is None and not self.ranks:
+            raise EdgelrError("say how far to compress: --params F, --flops F or --max-error E")
+        if self.conv_form not in CONV_FORMS:
+            raise EdgelrError(f"conv form '{self.conv_form}' is not one of {', '.join(CONV_FORMS)}")
+        if not (0 < self.max_cost_ratio <= 1) or self.damping < 0:
+            raise EdgelrError("max_cost_ratio must be in (0, 1] and damping >= 0")
+
+    @property
+    def metric(self) -> str:
+        return "flops" if self.flops is not None else "params"
+
+    @property
+    def fraction(self) -> float | None:
+        return self.flops if self.flops is not None else self.params
+
+
+@dataclass
+class LayerResult:
+    """What happened to one layer."""
+
+    name: str
+    op: str
+    weight_shape: tuple[int, ...]
+    form: str  # "dense" when left alone
+    rank: int
+    params_before: int
+    params_after: int
+    flops_before: int | None
+    flops_after: int | None
+    predicted_error: float
+    error: float  # relative output error of this layer alone, measured on the calibration Gram
+    note: str = ""
+
+
+@dataclass
+class FactorizeResult:
+    layers: list[LayerResult]
+    skipped: list[Skipped]
+    metric: str
+    fraction: float | None
+    budget_reached: bool
+    data_aware: bool
+    warnings: list[str] = field(default_factory=list)
+
+    def total(self, key: str) -> int | None:
+        values = [getattr(r, key) for r in self.layers]
+        return None if any(v is None for v in values) else sum(values)
+
+    @property
+    def factorized(self) -> list[LayerResult]:
+        return [r for r in self.layers if r.form != "dense"]
+
+
+def factorize(
+    model: ir.Model,
+    config: FactorizeConfig,
+    grams: Mapping[str, np.ndarray] | None = None,
+    layers: list[Layer] | None = None,
+    progress: bool = True,
+) -> FactorizeResult:
+    """Factorize the model in place. `grams`: calibration statistics by layer name (data-aware SVD)."""
+    if layers is None:
+        layers, skipped = find_layers(model)
+    else:
+        skipped = []
+    if not layers:
+        raise EdgelrError("the model has no factorizable MatMul, Gemm or Conv node with a constant weight")
+    grams = grams or {}
+    if config.ranks:
+        unknown = sorted(set(config.ranks) - {layer.name for layer in layers})
+        if unknown:
+            raise EdgelrError(f"ranks given for unknown layers {unknown}; `edgelr inspect` lists the layer names")
+    if config.metric == "flops" and any(layer.dense_flops() is None for layer in layers):
+        raise EdgelrError("--flops needs each layer's input size, and the model has dynamic dims: pass --calib DATA.npz")
+
+    options = []
+    bar = tqdm(layers, desc="analysing", unit="layer", disable=not progress, leave=False)
+    for layer in bar:
+        options.append(_options(layer, config, grams.get(layer.name)))
+    allocation = _allocate(layers, options, config)
+
+    results = []
+    bar = tqdm(list(zip(layers, allocation.choices)), desc="factorizing", unit="layer", disable=not progress, leave=False)
+    for layer, choice in bar:
+        results.append(_apply(model.graph, layer, choice, config, grams.get(layer.name)))
+    warnings = []
+    if not allocation.reached:
+        kept = allocation.cost / max(sum(layer.cost(config.metric) for layer in layers), 1)
+        why = "the --max-error gate" if config.max_error is not None else "break-even"
+        warnings.append(f"budget not reached: {why} keeps {kept:.2f} of the {config.metric}, not {config.fraction}")
+    return FactorizeResult(
+        layers=results,
+        skipped=skipped,
+        metric=config.metric,
+        fraction=config.fraction,
+        budget_reached=allocation.reached,
+        data_aware=bool(grams),
+        warnings=warnings,
+    )
+
+
+def _forms(layer: Layer, config: FactorizeConfig) -> tuple[str, ...]:
+    forms = layer.forms()
+    if config.conv_form != "auto" and layer.is_conv:
+        forms = tuple(f for f in forms if f == config.conv_form) or ("channel",)
+    return forms
+
+
+def _whitening(layer: Layer, form: str, gram: np.ndarray | None, damping: float):
+    """(W in the form's orientation, Cholesky factor of its input Gram or None)."""
+    w = layer.matrix(form)
+    if gram is None:
+        return w, None
+    if form == "spatial":
+        gram = lowrank.spatial_gram(gram, layer.in_channels, layer.kernel)
+    try:
+        return w, lowrank.cholesky_factor(gram, damping)
+    except np.linalg.LinAlgError:
+        raise EdgelrError(f"layer {layer.name}: its calibration statistics are degenerate; add more samples") from None
+
+
+def _options(layer: Layer, config: FactorizeConfig, gram: np.ndarray | None) -> list[Choice]:
+    residuals = {}
+    for form in _forms(layer, config):
+        w, chol = _whitening(layer, form, gram, config.damping)
+        residuals[form] = lowrank.residual_fraction(lowrank.spectrum(w, chol))
+    if config.ranks:
+        rank = config.ranks.get(layer.name)
+        if rank is None:
+            return [Choice(None, 0, 0.0, 0.0)]
+        form = min(residuals, key=lambda f: residuals[f][min(rank, layer.max_rank(f))])
+        if not 0 < rank <= layer.max_rank(form):
+            raise EdgelrError(f"rank {rank} for layer {layer.name}: must be in 1..{layer.max_rank(form)}")
+        return [Choice(form, rank, 0.0, float(residuals[form][rank]))]
+    return layer_choices(layer, residuals, config.metric, config.max_cost_ratio, config.max_error)
+
+
+def _allocate(layers: list[Layer], options: list[list[Choice]], config: FactorizeConfig) -> Allocation:
+    if config.ranks or config.fraction is None:
+        return allocate(options, None) if not config.ranks else Allocation([o[0] for o in options], 0, None, True)
+    # the budget counts only layers that can be factorized below break-even
+    total = sum(layer.cost(config.metric) for layer, opts in zip(layers, options) if len(opts) > 1)
+    fixed = sum(opts[0].cost for opts in options if len(opts) == 1)
+    return allocate(options, fixed + config.fraction * total)
+
+
+def _apply(graph: ir.Graph, layer: Layer, choice: Choice, config: FactorizeConfig, gram) -> LayerResult:
+    row = LayerResult(
+        name=layer.name,
+        op=layer.op,
+        weight_shape=tuple(int(d) for d in layer.weight.shape or layer.weight_array().shape),
+        form="dense",
+        rank=0,
+        params_before=layer.dense_params(),
+        params_after=layer.dense_params(),
+        flops_before=layer.dense_flops(),
+        flops_after=layer.dense_flops(),
+        predicted_error=0.0,
+        error=0.0,
+    )
+    if choice.form is None:
+        row.note = "below break-even" if not config.ranks else ""
+        return row
+    w, chol = _whitening(layer, choice.form, gram, config.damping)
+    factors = lowrank.factorize(w, chol, choice.rank)
+    error = _measured_error(layer, choice.form, factors, gram)
+    row.predicted_error = math.sqrt(choice.error2)
+    row.error = error
+    if config.max_error is not None and error > config.max_error and not config.ranks:
+        row.note = f"error {error:.3f} over the gate"
+        return row
+    _rewrite(graph, layer, choice.form, factors)
+    row.form, row.rank = choice.form, choice.rank
+    row.params_after = layer.params(choice.form, choice.rank)
+    row.flops_after = layer.flops(choice.form, choice.rank)
+    return row
+
+
+def _measured_error(layer: Layer, form: str, factors: lowrank.Factors, gram) -> float:
+    """Relative output error with the full (undamped) Gram, in the dense layout."""
+    approx = factors.up @ factors.down
+    if form == "spatial":
+        n, c, (kh, kw) = layer.out_features, layer.in_channels, layer.kernel
+        approx = approx.reshape(n, kw, c, kh).transpose(0, 2, 3, 1).reshape(n, -1)
+    return lowrank.relative_error(layer.matrix("channel" if layer.is_conv else "svd"), approx, gram)
+
+
+# --- graph rewriting --------------------------------------------------------------------------
+def _rewrite(graph: ir.Graph, layer: Layer, form: str, factors: lowrank.Factors) -> None:
+    dtype = ir.convenience.get_const_tensor(layer.weight).dtype.numpy()
+    first, second = _factor_weights(layer, form, factors)
+    down = _initializer(graph, f"{layer.name}.lowrank_down", first.astype(dtype))
+    up = _initializer(graph, f"{layer.name}.lowrank_up", second.astype(dtype))
+    for use in layer.uses:
+        nodes = _pair(layer, use, form, down, up)
+        ir.convenience.replace_nodes_and_values(
+            graph, use.node, [use.node], nodes, list(use.node.outputs), list(nodes[-1].outputs)
+        )
+    _drop_weight(graph, layer.weight)
+
+
+def _factor_weights(layer: Layer, form: str, factors: lowrank.Factors) -> tuple[np.ndarray, np.ndarray]:
+    """The two factors as the weights of the ops that carry them."""
+    up, down = factors.up, factors.down
+    rank = factors.rank
+    if not layer.is_conv:
+        return down.T, up.T  # MatMul/Gemm weights are (in x out)
+    n, c = layer.out_features, layer.in_channels
+    ones = (1,) * len(layer.kernel)
+    if form == "channel":
+        return down.reshape(rank, c, *layer.kernel), up.reshape(n, rank, *ones)
+    kh, kw = layer.kernel
+    return down.reshape(rank, c, kh, 1), up.reshape(n, kw, rank).transpose(0, 2, 1).reshape(n, rank, 1, kw)
+
+
+def _pair(layer: Layer, use: Use, form: str, down: ir.Value, up: ir.Value) -> list[ir.Node]:
+    node = use.node
+    name = node.name
+    if node.op_type == "MatMul":
+        first = ir.node("MatMul", [node.inputs[0], down], name=f"{name}/lowrank_down")
+        second = ir.node("MatMul", [first.outputs[0], up], name=f"{name}/lowrank_up")
+    elif node.op_type == "Gemm":
+        attrs = node.attributes
+        first = ir.node("Gemm", [node.inputs[0], down], {"transA": attrs.get_int("transA", 0)}, name=f"{name}/lowrank_down")
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        second_inputs = [first.outputs[0], up] + ([bias] if bias is not None else [])
+        second_attrs = {"alpha": attrs.get_float("alpha", 1.0), "beta": attrs.get_float("beta", 1.0)}
+        second = ir.node("Gemm", second_inputs, second_attrs, name=f"{name}/lowrank_up")
+    else:
+        first, second = _conv_pair(layer, use, form, down, up)
+    first.outputs[0].name = f"{name}/lowrank_mid"
+    return [first, second]
+
+
+def _conv_pair(layer: Layer, use: Use, form: str, down: ir.Value, up: ir.Value) -> tuple[ir.Node, ir.Node]:
+    g = use.geometry
+    node = use.node
+    nd = len(g.kernel)
+    bias = [node.inputs[2]] if len(node.inputs) > 2 and node.inputs[2] is not None else []
+    if form == "channel":
+        first_attrs = {"kernel_shape": list(g.kernel), "strides": list(g.strides), "dilations": list(g.dilations)}
+        second_attrs = {"kernel_shape": [1] * nd}
+        if g.auto_pad in ("NOTSET", ""):
+            first_attrs["pads"] = list(g.pads)
+        else:
+            first_attrs["auto_pad"] = g.auto_pad
+    else:  # the height part of every attribute goes to the first conv, the width part to the second
+        (sh, sw), (dh, dw) = g.strides, g.dilations
+        first_attrs = {"kernel_shape": [g.kernel[0], 1], "strides": [sh, 1], "dilations": [dh, 1]}
+        second_attrs = {"kernel_shape": [1, g.kernel[1]], "strides": [1, sw], "dilations": [1, dw]}
+        if g.auto_pad in ("NOTSET", ""):
+            top, left, bottom, right = g.pads
+            first_attrs["pads"] = [top, 0, bottom, 0]
+            second_attrs["pads"] = [0, left, 0, right]
+        else:  # SAME_* and VALID split exactly: a size-1 kernel with stride 1 needs no padding
+            first_attrs["auto_pad"] = second_attrs["auto_pad"] = g.auto_pad
+    first = ir.node("Conv", [node.inputs[0], down], first_attrs, name=f"{node.name}/lowrank_down")
+    second = ir.node("Conv", [first.outputs[0], up, *bias], second_attrs, name=f"{node.name}/lowrank_up")
+    return first, second
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    base, i = name, 1
+    while name in graph.initializers:
+        name, i = f"{base}_{i}", i + 1
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
+    value.const_value = ir.tensor(array, name=name)
+    graph.register_initializer(value)
+    return value
+
+
+def _drop_weight(graph: ir.Graph, weight: ir.Value) -> None:
+    """Remove the dense weight once nothing reads it (an initializer or a Constant node)."""
+    if weight.uses():
+        return
+    if weight.is_initializer():
+        graph.initializers.pop(weight.name)
+        return
+    producer = weight.producer()
+    if producer is not None and producer.op_type == "Constant" and not any(o.uses() for o in producer.outputs):
+        graph.remove(producer, safe=True)

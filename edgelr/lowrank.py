@@ -1,0 +1,93 @@
+"""The linear algebra of data-aware low-rank factorization (numpy only, no graph here).
+
+W is (out x in). With H = sum x x^T the Gram matrix of the layer's inputs and L its Cholesky factor
+(H = L L^T), the output error of an approximation is ||(W - W_r) X||_F = ||(W - W_r) L||_F. So the best
+rank-r approximation in that norm comes from the SVD of W L (SVD-LLM's truncation-aware whitening):
+W L = U S V^T, W_r = U_r S_r V_r^T L^-1, and dropping singular value s_i costs exactly s_i^2.
+Without data, L = I and this is the plain SVD.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+
+
+def cholesky_factor(gram: np.ndarray, damping: float) -> np.ndarray:
+    """Lower-triangular L with L L^T = gram + damping * mean(diag) * I (damped so dead inputs are fine)."""
+    gram = np.asarray(gram, dtype=np.float64)
+    scale = float(np.mean(np.diag(gram))) or 1.0
+    eye = np.eye(gram.shape[0])
+    for extra in (damping, 1e-4, 1e-2, 1e-1):
+        try:
+            return scipy.linalg.cholesky(gram + max(extra, damping) * scale * eye, lower=True)
+        except np.linalg.LinAlgError:
+            continue
+    raise np.linalg.LinAlgError("the calibration Gram matrix is not positive definite even after damping")
+
+
+def spatial_gram(gram: np.ndarray, in_channels: int, kernel: tuple[int, int]) -> np.ndarray:
+    """The Gram of vertical (c, i) patches from the full (c, i, j) im2col Gram, summed over columns j.
+
+    Exact for the spatial (kh x 1, 1 x kw) form when patches in different columns are uncorrelated;
+    the real error of the chosen factors is measured afterwards with the full Gram.
+    """
+    kh, kw = kernel
+    g = gram.reshape(in_channels, kh, kw, in_channels, kh, kw)
+    return np.einsum("cijdkj->cidk", g).reshape(in_channels * kh, in_channels * kh)
+
+
+def spectrum(w: np.ndarray, chol: np.ndarray | None) -> np.ndarray:
+    """Singular values of W L (or of W without data), descending."""
+    target = w if chol is None else w @ chol
+    return scipy.linalg.svd(target, compute_uv=False, check_finite=False, lapack_driver="gesdd")
+
+
+def residual_fraction(sigma: np.ndarray) -> np.ndarray:
+    """r -> relative output error^2 of keeping the first r singular values, for r = 0..len(sigma)."""
+    energy = sigma.astype(np.float64) ** 2
+    total = energy.sum()
+    if total == 0:
+        return np.zeros(len(sigma) + 1)
+    tail = np.concatenate([np.cumsum(energy[::-1])[::-1], [0.0]])
+    return tail / total
+
+
+@dataclass
+class Factors:
+    """W ~ up @ down: down (rank x in) runs first, up (out x rank) second."""
+
+    up: np.ndarray
+    down: np.ndarray
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+
+def factorize(w: np.ndarray, chol: np.ndarray | None, rank: int) -> Factors:
+    """Best rank-r factors of W in the data-whitened norm (plain SVD without data); sqrt(S) on each side."""
+    target = w if chol is None else w @ chol
+    try:
+        u, s, vt = scipy.linalg.svd(target, full_matrices=False, check_finite=False, lapack_driver="gesdd")
+    except np.linalg.LinAlgError:  # gesdd occasionally fails to converge; gesvd is slower but robust
+        u, s, vt = scipy.linalg.svd(target, full_matrices=False, check_finite=False, lapack_driver="gesvd")
+    root = np.sqrt(s[:rank])
+    up = u[:, :rank] * root
+    down = root[:, None] * vt[:rank]
+    if chol is not None:  # down = S^1/2 V^T L^-1  <=>  L^T down^T = V S^1/2
+        down = scipy.linalg.solve_triangular(chol, down.T, trans="T", lower=True, check_finite=False).T
+    return Factors(up=up, down=down)
+
+
+def relative_error(w: np.ndarray, approx: np.ndarray, gram: np.ndarray | None) -> float:
+    """||(W - approx) X|| / ||W X|| measured with the (undamped) Gram, or on the weights without data."""
+    delta = w - approx
+    if gram is None:
+        denom = np.sum(w * w)
+        return float(np.sqrt(np.sum(delta * delta) / denom)) if denom > 0 else 0.0
+    num = np.sum((delta @ gram) * delta)
+    denom = np.sum((w @ gram) * w)
+    return float(np.sqrt(max(num, 0.0) / denom)) if denom > 0 else 0.0

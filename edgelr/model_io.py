@@ -1,0 +1,127 @@
+"""Loading and saving ONNX models (through onnx-ir, so external data stays lazy), and ORT sessions."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import onnx_ir as ir
+
+from edgelr.errors import EdgelrError
+
+# Protobuf cannot serialize a model over 2 GB in one piece; stay well under it.
+_INLINE_LIMIT_BYTES = 1 << 30
+
+
+def load(path: str | os.PathLike) -> ir.Model:
+    """Load an ONNX model; tensors in external data files are read lazily."""
+    path = Path(path)
+    if not path.exists():
+        raise EdgelrError(f"{path}: no such file; check the path to the ONNX model")
+    if path.is_dir():
+        raise EdgelrError(f"{path}: is a folder, not an ONNX file")
+    try:
+        model = ir.load(path)
+    except Exception as exc:  # onnx/protobuf raise many types for corrupt input
+        raise EdgelrError(
+            f"{path}: not a readable ONNX model ({type(exc).__name__}: {_first_line(exc)}); "
+            "is the file complete and really an .onnx file?"
+        ) from None
+    if len(model.graph) == 0 and not model.graph.outputs:
+        raise EdgelrError(f"{path}: the file parsed but holds no graph; is it really an ONNX model?")
+    _check_external_data(model, path)
+    return model
+
+
+def _check_external_data(model: ir.Model, path: Path) -> None:
+    for init in model.graph.initializers.values():
+        tensor = init.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            location = Path(tensor.base_dir) / tensor.location
+            if not location.exists():
+                raise EdgelrError(
+                    f"{path}: weight '{init.name}' lives in external file '{tensor.location}', "
+                    f"which is missing; keep it next to the model"
+                )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else "no detail"
+
+
+def model_bytes(model: ir.Model) -> int:
+    """Bytes of all initializers (what the model weighs on disk)."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def check_output_path(out: str | os.PathLike, *inputs: str | os.PathLike) -> Path:
+    """Fail early (before any work) if OUT cannot be written or would overwrite an input."""
+    out = Path(out)
+    if not out.parent.exists():
+        raise EdgelrError(f"{out}: folder '{out.parent}' does not exist; create it or pick another path")
+    if out.is_dir():
+        raise EdgelrError(f"{out}: is a folder; give a file name such as {out / 'model.onnx'}")
+    for src in inputs:
+        if src is not None and Path(src).exists() and out.exists() and out.samefile(src):
+            raise EdgelrError(f"{out}: is also the input; edgelr never overwrites its input, pick another name")
+    if not os.access(out.parent, os.W_OK):
+        raise EdgelrError(f"{out}: cannot write in '{out.parent}' (permission denied)")
+    return out
+
+
+def save(model: ir.Model, path: str | os.PathLike) -> Path:
+    """Write the model atomically: a complete file (and its external data) or nothing.
+
+    Large models go to external data beside the file (`NAME.onnx.data`), as ONNX requires past 2 GB.
+    """
+    path = Path(path)
+    external = model_bytes(model) > _INLINE_LIMIT_BYTES
+    data_name = path.name + ".data"
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".edgelr-") as tmp:
+        tmp_model = Path(tmp) / path.name
+        try:
+            ir.save(model, tmp_model, external_data=data_name if external else None)
+        except OSError as exc:
+            raise EdgelrError(f"{path}: could not write the model ({exc.strerror or exc})") from None
+        if external:
+            os.replace(Path(tmp) / data_name, path.parent / data_name)
+        os.replace(tmp_model, path)
+    return path
+
+
+@contextlib.contextmanager
+def ort_session(model: ir.Model | str | os.PathLike, threads: int = 0):
+    """An ONNX Runtime CPU session for a model in memory or on disk, whatever its size."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    providers = ["CPUExecutionProvider"]
+    if not isinstance(model, ir.Model):
+        yield ort.InferenceSession(str(model), opts, providers=providers)
+    elif model_bytes(model) <= _INLINE_LIMIT_BYTES:
+        yield ort.InferenceSession(ir.to_proto(model).SerializeToString(), opts, providers=providers)
+    else:
+        with tempfile.TemporaryDirectory(prefix="edgelr-") as tmp:
+            file = Path(tmp) / "model.onnx"
+            ir.save(model, file, external_data="model.onnx.data")
+            yield ort.InferenceSession(str(file), opts, providers=providers)
+
+
+def infer_shapes(model: ir.Model) -> None:
+    """Fill in intermediate shapes where ONNX shape inference can (best effort: FLOPs need them)."""
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    quiet = logging.getLogger("onnx_ir")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # the pass logs a traceback when inference fails; we carry on
+    try:
+        ShapeInferencePass(strict_mode=False)(model)
+    finally:
+        quiet.setLevel(level)

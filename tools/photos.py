@@ -1,0 +1,77 @@
+"""Real photographs (scikit-image ships them) as detector inputs, split into calibration and held-out.
+
+    python tools/photos.py --size 320 --out calib.npz --heldout heldout.npz --input images
+
+No photo is in both sets; each gives its letterboxed full view plus random crops (seeded).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+CALIBRATION = ["coffee", "rocket", "chelsea", "camera", "coins", "clock", "moon", "brick", "gravel", "page", "cell"]
+HELD_OUT = ["astronaut", "hubble_deep_field", "immunohistochemistry", "retina", "text", "grass", "colorwheel"]
+
+
+def photo(name: str) -> np.ndarray:
+    """An RGB uint8 photo from skimage.data (grey ones are stacked to three channels)."""
+    import skimage.data
+
+    image = np.asarray(getattr(skimage.data, name)())
+    if image.dtype == bool:
+        image = image.astype(np.uint8) * 255
+    if image.ndim == 2:
+        image = np.stack([image] * 3, axis=-1)
+    return image[..., :3]
+
+
+def letterbox(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize keeping the aspect ratio, pad to size x size with grey 114 (YOLO's convention); CHW float 0..1."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+    canvas = np.full((size, size, 3), 114, dtype=np.uint8)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    canvas[top : top + nh, left : left + nw] = resized
+    return canvas.transpose(2, 0, 1).astype(np.float32) / 255.0
+
+
+def samples(names: list[str], size: int, crops: int = 3, seed: int = 0) -> np.ndarray:
+    """(S, 3, size, size) float32: each photo whole, then `crops` random crops, some mirrored."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for name in names:
+        image = photo(name)
+        out.append(letterbox(image, size))
+        h, w = image.shape[:2]
+        for _ in range(crops):
+            frac = rng.uniform(0.5, 0.85)
+            ch, cw = int(h * frac), int(w * frac)
+            y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+            crop = image[y : y + ch, x : x + cw]
+            if rng.random() < 0.5:
+                crop = crop[:, ::-1]
+            out.append(letterbox(np.ascontiguousarray(crop), size))
+    return np.stack(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=320)
+    parser.add_argument("--input", default="images", help="the model's input name")
+    parser.add_argument("--crops", type=int, default=3)
+    parser.add_argument("--out", required=True, help="calibration .npz")
+    parser.add_argument("--heldout", help="held-out .npz")
+    args = parser.parse_args()
+    np.savez(args.out, **{args.input: samples(CALIBRATION, args.size, args.crops, seed=0)})
+    if args.heldout:
+        np.savez(args.heldout, **{args.input: samples(HELD_OUT, args.size, args.crops, seed=1)})
+
+
+if __name__ == "__main__":
+    main()
