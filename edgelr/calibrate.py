@@ -57,6 +57,8 @@ def load_samples(path: str | Path, model: ir.Model) -> Samples:
     path = Path(path)
     if not path.is_file():
         raise EdgelrError(f"{path}: calibration file not found")
+    if not zipfile.is_zipfile(path):
+        raise EdgelrError(f"{path}: not an .npz archive; save the samples with numpy.savez(path, input_name=array)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
@@ -93,7 +95,7 @@ def _check_array(path: Path, name: str, arr: np.ndarray, value: ir.Value) -> boo
         return True
     if arr.ndim == len(dims):
         sample_dims, batched = dims[1:], True
-        if isinstance(dims[0], int) and dims[0] != 1:
+        if isinstance(dims[0], int) and dims[0] > 1:
             raise EdgelrError(
                 f"{path}: input '{name}' has a fixed batch of {dims[0]}; give samples on a new first axis, "
                 f"shape (S, {', '.join(map(str, dims))})"
@@ -107,7 +109,7 @@ def _check_array(path: Path, name: str, arr: np.ndarray, value: ir.Value) -> boo
         )
     got = arr.shape[1:]
     for i, (want_dim, got_dim) in enumerate(zip(sample_dims, got)):
-        if isinstance(want_dim, int) and want_dim != got_dim:
+        if isinstance(want_dim, int) and want_dim >= 0 and want_dim != got_dim:
             raise EdgelrError(
                 f"{path}: array '{name}' has shape {tuple(arr.shape)}, the model input is {_fmt(dims)} "
                 f"(dim {i + 1 if batched else i} should be {want_dim})"

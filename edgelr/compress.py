@@ -45,9 +45,11 @@ def compress(
     """Factorize SOURCE into OUTPUT; with CALIB the SVD is data-aware and the result is verified on it."""
     start = time.perf_counter()
     source = Path(source)
-    output = model_io.check_output_path(output, source)
+    output = model_io.check_output_path(output, source, calib)
     if report is not None:
-        model_io.check_output_path(report, source, calib, output)
+        report = model_io.check_output_path(report, source, calib)
+        if report.resolve() == output.resolve():
+            raise EdgelrError(f"{report}: the report and the model cannot be the same file")
     model = model_io.load(source)
     samples = load_samples(calib, model) if calib is not None else None
     layers, skipped = find_layers(model)

@@ -46,7 +46,7 @@ class FactorizeConfig:
     max_error: float | None = None
     ranks: Mapping[str, int] | None = None
     conv_form: str = "auto"
-    damping: float = 1e-3
+    damping: float = 0.1
     max_cost_ratio: float = 0.75
 
     def __post_init__(self):
@@ -140,9 +140,13 @@ def factorize(
     allocation = _allocate(layers, options, config)
 
     results = []
-    bar = tqdm(list(zip(layers, allocation.choices)), desc="factorizing", unit="layer", disable=not progress, leave=False)
-    for layer, choice in bar:
+    bar = tqdm(total=len(layers), desc="factorizing", unit="layer", disable=not progress, leave=False)
+    for layer, choice, opts in zip(layers, allocation.choices, options):
         results.append(_apply(model.graph, layer, choice, config, grams.get(layer.name)))
+        if choice.form is None and len(opts) == 1 and not config.ranks:
+            results[-1].note = "below break-even" if config.max_error is None else "below break-even or over the gate"
+        bar.update()
+    bar.close()
     warnings = []
     if not allocation.reached:
         kept = allocation.cost / max(sum(layer.cost(config.metric) for layer in layers), 1)
@@ -188,9 +192,11 @@ def _options(layer: Layer, config: FactorizeConfig, gram: np.ndarray | None) -> 
         rank = config.ranks.get(layer.name)
         if rank is None:
             return [Choice(None, 0, 0.0, 0.0)]
-        form = min(residuals, key=lambda f: residuals[f][min(rank, layer.max_rank(f))])
-        if not 0 < rank <= layer.max_rank(form):
-            raise EdgelrError(f"rank {rank} for layer {layer.name}: must be in 1..{layer.max_rank(form)}")
+        fits = [f for f in residuals if 0 < rank <= layer.max_rank(f)]
+        if not fits:
+            top = max(layer.max_rank(f) for f in residuals)
+            raise EdgelrError(f"rank {rank} for layer {layer.name}: must be in 1..{top}")
+        form = min(fits, key=lambda f: residuals[f][rank])
         return [Choice(form, rank, 0.0, float(residuals[form][rank]))]
     return layer_choices(layer, residuals, config.metric, config.max_cost_ratio, config.max_error)
 
@@ -219,7 +225,6 @@ def _apply(graph: ir.Graph, layer: Layer, choice: Choice, config: FactorizeConfi
         error=0.0,
     )
     if choice.form is None:
-        row.note = "below break-even" if not config.ranks else ""
         return row
     w, chol = _whitening(layer, choice.form, gram, config.damping)
     factors = lowrank.factorize(w, chol, choice.rank)
@@ -281,7 +286,10 @@ def _pair(layer: Layer, use: Use, form: str, down: ir.Value, up: ir.Value) -> li
         second = ir.node("MatMul", [first.outputs[0], up], name=f"{name}/lowrank_up")
     elif node.op_type == "Gemm":
         attrs = node.attributes
-        first = ir.node("Gemm", [node.inputs[0], down], {"transA": attrs.get_int("transA", 0)}, name=f"{name}/lowrank_down")
+        first_inputs = [node.inputs[0], down]
+        if use.node.graph is not None and use.node.graph.opset_imports.get("", 11) < 11:  # C optional from 11
+            first_inputs.append(_initializer(use.node.graph, f"{layer.name}.lowrank_zero", np.zeros(1, down.dtype.numpy())))
+        first = ir.node("Gemm", first_inputs, {"transA": attrs.get_int("transA", 0)}, name=f"{name}/lowrank_down")
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         second_inputs = [first.outputs[0], up] + ([bias] if bias is not None else [])
         second_attrs = {"alpha": attrs.get_float("alpha", 1.0), "beta": attrs.get_float("beta", 1.0)}
@@ -335,6 +343,8 @@ def _drop_weight(graph: ir.Graph, weight: ir.Value) -> None:
         return
     if weight.is_initializer():
         graph.initializers.pop(weight.name)
+        if weight.is_graph_input():  # old exporters list initializers as inputs too
+            graph.inputs.remove(weight)
         return
     producer = weight.producer()
     if producer is not None and producer.op_type == "Constant" and not any(o.uses() for o in producer.outputs):

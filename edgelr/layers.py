@@ -240,7 +240,7 @@ def _inspect_node(node: ir.Node, graph_inputs: set[int]):
     if len(node.inputs) < 2 or node.inputs[1] is None or node.inputs[0] is None:
         return "missing inputs", None, None
     weight = node.inputs[1]
-    if id(weight) in graph_inputs:
+    if id(weight) in graph_inputs and not weight.is_initializer():
         return "weight is a graph input", None, None
     try:
         tensor = ir.convenience.get_const_tensor(weight)
@@ -268,7 +268,7 @@ def _static_shape(value: ir.Value) -> tuple | None:
     """The value's shape with a batch of 1, or None; symbolic dims stay as strings."""
     if value.shape is None:
         return None
-    dims = [d if isinstance(d, int) else str(d) for d in value.shape.dims]
+    dims = [d if isinstance(d, int) and d >= 0 else str(d) for d in value.shape.dims]  # -1: dynamic (old Paddle)
     if dims and not isinstance(dims[0], int):
         dims[0] = 1
     return tuple(dims)

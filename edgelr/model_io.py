@@ -66,7 +66,7 @@ def check_output_path(out: str | os.PathLike, *inputs: str | os.PathLike) -> Pat
     if out.is_dir():
         raise EdgelrError(f"{out}: is a folder; give a file name such as {out / 'model.onnx'}")
     for src in inputs:
-        if src is not None and Path(src).exists() and out.exists() and out.samefile(src):
+        if src is not None and Path(src).exists() and (out.resolve() == Path(src).resolve() or out.exists() and out.samefile(src)):
             raise EdgelrError(f"{out}: is also the input; edgelr never overwrites its input, pick another name")
     if not os.access(out.parent, os.W_OK):
         raise EdgelrError(f"{out}: cannot write in '{out.parent}' (permission denied)")
@@ -99,7 +99,7 @@ def ort_session(model: ir.Model | str | os.PathLike, threads: int = 0):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # errors reach the user once, as edgelr's own line
     if threads:
         opts.intra_op_num_threads = threads
     providers = ["CPUExecutionProvider"]
