@@ -60,7 +60,7 @@ def main() -> None:
         )
     result = {
         "budget": budget,
-        "calibration_samples": int(len(np.load(tmp.parent / tmp.name / "calib.npz")["images"])) if False else None,
+        "photos": {"calibration": CALIBRATION, "held_out": HELD_OUT, "crops_per_photo": args.crops},
         "heldout_error": {"whitened": err_w, "plain": err_p, "plain_over_whitened": err_p / err_w},
         "calibration_error": {"whitened": whitened.output_error["all"]},
         "latency_ms": {k: v * 1e3 for k, v in lat.items()},
