@@ -133,7 +133,8 @@ def _fmt(dims) -> str:
 def collect_grams(
     model: ir.Model, layers: list[Layer], samples: Samples, progress: bool = True
 ) -> dict[str, np.ndarray]:
-    """Layer name -> sum over samples of the Gram matrix of the layer's input rows (float64).
+    """Layer name -> sum over samples of the Gram matrix of the layer's input rows (float32, to halve
+    the memory: a K x K Gram can outweigh its layer's weight).
 
     Also records each use's observed per-sample input shape, so FLOPs are known for dynamic models.
     """
@@ -209,8 +210,7 @@ def _gram(x: np.ndarray, use: Use) -> np.ndarray:
     if use.geometry is not None:
         return _conv_gram(x, use.geometry)
     rows = x.T if use.transpose_input else x.reshape(-1, x.shape[-1])
-    rows = rows.astype(np.float32, copy=False)
-    return (rows.T @ rows).astype(np.float64)
+    return rows.T @ rows
 
 
 def _conv_gram(x: np.ndarray, geom: ConvGeometry) -> np.ndarray:
@@ -226,7 +226,7 @@ def _conv_gram(x: np.ndarray, geom: ConvGeometry) -> np.ndarray:
     perm = (0,) + tuple(range(2, 2 + nd)) + (1,) + tuple(range(2 + nd, 2 + 2 * nd))
     windows = windows.transpose(perm)  # (b, *out, C, *kernel)
     k = x.shape[1] * math.prod(geom.kernel)
-    gram = np.zeros((k, k))
+    gram = np.zeros((k, k), dtype=np.float32)
     row_bytes = 4 * k * math.prod(windows.shape[2 : 1 + nd]) * windows.shape[0]
     step = max(1, _CHUNK_BYTES // max(row_bytes, 1))
     for start in range(0, windows.shape[1], step):

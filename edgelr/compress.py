@@ -63,6 +63,7 @@ def compress(
     result = factorize(model, config, grams, layers=layers, progress=progress)
     result.skipped = skipped
     model_io.save(model, output)
+    del model, grams  # verification below loads both files in ONNX Runtime; free the graph first
     try:
         errors = output_error(source, output, samples) if samples is not None else {}
     except Exception:

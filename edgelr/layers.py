@@ -114,8 +114,13 @@ class Layer:
         return ("channel",)
 
     def weight_array(self) -> np.ndarray:
-        """The weight as stored (lazy tensors are read here)."""
-        return ir.convenience.get_const_tensor(self.weight).numpy()
+        """The weight as stored; a memory-mapped weight is copied out and unmapped."""
+        tensor = ir.convenience.get_const_tensor(self.weight)
+        if isinstance(tensor, ir.ExternalTensor):
+            array = np.array(tensor.numpy())
+            tensor.release()
+            return array
+        return tensor.numpy()
 
     def matrix(self, form: str = "svd") -> np.ndarray:
         """The weight as the (out x in) matrix that a form factorizes."""

@@ -5,13 +5,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import onnx_ir as ir
 
 from edgelr.errors import EdgelrError
 
+# Models with more weight than this are handled memory-mapped and handed to ONNX Runtime as files.
+_LAZY_BYTES = 256 << 20
 # Protobuf cannot serialize a model over 2 GB in one piece; stay well under it.
 _INLINE_LIMIT_BYTES = 1 << 30
 
@@ -33,7 +37,34 @@ def load(path: str | os.PathLike) -> ir.Model:
     if len(model.graph) == 0 and not model.graph.outputs:
         raise EdgelrError(f"{path}: the file parsed but holds no graph; is it really an ONNX model?")
     _check_external_data(model, path)
+    if _inline_bytes(model) > _LAZY_BYTES:
+        model = _spill(model)
     return model
+
+
+def _inline_bytes(model: ir.Model) -> int:
+    return sum(
+        v.const_value.nbytes
+        for v in model.graph.initializers.values()
+        if v.const_value is not None and not isinstance(v.const_value, ir.ExternalTensor)
+    )
+
+
+def _spill(model: ir.Model) -> ir.Model:
+    """Move a large model's weights to a temporary external-data file and reload them memory-mapped.
+
+    A parsed protobuf keeps every weight resident until the very end (dropping one does not free it);
+    mapped weights are read one layer at a time and released, so memory stays near one model's size.
+    """
+    tmp = tempfile.mkdtemp(prefix="edgelr-")
+    try:
+        ir.save(model, Path(tmp) / "model.onnx", external_data="model.onnx.data")
+        lazy = ir.load(Path(tmp) / "model.onnx")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    weakref.finalize(lazy, shutil.rmtree, tmp, ignore_errors=True)
+    return lazy
 
 
 def _check_external_data(model: ir.Model, path: Path) -> None:
@@ -83,6 +114,8 @@ def save(model: ir.Model, path: str | os.PathLike) -> Path:
     data_name = path.name + ".data"
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".edgelr-") as tmp:
         tmp_model = Path(tmp) / path.name
+        if not external:  # weights still mapped from a file must be written inline, not referenced
+            ir.external_data.load_to_model(model)
         try:
             ir.save(model, tmp_model, external_data=data_name if external else None)
         except OSError as exc:
@@ -105,9 +138,10 @@ def ort_session(model: ir.Model | str | os.PathLike, threads: int = 0):
     providers = ["CPUExecutionProvider"]
     if not isinstance(model, ir.Model):
         yield ort.InferenceSession(str(model), opts, providers=providers)
-    elif model_bytes(model) <= _INLINE_LIMIT_BYTES:
+    elif model_bytes(model) <= _LAZY_BYTES:
         yield ort.InferenceSession(ir.to_proto(model).SerializeToString(), opts, providers=providers)
-    else:
+    else:  # through a file: no second in-memory copy, and ORT maps the external weights
+        opts.add_session_config_entry("session.disable_prepacking", "1")
         with tempfile.TemporaryDirectory(prefix="edgelr-") as tmp:
             file = Path(tmp) / "model.onnx"
             ir.save(model, file, external_data="model.onnx.data")
