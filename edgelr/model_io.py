@@ -138,7 +138,7 @@ def ort_session(model: ir.Model | str | os.PathLike, threads: int = 0):
     providers = ["CPUExecutionProvider"]
     if not isinstance(model, ir.Model):
         yield ort.InferenceSession(str(model), opts, providers=providers)
-    elif model_bytes(model) <= _LAZY_BYTES:
+    elif model_bytes(model) <= _LAZY_BYTES and _inline_bytes(model) == model_bytes(model):
         yield ort.InferenceSession(ir.to_proto(model).SerializeToString(), opts, providers=providers)
     else:  # through a file: no second in-memory copy, and ORT maps the external weights
         opts.add_session_config_entry("session.disable_prepacking", "1")
