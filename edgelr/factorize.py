@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from edgelr import lowrank
 from edgelr.errors import EdgelrError
 from edgelr.layers import Layer, Skipped, Use, find_layers
-from edgelr.ranks import Allocation, Choice, allocate, layer_choices
+from edgelr.ranks import Allocation, Choice, allocate, layer_choices, paying_ranks
 
 CONV_FORMS = ("auto", "channel", "spatial")
 
@@ -144,12 +144,12 @@ def factorize(
     for layer, choice, opts in zip(layers, allocation.choices, options):
         results.append(_apply(model.graph, layer, choice, config, grams.get(layer.name)))
         if choice.form is None and len(opts) == 1 and not config.ranks:
-            results[-1].note = "below break-even" if config.max_error is None else "below break-even or over the gate"
+            results[-1].note = "over the error gate" if _pays(layer, config) else "below break-even"
         bar.update()
     bar.close()
     warnings = []
     if not allocation.reached:
-        kept = allocation.cost / max(sum(layer.cost(config.metric) for layer in layers), 1)
+        kept = allocation.cost / max(sum(layer.cost(config.metric) for layer in layers if _pays(layer, config)), 1)
         why = "the --max-error gate" if config.max_error is not None else "break-even"
         warnings.append(f"budget not reached: {why} keeps {kept:.2f} of the {config.metric}, not {config.fraction}")
     return FactorizeResult(
@@ -204,10 +204,15 @@ def _options(layer: Layer, config: FactorizeConfig, gram: np.ndarray | None) -> 
 def _allocate(layers: list[Layer], options: list[list[Choice]], config: FactorizeConfig) -> Allocation:
     if config.ranks or config.fraction is None:
         return allocate(options, None) if not config.ranks else Allocation([o[0] for o in options], 0, None, True)
-    # the budget counts only layers that can be factorized below break-even
-    total = sum(layer.cost(config.metric) for layer, opts in zip(layers, options) if len(opts) > 1)
-    fixed = sum(opts[0].cost for opts in options if len(opts) == 1)
+    # the budget counts only layers that can be factorized below break-even (whatever the error gate says)
+    pays = [_pays(layer, config) for layer in layers]
+    total = sum(layer.cost(config.metric) for layer, p in zip(layers, pays) if p)
+    fixed = sum(layer.cost(config.metric) for layer, p in zip(layers, pays) if not p)
     return allocate(options, fixed + config.fraction * total)
+
+
+def _pays(layer: Layer, config: FactorizeConfig) -> bool:
+    return any(paying_ranks(layer, f, config.metric, config.max_cost_ratio) for f in _forms(layer, config))
 
 
 def _apply(graph: ir.Graph, layer: Layer, choice: Choice, config: FactorizeConfig, gram) -> LayerResult:

@@ -32,6 +32,13 @@ def rank_grid(full_rank: int, max_rank: int) -> list[int]:
     return list(range(step, max_rank + 1, step))
 
 
+def paying_ranks(layer: Layer, form: str, metric: str, max_cost_ratio: float) -> list[int]:
+    """The ranks at which a form costs at most max_cost_ratio of the dense layer."""
+    per_rank = layer.cost(metric, form, 1)
+    max_rank = min(layer.max_rank(form), math.floor(max_cost_ratio * layer.cost(metric) / per_rank))
+    return rank_grid(layer.max_rank(form), max_rank)
+
+
 def layer_choices(
     layer: Layer,
     residuals: dict[str, np.ndarray],
@@ -40,12 +47,9 @@ def layer_choices(
     max_error: float | None,
 ) -> list[Choice]:
     """Dense plus every (form, rank) that clearly beats break-even and passes the error gate."""
-    dense = layer.cost(metric)
-    choices = [Choice(None, 0, float(dense), 0.0)]
+    choices = [Choice(None, 0, float(layer.cost(metric)), 0.0)]
     for form, residual in residuals.items():
-        per_rank = layer.cost(metric, form, 1)
-        max_rank = min(layer.max_rank(form), math.floor(max_cost_ratio * dense / per_rank))
-        for rank in rank_grid(layer.max_rank(form), max_rank):
+        for rank in paying_ranks(layer, form, metric, max_cost_ratio):
             error2 = float(residual[rank])
             if max_error is not None and error2 > max_error**2:
                 continue
