@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from edgelr import lowrank
@@ -133,6 +134,13 @@ def factorize(
     if config.metric == "flops" and any(layer.dense_flops() is None for layer in layers):
         raise EdgelrError("--flops needs each layer's input size, and the model has dynamic dims: pass --calib DATA.npz")
 
+    # One BLAS thread: these matrices are small, and OpenBLAS threads that wait on a busy machine's
+    # cores made an eigendecomposition 50x slower than single-threaded (measured on 2 cores).
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _factorize(model, config, grams, layers, skipped, progress)
+
+
+def _factorize(model, config, grams, layers, skipped, progress) -> FactorizeResult:
     options = []
     bar = tqdm(layers, desc="analysing", unit="layer", disable=not progress, leave=False)
     for layer in bar:

@@ -43,7 +43,7 @@ def spectrum(w: np.ndarray, chol: np.ndarray | None) -> np.ndarray:
     """Singular values of W L (or of W without data), descending."""
     target = w if chol is None else w @ chol
     small = target.T @ target if target.shape[0] >= target.shape[1] else target @ target.T
-    return np.sqrt(np.clip(scipy.linalg.eigvalsh(small, check_finite=False)[::-1], 0, None))
+    return np.sqrt(np.clip(scipy.linalg.eigvalsh(small, check_finite=False, driver="evd")[::-1], 0, None))
 
 
 def residual_fraction(sigma: np.ndarray) -> np.ndarray:
@@ -88,9 +88,8 @@ def _top_svd(a: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     """
     tall = a.shape[0] >= a.shape[1]
     small = a.T @ a if tall else a @ a.T
-    n = small.shape[0]
-    values, vectors = scipy.linalg.eigh(small, subset_by_index=[n - rank, n - 1], check_finite=False)
-    values, vectors = values[::-1], vectors[:, ::-1]
+    values, vectors = scipy.linalg.eigh(small, check_finite=False, driver="evd")  # evr stalls on some spectra
+    values, vectors = values[::-1][:rank], vectors[:, ::-1][:, :rank]
     s = np.sqrt(np.clip(values, 0, None))
     inv = np.divide(1.0, s, out=np.zeros_like(s), where=s > s[0] * 1e-12 if len(s) else None)
     if tall:  # a = U S V^T with V from a^T a; U = a V / S

@@ -7,7 +7,7 @@ import onnx
 import onnxruntime as ort
 
 from edgelr import FactorizeConfig, compress, model_io
-from tests import graphs as G
+import graphs as G
 
 
 def _run(path, feed):

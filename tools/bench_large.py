@@ -466,7 +466,24 @@ def environment() -> dict:
         except Exception:  # noqa: BLE001
             versions[mod] = None
     return {"cpus": os.cpu_count(), "loadavg": load, "python": platform.python_version(),
-            "machine": platform.machine(), "versions": versions}
+            "machine": platform.machine(), "versions": versions, "edgelr_git": _edgelr_git()}
+
+
+def _edgelr_git() -> str | None:
+    """The commit edgelr runs from (with '+dirty' when edgelr/ has uncommitted changes): results change with it."""
+    try:
+        import edgelr
+
+        package = Path(edgelr.__file__).resolve().parent
+        head = subprocess.run(["git", "-C", str(package), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(package), "status", "--porcelain", "--", "."],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except Exception:  # noqa: BLE001 (no git, not a checkout)
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -509,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
         info = build_model(model, args.params_millions, d=args.d_model, seq=args.seq, inputs=args.inputs)
         info["build_s"] = round(time.perf_counter() - start, 2)
         report["model"] = info
+        print(f"edgelr {report['environment']['versions']['edgelr']} at {report['environment']['edgelr_git']}, "
+              f"{report['environment']['cpus']} CPUs, load average {report['environment']['loadavg'][0]:.1f}")
         print(f"model: {info['params'] / 1e6:.1f} M params ({info['blocks']} blocks, d {info['d_model']}, "
               f"vocab {info['vocab']}), {info['file_bytes'] / 2**20:.0f} MB, built in {info['build_s']} s",
               flush=True)
