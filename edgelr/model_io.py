@@ -10,6 +10,7 @@ import tempfile
 import weakref
 from pathlib import Path
 
+import onnx
 import onnx_ir as ir
 
 from edgelr.errors import EdgelrError
@@ -79,6 +80,40 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
                 )
 
 
+def _inline(model_file: Path, data_file: Path) -> None:
+    """Pack a model and its external data into one .onnx file, one weight in memory at a time.
+
+    Protobuf parses concatenated messages as one merged message, and merging appends repeated
+    fields: so the model without weights, followed by one ModelProto per weight that holds only
+    graph.initializer, is the complete model (serializing it whole needs it in memory twice).
+    """
+    proto = onnx.load(model_file, load_external_data=False)
+    weights = list(proto.graph.initializer)
+    proto.graph.ClearField("initializer")
+    with open(data_file, "rb") as data, open(model_file.with_suffix(".packing"), "wb") as out:
+        out.write(proto.SerializeToString())
+        for tensor in weights:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                where = {entry.key: entry.value for entry in tensor.external_data}
+                data.seek(int(where.get("offset", 0)))
+                tensor.raw_data = data.read(int(where["length"]))
+                tensor.ClearField("external_data")
+                tensor.data_location = onnx.TensorProto.DEFAULT
+            piece = onnx.ModelProto()
+            piece.graph.initializer.append(tensor)
+            out.write(piece.SerializeToString())
+            tensor.Clear()
+    os.replace(model_file.with_suffix(".packing"), model_file)
+    os.remove(data_file)
+
+
+def release_mapped(model: ir.Model) -> None:
+    """Unmap weights that reading mapped in: mapped pages count as resident memory while mapped."""
+    for value in model.graph.initializers.values():
+        if isinstance(value.const_value, ir.ExternalTensor):
+            value.const_value.release()
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else "no detail"
@@ -114,10 +149,13 @@ def save(model: ir.Model, path: str | os.PathLike) -> Path:
     data_name = path.name + ".data"
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".edgelr-") as tmp:
         tmp_model = Path(tmp) / path.name
-        if not external:  # weights still mapped from a file must be written inline, not referenced
-            ir.external_data.load_to_model(model)
         try:
-            ir.save(model, tmp_model, external_data=data_name if external else None)
+            # weights stream out to a data file one at a time; a single-file model is then packed from
+            # it, so memory holds the output once (plus its bytes), never the graph's copy as well
+            ir.save(model, tmp_model, external_data=data_name)
+            release_mapped(model)
+            if not external:
+                _inline(tmp_model, Path(tmp) / data_name)
         except OSError as exc:
             raise EdgelrError(f"{path}: could not write the model ({exc.strerror or exc})") from None
         if external:
@@ -145,6 +183,7 @@ def ort_session(model: ir.Model | str | os.PathLike, threads: int = 0):
         with tempfile.TemporaryDirectory(prefix="edgelr-") as tmp:
             file = Path(tmp) / "model.onnx"
             ir.save(model, file, external_data="model.onnx.data")
+            release_mapped(model)
             yield ort.InferenceSession(str(file), opts, providers=providers)
 
 

@@ -228,7 +228,13 @@ def measure(cmd: list[str], workdir: Path, env: dict[str, str]) -> dict:
         method = "getrusage(RUSAGE_CHILDREN)"
     start = time.perf_counter()
     with open(stdout, "w") as out, open(stderr, "w") as err:
-        rc = subprocess.call(full, stdout=out, stderr=err, env=env)
+        # its own process group: if this script is stopped, edgelr (a grandchild under `time`) stops too
+        proc = subprocess.Popen(full, stdout=out, stderr=err, env=env, start_new_session=True)
+        try:
+            rc = proc.wait()
+        except BaseException:
+            _kill_group(proc)
+            raise
     wall = time.perf_counter() - start
     result = {"method": method, "rc": rc, "wall_s": wall, "stdout": stdout.read_text(), "stderr": stderr.read_text()}
     if time_tool.exists():
@@ -250,6 +256,16 @@ def measure(cmd: list[str], workdir: Path, env: dict[str, str]) -> dict:
     inner = re.search(r" in ([\d.]+) s\s*$", result["stdout"], re.M)
     result["edgelr_reported_s"] = float(inner.group(1)) if inner else None
     return result
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
 
 
 def _field(text: str, pattern: str) -> float | None:
@@ -486,6 +502,18 @@ def _edgelr_git() -> str | None:
         return None
 
 
+def _exit_cleanly_on_signals() -> None:
+    """SIGTERM / SIGHUP exit through SystemExit, so the temporary folder (~1 GB) is still removed."""
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            signal.signal(sig, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--phase-child":
@@ -512,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.d_model % HEAD_DIM:
         parser.error(f"--d-model must be a multiple of {HEAD_DIM}")
 
+    _exit_cleanly_on_signals()
     env = dict(CHILD_ENV)
     if args.blas_threads:
         for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
