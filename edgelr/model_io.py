@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import shutil
@@ -40,6 +41,7 @@ def load(path: str | os.PathLike) -> ir.Model:
     _check_external_data(model, path)
     if _inline_bytes(model) > _LAZY_BYTES:
         model = _spill(model)
+        gc.collect()  # the parsed model sits in reference cycles: free its weights now, not at a later GC
     return model
 
 
@@ -175,6 +177,8 @@ def ort_session(model: ir.Model | str | os.PathLike, threads: int = 0):
         opts.intra_op_num_threads = threads
     providers = ["CPUExecutionProvider"]
     if not isinstance(model, ir.Model):
+        if Path(model).stat().st_size > _LAZY_BYTES:  # prepacking would hold a second copy of the weights
+            opts.add_session_config_entry("session.disable_prepacking", "1")
         yield ort.InferenceSession(str(model), opts, providers=providers)
     elif model_bytes(model) <= _LAZY_BYTES and _inline_bytes(model) == model_bytes(model):
         yield ort.InferenceSession(ir.to_proto(model).SerializeToString(), opts, providers=providers)
