@@ -157,7 +157,8 @@ def _factorize(model, config, grams, layers, skipped, progress) -> FactorizeResu
     bar.close()
     warnings = []
     if not allocation.reached:
-        kept = allocation.cost / max(sum(layer.cost(config.metric) for layer in layers if _pays(layer, config)), 1)
+        fixed, total = _budget_split(layers, config)
+        kept = (allocation.cost - fixed) / max(total, 1)
         why = "the --max-error gate" if config.max_error is not None else "break-even"
         warnings.append(f"budget not reached: {why} keeps {kept:.2f} of the {config.metric}, not {config.fraction}")
     return FactorizeResult(
@@ -192,14 +193,14 @@ def _whitening(layer: Layer, form: str, gram: np.ndarray | None, damping: float)
 
 
 def _options(layer: Layer, config: FactorizeConfig, gram: np.ndarray | None) -> list[Choice]:
+    if config.ranks and layer.name not in config.ranks:
+        return [Choice(None, 0, 0.0, 0.0)]
     residuals = {}
     for form in _forms(layer, config):
         w, chol = _whitening(layer, form, gram, config.damping)
         residuals[form] = lowrank.residual_fraction(lowrank.spectrum(w, chol))
     if config.ranks:
-        rank = config.ranks.get(layer.name)
-        if rank is None:
-            return [Choice(None, 0, 0.0, 0.0)]
+        rank = config.ranks[layer.name]
         fits = [f for f in residuals if 0 < rank <= layer.max_rank(f)]
         if not fits:
             top = max(layer.max_rank(f) for f in residuals)
@@ -212,11 +213,16 @@ def _options(layer: Layer, config: FactorizeConfig, gram: np.ndarray | None) -> 
 def _allocate(layers: list[Layer], options: list[list[Choice]], config: FactorizeConfig) -> Allocation:
     if config.ranks or config.fraction is None:
         return allocate(options, None) if not config.ranks else Allocation([o[0] for o in options], 0, None, True)
-    # the budget counts only layers that can be factorized below break-even (whatever the error gate says)
-    pays = [_pays(layer, config) for layer in layers]
-    total = sum(layer.cost(config.metric) for layer, p in zip(layers, pays) if p)
-    fixed = sum(layer.cost(config.metric) for layer, p in zip(layers, pays) if not p)
+    fixed, total = _budget_split(layers, config)
     return allocate(options, fixed + config.fraction * total)
+
+
+def _budget_split(layers: list[Layer], config: FactorizeConfig) -> tuple[int, int]:
+    """(cost of layers that cannot pay off, cost of those that can): the budget is a fraction of the
+    second, whatever the error gate later allows."""
+    pays = [_pays(layer, config) for layer in layers]
+    fixed = sum(layer.cost(config.metric) for layer, p in zip(layers, pays) if not p)
+    return fixed, sum(layer.cost(config.metric) for layer, p in zip(layers, pays) if p)
 
 
 def _pays(layer: Layer, config: FactorizeConfig) -> bool:

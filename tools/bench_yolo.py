@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--params", type=float, default=0.5)
     parser.add_argument("--flops", type=float)
     parser.add_argument("--crops", type=int, default=3)
+    parser.add_argument("--damping", type=float, default=FactorizeConfig.damping, help="Gram damping (fraction of mean diag)")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--json", help="write the numbers here")
     args = parser.parse_args()
@@ -48,7 +49,7 @@ def main() -> None:
         np.savez(tmp / "calib.npz", images=samples(CALIBRATION, 320, args.crops, seed=0))
         np.savez(tmp / "heldout.npz", images=samples(HELD_OUT, 320, args.crops, seed=1))
         budget = {"flops": args.flops} if args.flops else {"params": args.params}
-        config = FactorizeConfig(**budget)
+        config = FactorizeConfig(**budget, damping=args.damping)
         whitened = compress(source, tmp / "whitened.onnx", config, calib=tmp / "calib.npz", progress=False)
         plain = compress(source, tmp / "plain.onnx", config, progress=False)
         heldout = load_samples(tmp / "heldout.npz", load(source))
@@ -60,6 +61,7 @@ def main() -> None:
         )
     result = {
         "budget": budget,
+        "damping": args.damping,
         "photos": {"calibration": CALIBRATION, "held_out": HELD_OUT, "crops_per_photo": args.crops},
         "heldout_error": {"whitened": err_w, "plain": err_p, "plain_over_whitened": err_p / err_w},
         "calibration_error": {"whitened": whitened.output_error["all"]},
