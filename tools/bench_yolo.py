@@ -51,7 +51,7 @@ def main() -> None:
         budget = {"flops": args.flops} if args.flops else {"params": args.params}
         config = FactorizeConfig(**budget, damping=args.damping)
         whitened = compress(source, tmp / "whitened.onnx", config, calib=tmp / "calib.npz", progress=False)
-        plain = compress(source, tmp / "plain.onnx", config, progress=False)
+        compress(source, tmp / "plain.onnx", config, progress=False)
         heldout = load_samples(tmp / "heldout.npz", load(source))
         err_w = output_error(source, tmp / "whitened.onnx", heldout)["all"]
         err_p = output_error(source, tmp / "plain.onnx", heldout)["all"]
