@@ -141,16 +141,19 @@ def factorize(
 
 
 def _factorize(model, config, grams, layers, skipped, progress) -> FactorizeResult:
-    options = []
-    bar = tqdm(layers, desc="analysing", unit="layer", disable=not progress, leave=False)
-    for layer in bar:
-        options.append(_options(layer, config, grams.get(layer.name)))
+    options, factors = [], []
+    for layer in tqdm(layers, desc="analysing", unit="layer", disable=not progress, leave=False):
+        choices, found = _options(layer, config, grams.get(layer.name))
+        options.append(choices)
+        factors.append(found)
     allocation = _allocate(layers, options, config)
 
     results = []
     bar = tqdm(total=len(layers), desc="factorizing", unit="layer", disable=not progress, leave=False)
-    for layer, choice, opts in zip(layers, allocation.choices, options):
-        results.append(_apply(model.graph, layer, choice, config, grams.get(layer.name)))
+    for i, (layer, choice, opts) in enumerate(zip(layers, allocation.choices, options)):
+        found = factors[i].get(choice.form)
+        factors[i] = None  # drop what this layer did not choose as we go
+        results.append(_apply(model.graph, layer, choice, config, found, grams.get(layer.name)))
         if choice.form is None and len(opts) == 1 and not config.ranks:
             results[-1].note = "over the error gate" if _pays(layer, config) else "below break-even"
         bar.update()
@@ -192,13 +195,22 @@ def _whitening(layer: Layer, form: str, gram: np.ndarray | None, damping: float)
         raise EdgelrError(f"layer {layer.name}: its calibration statistics are degenerate; add more samples") from None
 
 
-def _options(layer: Layer, config: FactorizeConfig, gram: np.ndarray | None) -> list[Choice]:
+def _options(layer: Layer, config: FactorizeConfig, gram: np.ndarray | None):
+    """(choices for the allocation, factors per form at the largest rank a choice may take)."""
     if config.ranks and layer.name not in config.ranks:
-        return [Choice(None, 0, 0.0, 0.0)]
-    residuals = {}
+        return [Choice(None, 0, 0.0, 0.0)], {}
+    residuals, factors = {}, {}
+    store = np.result_type(layer.weight_array().dtype, np.float32)  # float32 unless the model is float64
     for form in _forms(layer, config):
+        if config.ranks:
+            keep = min(config.ranks[layer.name], layer.max_rank(form))
+        else:
+            keep = max(paying_ranks(layer, form, config.metric, config.max_cost_ratio), default=0)
         w, chol = _whitening(layer, form, gram, config.damping)
-        residuals[form] = lowrank.residual_fraction(lowrank.spectrum(w, chol))
+        sigma, found = lowrank.decompose(w, chol, keep)
+        residuals[form] = lowrank.residual_fraction(sigma)
+        if found is not None:
+            factors[form] = lowrank.Factors(found.up.astype(store), found.down.astype(store))
     if config.ranks:
         rank = config.ranks[layer.name]
         fits = [f for f in residuals if 0 < rank <= layer.max_rank(f)]
@@ -206,8 +218,8 @@ def _options(layer: Layer, config: FactorizeConfig, gram: np.ndarray | None) -> 
             top = max(layer.max_rank(f) for f in residuals)
             raise EdgelrError(f"rank {rank} for layer {layer.name}: must be in 1..{top}")
         form = min(fits, key=lambda f: residuals[f][rank])
-        return [Choice(form, rank, 0.0, float(residuals[form][rank]))]
-    return layer_choices(layer, residuals, config.metric, config.max_cost_ratio, config.max_error)
+        return [Choice(form, rank, 0.0, float(residuals[form][rank]))], factors
+    return layer_choices(layer, residuals, config.metric, config.max_cost_ratio, config.max_error), factors
 
 
 def _allocate(layers: list[Layer], options: list[list[Choice]], config: FactorizeConfig) -> Allocation:
@@ -229,7 +241,7 @@ def _pays(layer: Layer, config: FactorizeConfig) -> bool:
     return any(paying_ranks(layer, f, config.metric, config.max_cost_ratio) for f in _forms(layer, config))
 
 
-def _apply(graph: ir.Graph, layer: Layer, choice: Choice, config: FactorizeConfig, gram) -> LayerResult:
+def _apply(graph: ir.Graph, layer: Layer, choice: Choice, config: FactorizeConfig, found, gram) -> LayerResult:
     row = LayerResult(
         name=layer.name,
         op=layer.op,
@@ -245,8 +257,7 @@ def _apply(graph: ir.Graph, layer: Layer, choice: Choice, config: FactorizeConfi
     )
     if choice.form is None:
         return row
-    w, chol = _whitening(layer, choice.form, gram, config.damping)
-    factors = lowrank.factorize(w, chol, choice.rank)
+    factors = found.truncated(choice.rank)
     error = _measured_error(layer, choice.form, factors, gram)
     row.predicted_error = math.sqrt(choice.error2)
     row.error = error

@@ -39,13 +39,6 @@ def spatial_gram(gram: np.ndarray, in_channels: int, kernel: tuple[int, int]) ->
     return np.einsum("cijdkj->cidk", g).reshape(in_channels * kh, in_channels * kh)
 
 
-def spectrum(w: np.ndarray, chol: np.ndarray | None) -> np.ndarray:
-    """Singular values of W L (or of W without data), descending."""
-    target = w if chol is None else w @ chol
-    small = target.T @ target if target.shape[0] >= target.shape[1] else target @ target.T
-    return np.sqrt(np.clip(scipy.linalg.eigvalsh(small, check_finite=False, driver="evd")[::-1], 0, None))
-
-
 def residual_fraction(sigma: np.ndarray) -> np.ndarray:
     """r -> relative output error^2 of keeping the first r singular values, for r = 0..len(sigma)."""
     energy = sigma.astype(np.float64) ** 2
@@ -67,34 +60,37 @@ class Factors:
     def rank(self) -> int:
         return self.down.shape[0]
 
-
-def factorize(w: np.ndarray, chol: np.ndarray | None, rank: int) -> Factors:
-    """Best rank-r factors of W in the data-whitened norm (plain SVD without data); sqrt(S) on each side."""
-    target = w if chol is None else w @ chol
-    u, s, vt = _top_svd(target, rank)
-    root = np.sqrt(s)
-    up = u * root
-    down = root[:, None] * vt
-    if chol is not None:  # down = S^1/2 V^T L^-1  <=>  L^T down^T = V S^1/2
-        down = scipy.linalg.solve_triangular(chol, down.T, trans="T", lower=True, check_finite=False).T
-    return Factors(up=up, down=down)
+    def truncated(self, rank: int) -> Factors:
+        return Factors(up=self.up[:, :rank], down=self.down[:rank])
 
 
-def _top_svd(a: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The leading `rank` singular triplets, from the eigenvectors of the smaller Gram (float64).
+def decompose(w: np.ndarray, chol: np.ndarray | None, keep: int) -> tuple[np.ndarray, Factors | None]:
+    """All singular values of W L (W without data), descending, and the best rank-`keep` factors in
+    the data-whitened norm (None when keep is 0), with sqrt(S) on each side.
 
-    Several times faster than a full SVD of a tall matrix; squaring the condition number is harmless
-    here because only the leading directions, far above float64 round-off, are kept.
+    Computed from the eigendecomposition of the smaller Gram of W L (float64): several times faster
+    than an SVD of a tall matrix; squaring the condition number is harmless, since only the leading
+    directions, far above round-off, are kept. Truncating to a lower rank is slicing the factors.
     """
+    a = w if chol is None else w @ chol
     tall = a.shape[0] >= a.shape[1]
     small = a.T @ a if tall else a @ a.T
+    if keep == 0:
+        values = scipy.linalg.eigvalsh(small, check_finite=False, driver="evd")[::-1]
+        return np.sqrt(np.clip(values, 0, None)), None
     values, vectors = scipy.linalg.eigh(small, check_finite=False, driver="evd")  # evr stalls on some spectra
-    values, vectors = values[::-1][:rank], vectors[:, ::-1][:, :rank]
-    s = np.sqrt(np.clip(values, 0, None))
-    inv = np.divide(1.0, s, out=np.zeros_like(s), where=s > s[0] * 1e-12 if len(s) else None)
+    sigma = np.sqrt(np.clip(values[::-1], 0, None))
+    s, vectors = sigma[:keep], vectors[:, ::-1][:, :keep]
+    inv = np.divide(1.0, s, out=np.zeros_like(s), where=s > s[0] * 1e-12)
     if tall:  # a = U S V^T with V from a^T a; U = a V / S
-        return (a @ vectors) * inv, s, vectors.T
-    return vectors, s, ((a.T @ vectors) * inv).T
+        u, vt = (a @ vectors) * inv, vectors.T
+    else:
+        u, vt = vectors, ((a.T @ vectors) * inv).T
+    root = np.sqrt(s)
+    up, down = u * root, root[:, None] * vt
+    if chol is not None:  # down = S^1/2 V^T L^-1  <=>  L^T down^T = V S^1/2
+        down = scipy.linalg.solve_triangular(chol, down.T, trans="T", lower=True, check_finite=False).T
+    return sigma, Factors(up=up, down=down)
 
 
 def relative_error(w: np.ndarray, approx: np.ndarray, gram: np.ndarray | None) -> float:
