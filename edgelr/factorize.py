@@ -141,19 +141,14 @@ def factorize(
 
 
 def _factorize(model, config, grams, layers, skipped, progress) -> FactorizeResult:
-    options, factors = [], []
-    for layer in tqdm(layers, desc="analysing", unit="layer", disable=not progress, leave=False):
-        choices, found = _options(layer, config, grams.get(layer.name))
-        options.append(choices)
-        factors.append(found)
+    bar = tqdm(layers, desc="analysing", unit="layer", disable=not progress, leave=False)
+    options = [_options(layer, config, grams.get(layer.name)) for layer in bar]
     allocation = _allocate(layers, options, config)
 
     results = []
     bar = tqdm(total=len(layers), desc="factorizing", unit="layer", disable=not progress, leave=False)
-    for i, (layer, choice, opts) in enumerate(zip(layers, allocation.choices, options)):
-        found = factors[i].get(choice.form)
-        factors[i] = None  # drop what this layer did not choose as we go
-        results.append(_apply(model.graph, layer, choice, config, found, grams.get(layer.name)))
+    for layer, choice, opts in zip(layers, allocation.choices, options):
+        results.append(_apply(model.graph, layer, choice, config, grams.get(layer.name)))
         if choice.form is None and len(opts) == 1 and not config.ranks:
             results[-1].note = "over the error gate" if _pays(layer, config) else "below break-even"
         bar.update()
@@ -195,22 +190,16 @@ def _whitening(layer: Layer, form: str, gram: np.ndarray | None, damping: float)
         raise EdgelrError(f"layer {layer.name}: its calibration statistics are degenerate; add more samples") from None
 
 
-def _options(layer: Layer, config: FactorizeConfig, gram: np.ndarray | None):
-    """(choices for the allocation, factors per form at the largest rank a choice may take)."""
+def _options(layer: Layer, config: FactorizeConfig, gram: np.ndarray | None) -> list[Choice]:
+    """The layer's choices, with errors from its spectra. Factors are not kept: with calibration,
+    holding every layer's factors beside the Grams would break the memory bound; _apply recomputes
+    them for the layers that are chosen."""
     if config.ranks and layer.name not in config.ranks:
-        return [Choice(None, 0, 0.0, 0.0)], {}
-    residuals, factors = {}, {}
-    store = np.result_type(layer.weight_array().dtype, np.float32)  # float32 unless the model is float64
+        return [Choice(None, 0, 0.0, 0.0)]
+    residuals = {}
     for form in _forms(layer, config):
-        if config.ranks:
-            keep = min(config.ranks[layer.name], layer.max_rank(form))
-        else:
-            keep = max(paying_ranks(layer, form, config.metric, config.max_cost_ratio), default=0)
         w, chol = _whitening(layer, form, gram, config.damping)
-        sigma, found = lowrank.decompose(w, chol, keep)
-        residuals[form] = lowrank.residual_fraction(sigma)
-        if found is not None:
-            factors[form] = lowrank.Factors(found.up.astype(store), found.down.astype(store))
+        residuals[form] = lowrank.residual_fraction(lowrank.decompose(w, chol, keep=0)[0])
     if config.ranks:
         rank = config.ranks[layer.name]
         fits = [f for f in residuals if 0 < rank <= layer.max_rank(f)]
@@ -218,8 +207,8 @@ def _options(layer: Layer, config: FactorizeConfig, gram: np.ndarray | None):
             top = max(layer.max_rank(f) for f in residuals)
             raise EdgelrError(f"rank {rank} for layer {layer.name}: must be in 1..{top}")
         form = min(fits, key=lambda f: residuals[f][rank])
-        return [Choice(form, rank, 0.0, float(residuals[form][rank]))], factors
-    return layer_choices(layer, residuals, config.metric, config.max_cost_ratio, config.max_error), factors
+        return [Choice(form, rank, 0.0, float(residuals[form][rank]))]
+    return layer_choices(layer, residuals, config.metric, config.max_cost_ratio, config.max_error)
 
 
 def _allocate(layers: list[Layer], options: list[list[Choice]], config: FactorizeConfig) -> Allocation:
@@ -241,7 +230,7 @@ def _pays(layer: Layer, config: FactorizeConfig) -> bool:
     return any(paying_ranks(layer, f, config.metric, config.max_cost_ratio) for f in _forms(layer, config))
 
 
-def _apply(graph: ir.Graph, layer: Layer, choice: Choice, config: FactorizeConfig, found, gram) -> LayerResult:
+def _apply(graph: ir.Graph, layer: Layer, choice: Choice, config: FactorizeConfig, gram) -> LayerResult:
     row = LayerResult(
         name=layer.name,
         op=layer.op,
@@ -257,7 +246,8 @@ def _apply(graph: ir.Graph, layer: Layer, choice: Choice, config: FactorizeConfi
     )
     if choice.form is None:
         return row
-    factors = found.truncated(choice.rank)
+    w, chol = _whitening(layer, choice.form, gram, config.damping)
+    factors = lowrank.decompose(w, chol, keep=choice.rank)[1]
     error = _measured_error(layer, choice.form, factors, gram)
     row.predicted_error = math.sqrt(choice.error2)
     row.error = error

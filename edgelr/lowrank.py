@@ -60,9 +60,6 @@ class Factors:
     def rank(self) -> int:
         return self.down.shape[0]
 
-    def truncated(self, rank: int) -> Factors:
-        return Factors(up=self.up[:, :rank], down=self.down[:rank])
-
 
 def decompose(w: np.ndarray, chol: np.ndarray | None, keep: int) -> tuple[np.ndarray, Factors | None]:
     """All singular values of W L (W without data), descending, and the best rank-`keep` factors in
@@ -70,7 +67,7 @@ def decompose(w: np.ndarray, chol: np.ndarray | None, keep: int) -> tuple[np.nda
 
     Computed from the eigendecomposition of the smaller Gram of W L (float64): several times faster
     than an SVD of a tall matrix; squaring the condition number is harmless, since only the leading
-    directions, far above round-off, are kept. Truncating to a lower rank is slicing the factors.
+    directions, far above round-off, are kept.
     """
     a = w if chol is None else w @ chol
     tall = a.shape[0] >= a.shape[1]

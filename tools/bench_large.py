@@ -368,7 +368,7 @@ def _phase_child(model: str, output: str, calib: str | None, fraction: float) ->
         wrap(onnxruntime.InferenceSession, "run", "ORT run")
     wrap(calibrate, "_gram", "gram accumulation")
     wrap(C, "factorize", "factorize (total)")
-    wrap(factorize, "_options", "spectra and factors (_options)")
+    wrap(factorize, "_options", "spectra (_options)")
     wrap(layers.Layer, "matrix", "weight read + float64 (Layer.matrix)")
     wrap(lowrank, "cholesky_factor", "cholesky_factor")
     wrap(lowrank, "decompose", "eigendecomposition (lowrank.decompose)")
