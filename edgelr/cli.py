@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--params", type=_fraction, metavar="F", help="keep this fraction of the factorizable params")
     budget.add_argument("--flops", type=_fraction, metavar="F", help="keep this fraction of the factorizable FLOPs")
+    budget.add_argument("--latency", type=_fraction, metavar="F",
+                        help="keep this fraction of the model's latency, measured on this machine (ONNX Runtime CPU, 1 thread)")
     p.add_argument("--max-error", type=_positive, metavar="E", help="per-layer relative output error gate")
     p.add_argument("--calib", metavar="DATA.npz", help="one array per model input, first axis = samples")
     p.add_argument("--report", metavar="REPORT.json", help="write the per-layer results as JSON")
@@ -85,11 +87,16 @@ def _compress(args) -> int:
     from edgelr.factorize import FactorizeConfig
     from edgelr.report import compression_table
 
-    config = FactorizeConfig(params=args.params, flops=args.flops, max_error=args.max_error)
+    config = FactorizeConfig(params=args.params, flops=args.flops, latency=args.latency, max_error=args.max_error)
     done = compress(args.model, args.output, config, calib=args.calib, report=args.report, progress=not args.quiet)
     print(compression_table(done.result))
     for warning in done.result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    if done.latency:
+        for r in done.latency["rounds"]:
+            print(f"latency round {r['round']}: predicted {r['predicted_ratio']:.3f}, measured {r['measured_ratio']:.3f} "
+                  "of the original")
+        print(f"latency tables: {done.latency['layer_timings']} layer timings new, cached in {done.latency['table']}")
     if done.output_error:
         print(f"whole-model relative output error on the calibration set: {done.output_error['all']:.4f}")
     else:

@@ -14,9 +14,13 @@ from edgelr import model_io
 from edgelr.calibrate import collect_grams, load_samples
 from edgelr.errors import EdgelrError
 from edgelr.factorize import FactorizeConfig, FactorizeResult, factorize
+from edgelr.latency import LatencyBudget, LatencyTable, interleaved_latency
 from edgelr.layers import find_layers
 from edgelr.report import result_json, write_json
 from edgelr.verify import output_error
+
+
+LATENCY_ROUNDS = 3
 
 
 @dataclass
@@ -26,11 +30,14 @@ class CompressReport:
     result: FactorizeResult
     output_error: dict[str, float]  # whole-model relative error on the calibration samples
     seconds: float
+    latency: dict | None = None  # with --latency: predicted vs measured per search round, table use
 
     def to_json(self) -> dict:
         data = {"source": str(self.source), "output": str(self.output), "seconds": round(self.seconds, 3)}
         data.update(result_json(self.result))
         data["output_error"] = self.output_error
+        if self.latency is not None:
+            data["latency"] = self.latency
         return data
 
 
@@ -60,19 +67,71 @@ def compress(
             + (f" ({reasons})" if reasons else "")
         )
     grams = collect_grams(model, layers, samples, progress) if samples is not None else None
-    result = factorize(model, config, grams, layers=layers, progress=progress)
+    latency = None
+    if config.metric == "latency":
+        if samples is None:
+            raise EdgelrError("--latency needs --calib DATA.npz: latency is measured on real inputs")
+        result, latency = _latency_rounds(source, output, model, layers, grams, config, samples, progress)
+    else:
+        result = factorize(model, config, grams, layers=layers, progress=progress)
+        model_io.save(model, output)
     result.skipped = skipped
-    model_io.save(model, output)
     del model, grams  # verification below loads both files in ONNX Runtime; free the graph first
     try:
         errors = output_error(source, output, samples) if samples is not None else {}
     except Exception:
         _remove_model(output)  # a model ONNX Runtime cannot run is no result
         raise
-    done = CompressReport(source, output, result, errors, time.perf_counter() - start)
+    done = CompressReport(source, output, result, errors, time.perf_counter() - start, latency)
     if report is not None:
         write_json(done.to_json(), report)
     return done
+
+
+def _latency_rounds(source, output, model, layers, grams, config, samples, progress):
+    """Search against measured latency: factorize, measure the whole model, correct, again.
+
+    The layer tables predict what factorizing saves; the graph around the layers (fusions, memory
+    traffic) makes the real saving differ, so each round rescales the seconds the layers must save by
+    how much of the predicted saving the last round really delivered.
+    """
+    table = LatencyTable(threads=1)
+    feed = samples.feed(0)
+    base = interleaved_latency({"original": source}, feed, rounds=10)["original"]
+    wanted = (1 - config.latency) * base  # seconds the whole model must lose
+    saving, rounds = wanted, []
+    for i in range(LATENCY_ROUNDS):
+        if i:  # factorize works in place: start again from the original
+            model, layers = _reload(source, layers)
+        result = factorize(model, config, grams, layers=layers, progress=progress, latency=LatencyBudget(table, saving))
+        table.save()
+        model_io.save(model, output)
+        predicted = sum(r.latency_before - r.latency_after for r in result.layers)
+        measured = interleaved_latency({"original": source, "compressed": output}, feed, rounds=10)
+        ratio = measured["compressed"] / measured["original"]
+        rounds.append({
+            "round": i + 1,
+            "saving_asked_s": saving,
+            "predicted_ratio": 1 - predicted / measured["original"],
+            "measured_ratio": ratio,
+        })
+        real = (1 - ratio) * measured["original"]
+        if ratio <= config.latency + 0.01 or not result.budget_reached or real <= 0:
+            break
+        saving = saving * (1 - config.latency) / (1 - ratio)  # ask for what the last round fell short
+    info = {"target": table.target, "table": str(table.path), "layer_timings": table.measured, "rounds": rounds}
+    return result, info
+
+
+def _reload(source: Path, layers: list) -> tuple:
+    """The original model again, with the input shapes calibration observed."""
+    model = model_io.load(source)
+    fresh, _ = find_layers(model)
+    shapes = {layer.name: [u.input_shape for u in layer.uses] for layer in layers}
+    for layer in fresh:
+        for use, shape in zip(layer.uses, shapes.get(layer.name, [])):
+            use.input_shape = shape
+    return model, fresh
 
 
 def _remove_model(path: Path) -> None:

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from edgelr import lowrank
 from edgelr.errors import EdgelrError
 from edgelr.layers import Layer, Skipped, Use, find_layers
-from edgelr.ranks import Allocation, Choice, allocate, layer_choices, paying_ranks
+from edgelr.latency import LatencyBudget
+from edgelr.ranks import Allocation, Choice, Cost, allocate, layer_choices, param_break_even, paying_ranks, rank_grid
 
 CONV_FORMS = ("auto", "channel", "spatial")
 
@@ -35,44 +36,53 @@ class FactorizeConfig:
     """What to keep and how close to stay.
 
     params / flops: keep this fraction (0 < F <= 1) of the factorizable layers' total.
+    latency: keep this fraction of the whole model's measured latency (needs a LatencyBudget).
     max_error: per-layer relative output error gate; a layer over it stays dense.
     ranks: explicit ranks by layer name (other layers stay dense); overrides the budget.
     conv_form: "auto" picks per layer the form with the lower error at equal cost.
     damping: added to the Gram's diagonal, as a fraction of its mean, before whitening.
-    max_cost_ratio: factorize a layer only if it keeps at most this fraction of its dense cost.
+    max_cost_ratio: factorize a layer only if it keeps at most this fraction of its dense cost
+        (default 0.75 of params or FLOPs; 0.95 of measured latency, which is the real thing).
     """
 
     params: float | None = None
     flops: float | None = None
+    latency: float | None = None
     max_error: float | None = None
     ranks: Mapping[str, int] | None = None
     conv_form: str = "auto"
     damping: float = 0.1
-    max_cost_ratio: float = 0.75
+    max_cost_ratio: float | None = None
 
     def __post_init__(self):
-        for flag in ("params", "flops"):
+        for flag in ("params", "flops", "latency"):
             value = getattr(self, flag)
             if value is not None and not (0 < value <= 1):
                 raise EdgelrError(f"--{flag} {value}: the fraction to keep must be in (0, 1]")
-        if self.params is not None and self.flops is not None:
-            raise EdgelrError("give one budget: --params or --flops, not both")
+        if sum(f is not None for f in (self.params, self.flops, self.latency)) > 1:
+            raise EdgelrError("give one budget: --params, --flops or --latency")
         if self.max_error is not None and not self.max_error > 0:
             raise EdgelrError(f"--max-error {self.max_error}: must be a positive relative error, e.g. 0.05")
-        if self.params is None and self.flops is None and self.max_error is None and not self.ranks:
-            raise EdgelrError("say how far to compress: --params F, --flops F or --max-error E")
+        if self.fraction is None and self.max_error is None and not self.ranks:
+            raise EdgelrError("say how far to compress: --params F, --flops F, --latency F or --max-error E")
         if self.conv_form not in CONV_FORMS:
             raise EdgelrError(f"conv form '{self.conv_form}' is not one of {', '.join(CONV_FORMS)}")
-        if not (0 < self.max_cost_ratio <= 1) or self.damping < 0:
+        if not (0 < self.cost_ratio <= 1) or self.damping < 0:
             raise EdgelrError("max_cost_ratio must be in (0, 1] and damping >= 0")
 
     @property
     def metric(self) -> str:
-        return "flops" if self.flops is not None else "params"
+        return "flops" if self.flops is not None else "latency" if self.latency is not None else "params"
 
     @property
     def fraction(self) -> float | None:
-        return self.flops if self.flops is not None else self.params
+        return next((f for f in (self.params, self.flops, self.latency) if f is not None), None)
+
+    @property
+    def cost_ratio(self) -> float:
+        if self.max_cost_ratio is not None:
+            return self.max_cost_ratio
+        return 0.95 if self.metric == "latency" else 0.75
 
 
 @dataclass
@@ -91,6 +101,8 @@ class LayerResult:
     predicted_error: float
     error: float  # relative output error of this layer alone, measured on the calibration Gram
     note: str = ""
+    latency_before: float | None = None  # predicted seconds on the target (with --latency)
+    latency_after: float | None = None
 
 
 @dataclass
@@ -118,8 +130,10 @@ def factorize(
     grams: Mapping[str, np.ndarray] | None = None,
     layers: list[Layer] | None = None,
     progress: bool = True,
+    latency: LatencyBudget | None = None,
 ) -> FactorizeResult:
-    """Factorize the model in place. `grams`: calibration statistics by layer name (data-aware SVD)."""
+    """Factorize the model in place. `grams`: calibration statistics by layer name (data-aware SVD).
+    `latency`: the target's latency tables and the seconds to save, for FactorizeConfig(latency=F)."""
     if layers is None:
         layers, skipped = find_layers(model)
     else:
@@ -131,32 +145,52 @@ def factorize(
         unknown = sorted(set(config.ranks) - {layer.name for layer in layers})
         if unknown:
             raise EdgelrError(f"ranks given for unknown layers {unknown}; `edgelr inspect` lists the layer names")
-    if config.metric == "flops" and any(layer.dense_flops() is None for layer in layers):
-        raise EdgelrError("--flops needs each layer's input size, and the model has dynamic dims: pass --calib DATA.npz")
+    if config.metric in ("flops", "latency") and any(u.positions() is None for layer in layers for u in layer.uses):
+        raise EdgelrError(f"--{config.metric} needs each layer's input size, and the model has dynamic dims: pass --calib DATA.npz")
+    if config.metric == "latency" and latency is None:
+        raise EdgelrError("--latency needs the target's latency tables: use edgelr.compress, which measures them")
+    cost = _cost_function(config, latency)
 
     # One BLAS thread: these matrices are small, and OpenBLAS threads that wait on a busy machine's
     # cores made an eigendecomposition 50x slower than single-threaded (measured on 2 cores).
     with threadpool_limits(limits=1, user_api="blas"):
-        return _factorize(model, config, grams, layers, skipped, progress)
+        return _factorize(model, config, grams, layers, skipped, progress, cost, latency)
 
 
-def _factorize(model, config, grams, layers, skipped, progress) -> FactorizeResult:
+def _cost_function(config: FactorizeConfig, latency: LatencyBudget | None) -> Cost:
+    if config.metric != "latency":
+        metric = config.metric
+        return lambda layer, form, rank: layer.cost(metric, form, rank)
+
+    def cost(layer: Layer, form: str | None, rank: int) -> float:
+        grid = [] if form is None else rank_grid(layer.max_rank(form), param_break_even(layer, form))
+        return latency.table.cost(layer, form, rank, grid)
+
+    return cost
+
+
+def _factorize(model, config, grams, layers, skipped, progress, cost: Cost, latency) -> FactorizeResult:
     bar = tqdm(layers, desc="analysing", unit="layer", disable=not progress, leave=False)
-    options = [_options(layer, config, grams.get(layer.name)) for layer in bar]
-    allocation = _allocate(layers, options, config)
+    options = [_options(layer, config, grams.get(layer.name), cost) for layer in bar]
+    allocation = _allocate(layers, options, config, cost, latency)
 
     results = []
     bar = tqdm(total=len(layers), desc="factorizing", unit="layer", disable=not progress, leave=False)
     for layer, choice, opts in zip(layers, allocation.choices, options):
+        if config.metric == "latency":  # before _apply: the signature reads the node, which it replaces
+            before, after = cost(layer, None, 0), cost(layer, choice.form, choice.rank)
         results.append(_apply(model.graph, layer, choice, config, grams.get(layer.name)))
+        if config.metric == "latency":
+            row = results[-1]
+            row.latency_before, row.latency_after = before, after if row.rank else before
         if choice.form is None and len(opts) == 1 and not config.ranks:
-            results[-1].note = "over the error gate" if _pays(layer, config) else "below break-even"
+            results[-1].note = "over the error gate" if _pays(layer, config, cost) else "below break-even"
         bar.update()
     bar.close()
     warnings = []
     if not allocation.reached:
-        fixed, total = _budget_split(layers, config)
-        kept = (allocation.cost - fixed) / max(total, 1)
+        fixed, total = _budget_split(layers, config, cost)
+        kept = (allocation.cost - fixed) / max(total, 1e-12)
         why = "the --max-error gate" if config.max_error is not None else "break-even"
         warnings.append(f"budget not reached: {why} keeps {kept:.2f} of the {config.metric}, not {config.fraction}")
     return FactorizeResult(
@@ -190,7 +224,7 @@ def _whitening(layer: Layer, form: str, gram: np.ndarray | None, damping: float)
         raise EdgelrError(f"layer {layer.name}: its calibration statistics are degenerate; add more samples") from None
 
 
-def _options(layer: Layer, config: FactorizeConfig, gram: np.ndarray | None) -> list[Choice]:
+def _options(layer: Layer, config: FactorizeConfig, gram: np.ndarray | None, cost: Cost) -> list[Choice]:
     """The layer's choices, with errors from its spectra. Factors are not kept: with calibration,
     holding every layer's factors beside the Grams would break the memory bound; _apply recomputes
     them for the layers that are chosen."""
@@ -208,26 +242,28 @@ def _options(layer: Layer, config: FactorizeConfig, gram: np.ndarray | None) -> 
             raise EdgelrError(f"rank {rank} for layer {layer.name}: must be in 1..{top}")
         form = min(fits, key=lambda f: residuals[f][rank])
         return [Choice(form, rank, 0.0, float(residuals[form][rank]))]
-    return layer_choices(layer, residuals, config.metric, config.max_cost_ratio, config.max_error)
+    return layer_choices(layer, residuals, cost, config.cost_ratio, config.max_error)
 
 
-def _allocate(layers: list[Layer], options: list[list[Choice]], config: FactorizeConfig) -> Allocation:
+def _allocate(layers, options, config: FactorizeConfig, cost: Cost, latency: LatencyBudget | None) -> Allocation:
     if config.ranks or config.fraction is None:
         return allocate(options, None) if not config.ranks else Allocation([o[0] for o in options], 0, None, True)
-    fixed, total = _budget_split(layers, config)
+    fixed, total = _budget_split(layers, config, cost)
+    if latency is not None:  # the layers must save this many seconds of the whole model's time
+        return allocate(options, fixed + total - latency.seconds)
     return allocate(options, fixed + config.fraction * total)
 
 
-def _budget_split(layers: list[Layer], config: FactorizeConfig) -> tuple[int, int]:
+def _budget_split(layers: list[Layer], config: FactorizeConfig, cost: Cost) -> tuple[float, float]:
     """(cost of layers that cannot pay off, cost of those that can): the budget is a fraction of the
     second, whatever the error gate later allows."""
-    pays = [_pays(layer, config) for layer in layers]
-    fixed = sum(layer.cost(config.metric) for layer, p in zip(layers, pays) if not p)
-    return fixed, sum(layer.cost(config.metric) for layer, p in zip(layers, pays) if p)
+    pays = [_pays(layer, config, cost) for layer in layers]
+    fixed = sum(cost(layer, None, 0) for layer, p in zip(layers, pays) if not p)
+    return fixed, sum(cost(layer, None, 0) for layer, p in zip(layers, pays) if p)
 
 
-def _pays(layer: Layer, config: FactorizeConfig) -> bool:
-    return any(paying_ranks(layer, f, config.metric, config.max_cost_ratio) for f in _forms(layer, config))
+def _pays(layer: Layer, config: FactorizeConfig, cost: Cost) -> bool:
+    return any(paying_ranks(layer, f, cost, config.cost_ratio) for f in _forms(layer, config))
 
 
 def _apply(graph: ir.Graph, layer: Layer, choice: Choice, config: FactorizeConfig, gram) -> LayerResult:
@@ -307,7 +343,7 @@ def _pair(layer: Layer, use: Use, form: str, down: ir.Value, up: ir.Value) -> li
     elif node.op_type == "Gemm":
         attrs = node.attributes
         first_inputs = [node.inputs[0], down]
-        if use.node.graph is not None and use.node.graph.opset_imports.get("", 11) < 11:  # C optional from 11
+        if use.opset < 11:  # Gemm's C is optional from opset 11
             first_inputs.append(_initializer(use.node.graph, f"{layer.name}.lowrank_zero", np.zeros(1, down.dtype.numpy())))
         first = ir.node("Gemm", first_inputs, {"transA": attrs.get_int("transA", 0)}, name=f"{name}/lowrank_down")
         bias = node.inputs[2] if len(node.inputs) > 2 else None

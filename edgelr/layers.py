@@ -71,6 +71,7 @@ class Use:
     transpose_input: bool = False  # Gemm transA: rows of the input are its columns
     geometry: ConvGeometry | None = None
     input_shape: tuple[int, ...] | None = None  # per sample; from shape inference or calibration
+    opset: int = 17  # of the default domain, in the graph the node came from
 
     def positions(self) -> int | None:
         """How many times per sample the weight is applied (rows of a MatMul, output pixels of a Conv)."""
@@ -255,7 +256,8 @@ def _inspect_node(node: ir.Node, graph_inputs: set[int]):
         return "weight is not a constant", None, None
     if tensor.dtype not in FLOAT_TYPES:
         return f"weight is {tensor.dtype.name}, not floating point", None, None
-    use = Use(node=node, input=node.inputs[0], input_shape=_static_shape(node.inputs[0]))
+    opset = node.graph.opset_imports.get("", 17) if node.graph is not None else 17
+    use = Use(node=node, input=node.inputs[0], input_shape=_static_shape(node.inputs[0]), opset=opset)
     if op == "Gemm":
         use.transpose_input = bool(node.attributes.get_int("transA", 0))
     if op == "MatMul" and len(tensor.shape) != 2:

@@ -11,6 +11,7 @@ upgrades with the best error reduction per unit of cost.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,28 +33,36 @@ def rank_grid(full_rank: int, max_rank: int) -> list[int]:
     return list(range(step, max_rank + 1, step))
 
 
-def paying_ranks(layer: Layer, form: str, metric: str, max_cost_ratio: float) -> list[int]:
-    """The ranks at which a form costs at most max_cost_ratio of the dense layer."""
-    per_rank = layer.cost(metric, form, 1)
-    max_rank = min(layer.max_rank(form), math.floor(max_cost_ratio * layer.cost(metric) / per_rank))
-    return rank_grid(layer.max_rank(form), max_rank)
+Cost = Callable[[Layer, "str | None", int], float]  # (layer, form or None for dense, rank) -> cost
+
+
+def paying_ranks(layer: Layer, form: str, cost: Cost, max_cost_ratio: float) -> list[int]:
+    """The grid ranks at which a form costs at most max_cost_ratio of the dense layer."""
+    dense = cost(layer, None, 0)
+    candidates = rank_grid(layer.max_rank(form), param_break_even(layer, form))
+    return [r for r in candidates if cost(layer, form, r) <= max_cost_ratio * dense]
+
+
+def param_break_even(layer: Layer, form: str) -> int:
+    """The largest rank with fewer parameters (and FLOPs) than dense: past it nothing can pay."""
+    return min(layer.max_rank(form), (layer.dense_params() - 1) // layer.params(form, 1))
 
 
 def layer_choices(
     layer: Layer,
     residuals: dict[str, np.ndarray],
-    metric: str,
+    cost: Cost,
     max_cost_ratio: float,
     max_error: float | None,
 ) -> list[Choice]:
     """Dense plus every (form, rank) that clearly beats break-even and passes the error gate."""
-    choices = [Choice(None, 0, float(layer.cost(metric)), 0.0)]
+    choices = [Choice(None, 0, float(cost(layer, None, 0)), 0.0)]
     for form, residual in residuals.items():
-        for rank in paying_ranks(layer, form, metric, max_cost_ratio):
+        for rank in paying_ranks(layer, form, cost, max_cost_ratio):
             error2 = float(residual[rank])
             if max_error is not None and error2 > max_error**2:
                 continue
-            choices.append(Choice(form, rank, float(layer.cost(metric, form, rank)), error2))
+            choices.append(Choice(form, rank, float(cost(layer, form, rank)), error2))
     return _pareto(choices)
 
 

@@ -1,0 +1,169 @@
+"""Per-layer latency tables, measured on the target runtime (ONNX Runtime CPU, here and now).
+
+Each factorizable layer is timed alone, at its real input shape, dense and factorized at a few ranks
+per form; ranks in between are interpolated (latency is close to affine in rank). Tables are cached
+per runtime, version, thread count and layer signature, so compressing the same model again on the
+same target measures nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from edgelr import lowrank
+from edgelr.layers import Layer, Use
+
+POINTS_PER_FORM = 4  # ranks timed per form; the rest are interpolated
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EDGELR_CACHE", Path.home() / ".cache" / "edgelr")) / "latency"
+
+
+@dataclass
+class LatencyBudget:
+    """What FactorizeConfig(latency=F) needs: the tables, and how many seconds the layers must save."""
+
+    table: LatencyTable
+    seconds: float
+
+
+class LatencyTable:
+    """Seconds per layer configuration on one target, measured once and cached on disk."""
+
+    def __init__(self, threads: int = 1, cache: Path | None = None):
+        self.threads = threads
+        self.target = f"ort-{ort.__version__}-cpu-t{threads}"
+        self.path = (cache or cache_dir()) / f"{self.target}.json"
+        self.entries: dict[str, float] = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.measured = 0  # configurations timed by this table (0 when everything came from the cache)
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.entries, indent=0, sort_keys=True))
+        os.replace(tmp, self.path)
+
+    def cost(self, layer: Layer, form: str | None, rank: int, grid: list[int]) -> float:
+        """Seconds of the layer dense (form None) or factorized at `rank`, interpolated over `grid`."""
+        if form is None:
+            return sum(self._time(layer, use, None, 0) for use in layer.uses)
+        points = _sample(grid)
+        if rank in points:
+            return sum(self._time(layer, use, form, rank) for use in layer.uses)
+        times = [sum(self._time(layer, use, form, r) for use in layer.uses) for r in points]
+        return float(np.interp(rank, points, times))
+
+    def _time(self, layer: Layer, use: Use, form: str | None, rank: int) -> float:
+        key = _signature(layer, use, form, rank)
+        if key not in self.entries:
+            self.entries[key] = _measure(layer, use, form, rank, self.threads)
+            self.measured += 1
+        return self.entries[key]
+
+
+def interleaved_latency(models: dict, feed: dict, threads: int = 1, rounds: int = 30, per_round: int = 3,
+                        warmup: int = 5) -> dict[str, float]:
+    """Median seconds per run of each model (a path), timed A B C A B C ... so drift hits all alike."""
+    sessions = {name: _session(str(path), threads) for name, path in models.items()}
+    for session in sessions.values():
+        for _ in range(warmup):
+            session.run(None, feed)
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(rounds):
+        for name, session in sessions.items():
+            for _ in range(per_round):
+                start = time.perf_counter()
+                session.run(None, feed)
+                times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def _session(model: str | bytes, threads: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 4
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+
+
+def _sample(grid: list[int]) -> list[int]:
+    """A few ranks spread over the grid, ends included."""
+    if len(grid) <= POINTS_PER_FORM:
+        return list(grid)
+    index = np.linspace(0, len(grid) - 1, POINTS_PER_FORM).round().astype(int)
+    return sorted({grid[i] for i in index})
+
+
+def _signature(layer: Layer, use: Use, form: str | None, rank: int) -> str:
+    node = use.node
+    attrs = {k: v.value for k, v in sorted(node.attributes.items())}
+    weight = tuple(ir.convenience.get_const_tensor(layer.weight).shape)
+    dtype = layer.weight.dtype.name if layer.weight.dtype is not None else "FLOAT"
+    bias = len(node.inputs) > 2 and node.inputs[2] is not None
+    return f"{node.op_type}|{use.input_shape}|{weight}|{dtype}|{attrs}|bias={bias}|{form or 'dense'}|{rank}"
+
+
+def _measure(layer: Layer, use: Use, form: str | None, rank: int, threads: int) -> float:
+    """Median seconds of one run of the layer alone (dense or as a factorized pair) in ORT."""
+    from edgelr.factorize import _rewrite  # the same graph surgery as the real pass
+    from edgelr.layers import find_layers
+
+    rng = np.random.default_rng(0)
+    model = _single_layer_model(layer, use, rng)
+    if form is not None:
+        tiny = find_layers(model)[0][0]
+        n = tiny.in_features if form != "spatial" else tiny.in_channels * tiny.kernel[0]
+        m = tiny.out_features if form != "spatial" else tiny.out_features * tiny.kernel[1]
+        factors = lowrank.Factors(up=rng.normal(size=(m, rank)), down=rng.normal(size=(rank, n)))
+        _rewrite(model.graph, tiny, form, factors)
+    session = _session(ir.to_proto(model).SerializeToString(), threads)
+    x = model.graph.inputs[0]
+    feed = {x.name: rng.normal(size=use.input_shape).astype(x.dtype.numpy())}
+    session.run(None, feed)
+    start = time.perf_counter()
+    session.run(None, feed)
+    once = time.perf_counter() - start
+    runs = int(min(200, max(7, 0.05 / max(once, 1e-6))))
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _single_layer_model(layer: Layer, use: Use, rng: np.random.Generator) -> ir.Model:
+    """A model of this one node with random weights of the same shapes, fed at the real input shape."""
+    node = use.node
+    dtype = use.input.dtype or ir.DataType.FLOAT
+    x = ir.Value(name="x", shape=ir.Shape(use.input_shape), type=ir.TensorType(dtype))
+    graph = ir.Graph([x], [], nodes=[], opset_imports={"": use.opset}, name="layer")
+    stored = ir.convenience.get_const_tensor(layer.weight)
+    weight = rng.normal(size=tuple(stored.shape)).astype(stored.dtype.numpy())
+    inputs = [x, _const(graph, "w", weight)]
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        bias = ir.convenience.get_const_tensor(node.inputs[2])
+        shape = bias.shape if bias is not None else (layer.out_features,)
+        inputs.append(_const(graph, "b", rng.normal(size=tuple(shape)).astype(weight.dtype)))
+    attrs = {k: v.value for k, v in node.attributes.items()}
+    copy = ir.node(node.op_type, inputs, attrs, name=node.name)
+    graph.append(copy)
+    copy.outputs[0].name = "y"
+    graph.outputs.append(copy.outputs[0])
+    return ir.Model(graph, ir_version=8)
+
+
+def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
+    value.const_value = ir.tensor(array, name=name)
+    graph.register_initializer(value)
+    return value
