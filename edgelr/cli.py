@@ -51,6 +51,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", metavar="DATA.npz", help="one array per model input, first axis = samples")
     p.add_argument("--report", metavar="REPORT.json", help="write the per-layer results as JSON")
 
+    p = sub.add_parser("profile", help="latency on this machine, end to end and per node (ONNX Runtime CPU)")
+    p.add_argument("model", metavar="MODEL.onnx")
+    p.add_argument("--vs", metavar="OTHER.onnx", help="also profile this model, interleaved, and print ratios")
+    p.add_argument("--calib", metavar="DATA.npz", help="real inputs (the first sample is used)")
+    p.add_argument("--runs", type=int, default=50, metavar="N")
+    p.add_argument("--warmup", type=int, default=5, metavar="N")
+    p.add_argument("--threads", type=int, default=1, metavar="N")
+    p.add_argument("--json", metavar="OUT.json", help="write the measurements here")
+
     sub.add_parser("demo", help="the whole flow on a built-in example model")
     return parser
 
@@ -105,13 +114,49 @@ def _compress(args) -> int:
     return 0
 
 
+def _profile(args) -> int:
+    from edgelr import model_io
+    from edgelr.profile import compare_models, per_layer_ratios, sample_feed
+    from edgelr.report import human, table, write_json
+
+    if args.json:
+        model_io.check_output_path(args.json, args.model, args.vs, args.calib)
+    feed = sample_feed(args.model, args.calib)
+    models = {"A": args.model} | ({"B": args.vs} if args.vs else {})
+    for path in models.values():
+        model_io.load(path)  # a clear error for a missing or broken file before any timing
+    found = compare_models(models, feed, args.runs, args.warmup, args.threads)
+    stats = ["min", "p50", "p90", "p99", "mean", "std"]
+    rows = [[name, p.model] + [f"{p.latency_ms[k]:.3f}" for k in stats] + [f"{p.throughput_per_s:.1f}"] for name, p in found.items()]
+    print(table(["", "model"] + [f"{k} ms" for k in stats] + ["runs/s"], rows, "ll" + "r" * 7))
+    a = found["A"]
+    print(f"\nslowest nodes of A ({len(a.nodes)} in all, ONNX Runtime's names after its optimizations):")
+    top = [[r["name"], r["op"], f"{r['mean_ms']:.3f}", f"{100 * r['share']:.1f}%"] for r in a.nodes[:15]]
+    print(table(["node", "op", "mean ms", "share"], top, "llrr"))
+    data = {name: p.to_json() for name, p in found.items()}
+    if args.vs:
+        b = found["B"]
+        ratio = b.latency_ms["p50"] / a.latency_ms["p50"]
+        print(f"\nB / A end to end (p50): {ratio:.3f}  (B is {1 / ratio:.2f}x the speed of A)")
+        layers = per_layer_ratios(a, b)
+        rows = [[r["layer"], f"{r['a_ms']:.3f}", f"{r['b_ms']:.3f}", f"{r['ratio']:.2f}"] for r in layers[:15]]
+        print(table(["layer", "A ms", "B ms", "B/A"], rows, "lrrr"))
+        data["ratio_p50"] = ratio
+        data["layers"] = layers
+    print(f"peak resident memory: {human(a.peak_rss_mb * 1e6)}B; onnxruntime {a.onnxruntime}, {a.threads} thread(s)")
+    if args.json:
+        write_json(data, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _demo(args) -> int:
     from edgelr.demo import run_demo
 
     return run_demo(progress=not args.quiet)
 
 
-_COMMANDS = {"inspect": _inspect, "compress": _compress, "demo": _demo}
+_COMMANDS = {"inspect": _inspect, "compress": _compress, "profile": _profile, "demo": _demo}
 
 
 if __name__ == "__main__":

@@ -352,7 +352,7 @@ def _pair(layer: Layer, use: Use, form: str, down: ir.Value, up: ir.Value) -> li
         second = ir.node("Gemm", second_inputs, second_attrs, name=f"{name}/lowrank_up")
     else:
         first, second = _conv_pair(layer, use, form, down, up)
-    first.outputs[0].name = f"{name}/lowrank_mid"
+    first.outputs[0].name = f"{node.outputs[0].name}/lowrank_mid"  # profiles name fused kernels by output
     return [first, second]
 
 
