@@ -60,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, metavar="N")
     p.add_argument("--json", metavar="OUT.json", help="write the measurements here")
 
+    p = sub.add_parser("report", help="one self-contained HTML page from the JSON of compress --report and profile --json")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("-o", "--output", required=True, metavar="report.html")
+
     sub.add_parser("demo", help="the whole flow on a built-in example model")
     return parser
 
@@ -150,13 +154,20 @@ def _profile(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from edgelr.html_report import write_html_report
+
+    print(f"wrote {write_html_report(args.run_dir, args.output)}")
+    return 0
+
+
 def _demo(args) -> int:
     from edgelr.demo import run_demo
 
     return run_demo(progress=not args.quiet)
 
 
-_COMMANDS = {"inspect": _inspect, "compress": _compress, "profile": _profile, "demo": _demo}
+_COMMANDS = {"inspect": _inspect, "compress": _compress, "profile": _profile, "report": _report, "demo": _demo}
 
 
 if __name__ == "__main__":

@@ -101,12 +101,19 @@ def result_json(result: FactorizeResult) -> dict:
 
 def write_json(data: dict, path: str | os.PathLike) -> Path:
     """Write JSON atomically (a complete file or none)."""
+    return write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file atomically, with the permissions a plain open() would give it."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".edgelr-", suffix=".json")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".edgelr-", suffix=path.suffix)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
