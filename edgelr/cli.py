@@ -59,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5, metavar="N")
     p.add_argument("--threads", type=int, default=1, metavar="N")
     p.add_argument("--json", metavar="OUT.json", help="write the measurements here")
+    p.add_argument("--on", metavar="USER@HOST", help="run on this device over SSH (needs python3, numpy, onnxruntime there)")
+    p.add_argument("--port", type=int, metavar="N", help="SSH port (with --on)")
+    p.add_argument("--identity", metavar="FILE", help="SSH private key (with --on)")
+    p.add_argument("--known-hosts", metavar="FILE", help="known_hosts file to verify the device's host key (with --on)")
+    p.add_argument("--timeout", type=float, default=60, metavar="S", help="limit for each remote step (default 60)")
+    p.add_argument("--python", default="python3", metavar="PATH", help="the device's Python (with --on; default python3)")
 
     p = sub.add_parser("report", help="one self-contained HTML page from the JSON of compress --report and profile --json")
     p.add_argument("run_dir", metavar="RUN_DIR")
@@ -129,7 +135,10 @@ def _profile(args) -> int:
     models = {"A": args.model} | ({"B": args.vs} if args.vs else {})
     for path in models.values():
         model_io.load(path)  # a clear error for a missing or broken file before any timing
-    found = compare_models(models, feed, args.runs, args.warmup, args.threads)
+    if args.on:
+        found = _profile_remote(args, models, feed)
+    else:
+        found = compare_models(models, feed, args.runs, args.warmup, args.threads)
     stats = ["min", "p50", "p90", "p99", "mean", "std"]
     rows = [[name, p.model] + [f"{p.latency_ms[k]:.3f}" for k in stats] + [f"{p.throughput_per_s:.1f}"] for name, p in found.items()]
     print(table(["", "model"] + [f"{k} ms" for k in stats] + ["runs/s"], rows, "ll" + "r" * 7))
@@ -152,6 +161,31 @@ def _profile(args) -> int:
         write_json(data, args.json)
         print(f"wrote {args.json}")
     return 0
+
+
+def _profile_remote(args, models: dict, feed: dict) -> dict:
+    """Each model profiled on the device in turn (not interleaved: one SSH session per model)."""
+    from pathlib import Path
+
+    from edgelr.remote import RemoteRunError, check_host, profile_remote
+    from edgelr.report import write_json
+
+    check_host(args.on)
+    found = {}
+    for name, path in models.items():
+        try:
+            found[name] = profile_remote(
+                args.on, Path(path), feed, args.runs, args.warmup, args.threads, port=args.port,
+                identity=Path(args.identity) if args.identity else None,
+                known_hosts=Path(args.known_hosts) if args.known_hosts else None, timeout=args.timeout,
+                python=args.python,
+            )
+        except RemoteRunError as exc:
+            if args.json:  # keep what was measured, and say it is partial
+                write_json({"complete": False, "error": str(exc), "model": str(path), "partial_ms": exc.partial,
+                            **{k: p.to_json() for k, p in found.items()}}, args.json)
+            raise
+    return found
 
 
 def _report(args) -> int:

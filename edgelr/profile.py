@@ -5,15 +5,12 @@
 
 Timings are ONNX Runtime CPU with a fixed intra-op thread count. Node names are ORT's after its graph
 optimizations (fused nodes get new names, e.g. `conv1_nchwc`), which is what really ran.
+The measurement itself lives in `edgelr.runner` (self-contained, also run on remote devices by
+`edgelr.remote.profile_remote`); this module wraps it in `Profile` objects and compares them.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import resource
-import tempfile
-import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from edgelr import runner
 from edgelr.errors import EdgelrError
 
 
@@ -35,74 +33,10 @@ class Profile:
     peak_rss_mb: float  # of this process, whose only big work was these sessions
     nodes: list[dict]  # name, op, total_ms, mean_ms, share; slowest first
     onnxruntime: str = ort.__version__
+    host: str | None = None  # None: this machine; else the USER@HOST it was measured on (edgelr.remote)
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-def _session(path: str | Path, threads: int, profile_dir: str | None = None) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 4
-    if profile_dir is not None:
-        opts.enable_profiling = True
-        opts.profile_file_prefix = str(Path(profile_dir) / "ort")
-    try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises its own types for unreadable or unsupported models
-        raise EdgelrError(f"{path}: ONNX Runtime cannot load it ({str(exc).strip().splitlines()[0][:200]})") from None
-
-
-def _stats(seconds: list[float]) -> dict[str, float]:
-    ms = np.asarray(seconds) * 1e3
-    return {
-        "min": float(ms.min()),
-        "p50": float(np.percentile(ms, 50)),
-        "p90": float(np.percentile(ms, 90)),
-        "p99": float(np.percentile(ms, 99)),
-        "mean": float(ms.mean()),
-        "std": float(ms.std()),
-    }
-
-
-def _node_table(path: str | Path, feed: dict, runs: int, warmup: int, threads: int) -> list[dict]:
-    """Per-node time from ORT's profiler, over `runs` runs after `warmup` (which are dropped)."""
-    with tempfile.TemporaryDirectory(prefix="edgelr-profile-") as tmp:
-        session = _session(path, threads, profile_dir=tmp)
-        for _ in range(warmup + runs):
-            session.run(None, feed)
-        events = json.loads(Path(session.end_profiling()).read_text())
-    starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
-    first = starts[warmup] if len(starts) > warmup else 0
-    total: dict[str, float] = defaultdict(float)
-    ops: dict[str, str] = {}
-    for e in events:
-        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time") or e["ts"] < first:
-            continue
-        name = e["name"][: -len("_kernel_time")]
-        total[name] += e["dur"] / 1e3  # microseconds -> ms
-        ops[name] = e.get("args", {}).get("op_name", "?")
-    whole = sum(total.values()) or 1.0
-    rows = [
-        {"name": n, "op": ops[n], "total_ms": t, "mean_ms": t / runs, "share": t / whole}
-        for n, t in total.items()
-    ]
-    return sorted(rows, key=lambda r: -r["total_ms"])
-
-
-def _time(sessions: dict[str, ort.InferenceSession], feed: dict, runs: int, warmup: int) -> dict[str, list[float]]:
-    """Each session run `runs` times, interleaved A B A B ..., after `warmup` runs each."""
-    for s in sessions.values():
-        for _ in range(warmup):
-            s.run(None, feed)
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(runs):
-        for name, s in sessions.items():
-            start = time.perf_counter()
-            s.run(None, feed)
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def profile_model(path: str | Path, feed: dict, runs: int = 50, warmup: int = 5, threads: int = 1) -> Profile:
@@ -112,23 +46,11 @@ def profile_model(path: str | Path, feed: dict, runs: int = 50, warmup: int = 5,
 def compare_models(models: dict[str, str | Path], feed: dict, runs: int = 50, warmup: int = 5,
                    threads: int = 1) -> dict[str, Profile]:
     """End-to-end latency of each model, measured interleaved in one run, and each one's node table."""
-    if runs < 1 or warmup < 0 or threads < 1:
-        raise EdgelrError(f"--runs {runs}, --warmup {warmup}, --threads {threads}: need runs >= 1, warmup >= 0, threads >= 1")
-    sessions = {name: _session(path, threads) for name, path in models.items()}
     try:
-        times = _time(sessions, feed, runs, warmup)
-    except Exception as exc:
-        raise EdgelrError(f"the model does not run on these inputs ({str(exc).strip().splitlines()[0][:200]})") from None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out = {}
-    for name, path in models.items():
-        stats = _stats(times[name])
-        out[name] = Profile(
-            model=os.fspath(path), runs=runs, warmup=warmup, threads=threads, latency_ms=stats,
-            throughput_per_s=1e3 / stats["mean"], peak_rss_mb=peak,
-            nodes=_node_table(path, feed, runs, warmup, threads),
-        )
-    return out
+        found = runner.measure(models, feed, runs, warmup, threads)
+    except runner.RunnerError as exc:
+        raise EdgelrError(str(exc)) from None
+    return {name: Profile(**data) for name, data in found.items()}
 
 
 def layer_of(node_name: str) -> str:
