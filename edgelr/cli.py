@@ -191,7 +191,8 @@ def _profile_remote(args, models: dict, feed: dict) -> dict:
 def _report(args) -> int:
     from edgelr.html_report import write_html_report
 
-    print(f"wrote {write_html_report(args.run_dir, args.output)}")
+    out = write_html_report(args.run_dir, args.output)
+    print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
 
 

@@ -14,7 +14,7 @@ from html import escape
 from pathlib import Path
 
 from edgelr.errors import EdgelrError
-from edgelr.report import human, write_text
+from edgelr.report import human, write_json, write_text
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1d2430;margin:24px auto;max-width:1100px;padding:0 16px;background:#fff}
@@ -369,10 +369,19 @@ def render_html(run_dir: Path, compress: list[tuple[str, dict]], profiles: list[
 
 
 def write_html_report(run_dir: Path, out: Path) -> Path:
-    """Read every *.json in RUN_DIR and write one self-contained HTML page to OUT (atomically)."""
+    """Read every *.json in RUN_DIR and write one self-contained HTML page to OUT, and the same data as
+    JSON beside it (OUT with .json), both atomically."""
     run_dir, out = Path(run_dir), Path(out)
     compress, profiles, ignored = load_run(run_dir)
     if not out.parent.is_dir():
         raise EdgelrError(f"{out}: folder {out.parent} does not exist")
     page = render_html(run_dir, compress, profiles, ignored)
+    curve = []
+    for name, report in compress:
+        point = _latency_point(name, report, profiles)
+        if point is not None:
+            curve.append({"report": name, "latency_ratio": point[0], "latency_from": point[1],
+                          "output_error": _whole_error(report)})
+    data = {"compress": dict(compress), "profiles": dict(profiles), "latency_vs_error": curve, "ignored": ignored}
+    write_json(data, out.with_suffix(".json") if out.suffix != ".json" else out.with_name(out.name + ".data.json"))
     return write_text(out, page)
