@@ -18,7 +18,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from edgelr import lowrank
+from edgelr import lowrank, runner
 from edgelr.layers import Layer, Use
 
 POINTS_PER_FORM = 4  # ranks timed per form; the rest are interpolated
@@ -73,26 +73,9 @@ class LatencyTable:
 def interleaved_latency(models: dict, feed: dict, threads: int = 1, rounds: int = 30, per_round: int = 3,
                         warmup: int = 5) -> dict[str, float]:
     """Median seconds per run of each model (a path), timed A B C A B C ... so drift hits all alike."""
-    sessions = {name: _session(str(path), threads) for name, path in models.items()}
-    for session in sessions.values():
-        for _ in range(warmup):
-            session.run(None, feed)
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(rounds):
-        for name, session in sessions.items():
-            for _ in range(per_round):
-                start = time.perf_counter()
-                session.run(None, feed)
-                times[name].append(time.perf_counter() - start)
+    sessions = {name: runner.session(path, threads) for name, path in models.items()}
+    times = runner.time_runs(sessions, feed, rounds * per_round, warmup)
     return {name: float(np.median(t)) for name, t in times.items()}
-
-
-def _session(model: str | bytes, threads: int) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 4
-    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
 def _sample(grid: list[int]) -> list[int]:
@@ -125,7 +108,7 @@ def _measure(layer: Layer, use: Use, form: str | None, rank: int, threads: int) 
         m = tiny.out_features if form != "spatial" else tiny.out_features * tiny.kernel[1]
         factors = lowrank.Factors(up=rng.normal(size=(m, rank)), down=rng.normal(size=(rank, n)))
         _rewrite(model.graph, tiny, form, factors)
-    session = _session(ir.to_proto(model).SerializeToString(), threads)
+    session = runner.session(ir.to_proto(model).SerializeToString(), threads)
     x = model.graph.inputs[0]
     feed = {x.name: rng.normal(size=use.input_shape).astype(x.dtype.numpy())}
     session.run(None, feed)

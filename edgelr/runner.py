@@ -60,9 +60,11 @@ def session(path, threads: int, profile_dir: str | None = None):
         opts.enable_profiling = True
         opts.profile_file_prefix = os.path.join(profile_dir, "ort")
     try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        model = path if isinstance(path, bytes) else str(path)  # a file, or a serialized model
+        return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001  (ORT raises its own types for unreadable or unsupported models)
-        raise RunnerError(f"{path}: ONNX Runtime cannot load it ({_first_line(exc)})") from None
+        where = "the model" if isinstance(path, bytes) else path
+        raise RunnerError(f"{where}: ONNX Runtime cannot load it ({_first_line(exc)})") from None
 
 
 def stats(seconds) -> dict:
