@@ -36,6 +36,15 @@ class LatencyBudget:
     seconds: float
 
 
+def _read_cache(path: Path) -> dict[str, float]:
+    """The cached timings, or none if the file is missing or unreadable (it is only a cache)."""
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
 class LatencyTable:
     """Seconds per layer configuration on one target, measured once and cached on disk."""
 
@@ -43,7 +52,7 @@ class LatencyTable:
         self.threads = threads
         self.target = f"ort-{ort.__version__}-cpu-t{threads}"
         self.path = (cache or cache_dir()) / f"{self.target}.json"
-        self.entries: dict[str, float] = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.entries: dict[str, float] = _read_cache(self.path)
         self.measured = 0  # configurations timed by this table (0 when everything came from the cache)
 
     def save(self) -> None:

@@ -54,3 +54,12 @@ def test_latency_and_params_together_are_refused(demo):
         capture_output=True, text=True, timeout=120,
     )
     assert run.returncode != 0 and "Traceback" not in run.stderr and not (demo / "o.onnx").exists()
+
+
+def test_a_corrupt_cache_is_ignored(demo):
+    from edgelr.latency import LatencyTable
+
+    table = LatencyTable(cache=demo / "cache")
+    table.path.parent.mkdir(parents=True, exist_ok=True)
+    table.path.write_text("{not json")
+    assert LatencyTable(cache=demo / "cache").entries == {}
