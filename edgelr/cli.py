@@ -115,6 +115,8 @@ def _compress(args) -> int:
         for r in done.latency["rounds"]:
             print(f"latency round {r['round']}: predicted {r['predicted_ratio']:.3f}, measured {r['measured_ratio']:.3f} "
                   "of the original")
+        kept = done.latency["kept_round"]
+        print(f"kept round {kept}" + ("" if done.latency["within_budget"] else ", the fastest: no round met the budget"))
         print(f"latency tables: {done.latency['layer_timings']} layer timings new, cached in {done.latency['table']}")
     if done.output_error:
         print(f"whole-model relative output error on the calibration set: {done.output_error['all']:.4f}")
