@@ -1,7 +1,7 @@
 """Latency profiling on this machine: end to end and per node, from ONNX Runtime's own profiler.
 
     report = profile_model("model.onnx", feed, runs=50)            # one model
-    both = compare_models("a.onnx", "b.onnx", feed, runs=50)        # interleaved, with ratios
+    both = compare_models({"A": "a.onnx", "B": "b.onnx"}, feed)     # interleaved; per_layer_ratios(both["A"], both["B"])
 
 Timings are ONNX Runtime CPU with a fixed intra-op thread count. Node names are ORT's after its graph
 optimizations (fused nodes get new names, e.g. `conv1_nchwc`), which is what really ran.
