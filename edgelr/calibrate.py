@@ -17,6 +17,7 @@ import onnx_ir as ir
 from numpy.lib.stride_tricks import sliding_window_view
 from tqdm.auto import tqdm
 
+from edgelr.cache import ArrayCache
 from edgelr.errors import EdgelrError
 from edgelr.layers import ConvGeometry, Layer, Use
 from edgelr.model_io import ort_session
@@ -152,6 +153,28 @@ def collect_grams(
     for layer in layers:
         parts = [by_input[_key(use)] for use in layer.uses]
         grams[layer.name] = parts[0] if len(parts) == 1 else sum(parts)
+    return grams
+
+
+def cached_grams(
+    model: ir.Model, layers: list[Layer], samples: Samples, key: str, progress: bool = True
+) -> dict[str, np.ndarray]:
+    """collect_grams, or the Grams (and observed input shapes) of an earlier run with the same model
+    and samples (`key`: edgelr.cache.content_key)."""
+    store = ArrayCache("calibration")
+    names = [layer.name for layer in layers]
+    hit = store.get(key)
+    if hit is not None and hit.get("layers") is not None and hit["layers"].tolist() == names:
+        for i, layer in enumerate(layers):
+            for j, use in enumerate(layer.uses):
+                use.input_shape = tuple(int(d) for d in hit[f"shape_{i}_{j}"])
+        return {name: hit[f"gram_{i}"] for i, name in enumerate(names)}
+    grams = collect_grams(model, layers, samples, progress)
+    arrays = {"layers": np.array(names)}
+    for i, layer in enumerate(layers):
+        arrays[f"gram_{i}"] = grams[layer.name]
+        arrays.update({f"shape_{i}_{j}": np.array(use.input_shape, dtype=np.int64) for j, use in enumerate(layer.uses)})
+    store.put(key, arrays)
     return grams
 
 

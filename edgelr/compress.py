@@ -5,17 +5,22 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from edgelr import model_io
-from edgelr.calibrate import collect_grams, load_samples
+from edgelr.cache import ArrayCache, content_key
+from edgelr.calibrate import cached_grams, load_samples
 from edgelr.errors import EdgelrError
 from edgelr.factorize import FactorizeConfig, FactorizeResult, factorize
 from edgelr.latency import LatencyBudget, LatencyTable, interleaved_latency
 from edgelr.layers import find_layers
+from edgelr.profile import compare_models, layer_aliases, layer_times, sample_feed
 from edgelr.report import result_json, write_json
 from edgelr.verify import output_error
 
@@ -67,15 +72,21 @@ def compress(
             f"{source}: no factorizable MatMul, Gemm or Conv node with a constant weight"
             + (f" ({reasons})" if reasons else "")
         )
-    grams = collect_grams(model, layers, samples, progress) if samples is not None else None
+    aliases = layer_aliases(layers)  # before the pass replaces the nodes
+    if config.metric == "latency" and samples is None:
+        raise EdgelrError("--latency needs --calib DATA.npz: latency is measured on real inputs")
+    key = content_key(source, model, Path(calib)) if samples is not None else None
+    grams = cached_grams(model, layers, samples, key, progress) if samples is not None else None
+    spectra = _cached_spectra(key, layers, config)
+    known = len(spectra)
     latency = None
     if config.metric == "latency":
-        if samples is None:
-            raise EdgelrError("--latency needs --calib DATA.npz: latency is measured on real inputs")
-        result, latency = _latency_rounds(source, output, model, layers, grams, config, samples, progress)
+        result, latency = _latency_rounds(source, output, model, layers, grams, config, samples, progress, spectra, key)
     else:
-        result = factorize(model, config, grams, layers=layers, progress=progress)
+        result = factorize(model, config, grams, layers=layers, progress=progress, spectra=spectra)
         model_io.save(model, output)
+    if key is not None and len(spectra) > known:
+        ArrayCache("spectra").put(_spectra_key(key, config), _pack_spectra(spectra, layers))
     result.skipped = skipped
     del model, grams  # verification below loads both files in ONNX Runtime; free the graph first
     try:
@@ -83,13 +94,45 @@ def compress(
     except Exception:
         _remove_model(output)  # a model ONNX Runtime cannot run is no result
         raise
+    if report is not None:
+        _measure_layers(source, output, result, aliases, samples)
     done = CompressReport(source, output, result, errors, time.perf_counter() - start, latency)
     if report is not None:
         write_json(done.to_json(), report)
     return done
 
 
-def _latency_rounds(source, output, model, layers, grams, config, samples, progress):
+def _measure_layers(source: Path, output: Path, result: FactorizeResult, aliases: dict, samples) -> None:
+    """Each layer's measured ms per run before and after, from ONNX Runtime's profiler (for the report)."""
+    try:
+        feed = samples.feed(0) if samples is not None else sample_feed(source)
+    except EdgelrError:
+        return  # dynamic dims and no samples: nothing to run the models on
+    found = compare_models({"original": source, "compressed": output}, feed, runs=20, warmup=3, threads=1)
+    before, after = (layer_times(found[k], aliases) for k in ("original", "compressed"))
+    for row in result.layers:
+        row.measured_ms_before, row.measured_ms_after = before.get(row.name), after.get(row.name)
+
+
+def _cached_spectra(key: str | None, layers: list, config: FactorizeConfig) -> dict:
+    """(layer, form) -> error-by-rank curve of an earlier run on the same model, samples and damping."""
+    hit = ArrayCache("spectra").get(_spectra_key(key, config)) if key is not None else None
+    if hit is None or hit.get("layers") is None or hit["layers"].tolist() != [layer.name for layer in layers]:
+        return {}
+    return {(layers[int(i)].name, form): curve for name, curve in hit.items() if name != "layers"
+            for i, form in [name.split("_", 1)]}
+
+
+def _spectra_key(key: str, config: FactorizeConfig) -> str:
+    return f"{key}-damping{config.damping:g}"
+
+
+def _pack_spectra(spectra: dict, layers: list) -> dict:
+    index = {layer.name: i for i, layer in enumerate(layers)}
+    return {"layers": np.array(list(index))} | {f"{index[name]}_{form}": curve for (name, form), curve in spectra.items()}
+
+
+def _latency_rounds(source, output, model, layers, grams, config, samples, progress, spectra, key):
     """Search against measured latency: factorize, measure the whole model, correct, again.
 
     The layer tables predict what factorizing saves; the graph around the layers (fusions, memory
@@ -100,13 +143,19 @@ def _latency_rounds(source, output, model, layers, grams, config, samples, progr
     """
     table = LatencyTable(threads=1)
     feed = samples.feed(0)
-    base = interleaved_latency({"original": source}, feed, rounds=10)["original"]
     target = config.latency
-    saving, rounds, kept = (1 - target) * base, [], []
+    # the saving an earlier identical run settled on: its correction rounds need not be repeated
+    memo = f"saving|{key}|{target}|{config.max_error}|{config.damping}|{config.conv_form}"
+    if memo in table.entries:
+        saving = table.entries[memo]
+    else:
+        saving = (1 - target) * interleaved_latency({"original": source}, feed, rounds=10)["original"]
+    rounds, kept = [], []
     for i in range(LATENCY_ROUNDS):
         if i:  # factorize works in place: start again from the original
             model, layers = _reload(source, layers)
-        result = factorize(model, config, grams, layers=layers, progress=progress, latency=LatencyBudget(table, saving))
+        result = factorize(model, config, grams, layers=layers, progress=progress, latency=LatencyBudget(table, saving),
+                           spectra=spectra)
         table.save()
         model_io.save(model, output)
         predicted = sum(r.latency_before - r.latency_after for r in result.layers)
@@ -123,9 +172,15 @@ def _latency_rounds(source, output, model, layers, grams, config, samples, progr
     within, _, _, best, saving, result = min(kept, key=lambda k: (not k[0], k[1] if k[0] else k[2]))
     if best != len(rounds) - 1:  # the output holds the last round: redo the kept one (deterministic)
         model, layers = _reload(source, layers)
-        result = factorize(model, config, grams, layers=layers, progress=progress, latency=LatencyBudget(table, saving))
+        result = factorize(model, config, grams, layers=layers, progress=progress, latency=LatencyBudget(table, saving),
+                           spectra=spectra)
         model_io.save(model, output)
-    info = {"target": table.target, "table": str(table.path), "layer_timings": table.measured, "rounds": rounds,
+    table.entries[memo] = saving
+    table.save()
+    t_original = measured["original"]
+    front = [{"predicted_ratio": 1 - (result.dense_cost - cost) / t_original, "predicted_error": math.sqrt(e2)}
+             for cost, e2 in result.front]
+    info = {"target": table.target, "front": front, "table": str(table.path), "layer_timings": table.measured, "rounds": rounds,
             "kept_round": best + 1, "within_budget": within}
     return result, info
 

@@ -26,7 +26,8 @@ from edgelr import lowrank
 from edgelr.errors import EdgelrError
 from edgelr.layers import Layer, Skipped, Use, find_layers
 from edgelr.latency import LatencyBudget
-from edgelr.ranks import Allocation, Choice, Cost, allocate, layer_choices, param_break_even, paying_ranks, rank_grid
+from edgelr.ranks import (Allocation, Choice, Cost, allocate, front, layer_choices, param_break_even, paying_ranks,
+                          rank_grid)
 
 CONV_FORMS = ("auto", "channel", "spatial")
 
@@ -103,6 +104,8 @@ class LayerResult:
     note: str = ""
     latency_before: float | None = None  # predicted seconds on the target (with --latency)
     latency_after: float | None = None
+    measured_ms_before: float | None = None  # ONNX Runtime profiler, ms per run (compress with a report)
+    measured_ms_after: float | None = None
 
 
 @dataclass
@@ -114,6 +117,10 @@ class FactorizeResult:
     budget_reached: bool
     data_aware: bool
     warnings: list[str] = field(default_factory=list)
+    # what the search weighed: (cost of the factorizable layers, predicted error^2), one per allocation
+    # on the Pareto front, and the cost of those layers left dense (the same unit: params, FLOPs or s)
+    front: list[tuple[float, float]] = field(default_factory=list)
+    dense_cost: float | None = None
 
     def total(self, key: str) -> int | None:
         values = [getattr(r, key) for r in self.layers]
@@ -131,9 +138,12 @@ def factorize(
     layers: list[Layer] | None = None,
     progress: bool = True,
     latency: LatencyBudget | None = None,
+    spectra: dict[tuple[str, str], np.ndarray] | None = None,
 ) -> FactorizeResult:
     """Factorize the model in place. `grams`: calibration statistics by layer name (data-aware SVD).
-    `latency`: the target's latency tables and the seconds to save, for FactorizeConfig(latency=F)."""
+    `latency`: the target's latency tables and the seconds to save, for FactorizeConfig(latency=F).
+    `spectra`: a memo of each (layer, form)'s error-by-rank curve, read and filled in: pass the same
+    dict to factorize the same model and Grams again (another budget) without the eigendecompositions."""
     if layers is None:
         layers, skipped = find_layers(model)
     else:
@@ -154,7 +164,7 @@ def factorize(
     # One BLAS thread: these matrices are small, and OpenBLAS threads that wait on a busy machine's
     # cores made an eigendecomposition 50x slower than single-threaded (measured on 2 cores).
     with threadpool_limits(limits=1, user_api="blas"):
-        return _factorize(model, config, grams, layers, skipped, progress, cost, latency)
+        return _factorize(model, config, grams, layers, skipped, progress, cost, latency, spectra if spectra is not None else {})
 
 
 def _cost_function(config: FactorizeConfig, latency: LatencyBudget | None) -> Cost:
@@ -169,10 +179,18 @@ def _cost_function(config: FactorizeConfig, latency: LatencyBudget | None) -> Co
     return cost
 
 
-def _factorize(model, config, grams, layers, skipped, progress, cost: Cost, latency) -> FactorizeResult:
+def _factorize(model, config, grams, layers, skipped, progress, cost: Cost, latency, spectra) -> FactorizeResult:
     bar = tqdm(layers, desc="analysing", unit="layer", disable=not progress, leave=False)
-    options = [_options(layer, config, grams.get(layer.name), cost) for layer in bar]
+    options = [_options(layer, config, grams.get(layer.name), cost, spectra) for layer in bar]
     allocation = _allocate(layers, options, config, cost, latency)
+    # costs before _apply: the latency tables' signatures read the nodes it replaces
+    dense_cost = sum(cost(layer, None, 0) for layer in layers)
+    warnings = []
+    if not allocation.reached:
+        fixed, total = _budget_split(layers, config, cost)
+        kept = (allocation.cost - fixed) / max(total, 1e-12)
+        why = "the --max-error gate" if config.max_error is not None else "break-even"
+        warnings.append(f"budget not reached: {why} keeps {kept:.2f} of the {config.metric}, not {config.fraction}")
 
     results = []
     bar = tqdm(total=len(layers), desc="factorizing", unit="layer", disable=not progress, leave=False)
@@ -187,12 +205,6 @@ def _factorize(model, config, grams, layers, skipped, progress, cost: Cost, late
             results[-1].note = "over the error gate" if _pays(layer, config, cost) else "below break-even"
         bar.update()
     bar.close()
-    warnings = []
-    if not allocation.reached:
-        fixed, total = _budget_split(layers, config, cost)
-        kept = (allocation.cost - fixed) / max(total, 1e-12)
-        why = "the --max-error gate" if config.max_error is not None else "break-even"
-        warnings.append(f"budget not reached: {why} keeps {kept:.2f} of the {config.metric}, not {config.fraction}")
     return FactorizeResult(
         layers=results,
         skipped=skipped,
@@ -201,6 +213,8 @@ def _factorize(model, config, grams, layers, skipped, progress, cost: Cost, late
         budget_reached=allocation.reached,
         data_aware=bool(grams),
         warnings=warnings,
+        front=[] if config.ranks else front(options),
+        dense_cost=dense_cost,
     )
 
 
@@ -224,7 +238,7 @@ def _whitening(layer: Layer, form: str, gram: np.ndarray | None, damping: float)
         raise EdgelrError(f"layer {layer.name}: its calibration statistics are degenerate; add more samples") from None
 
 
-def _options(layer: Layer, config: FactorizeConfig, gram: np.ndarray | None, cost: Cost) -> list[Choice]:
+def _options(layer: Layer, config: FactorizeConfig, gram: np.ndarray | None, cost: Cost, spectra: dict) -> list[Choice]:
     """The layer's choices, with errors from its spectra. Factors are not kept: with calibration,
     holding every layer's factors beside the Grams would break the memory bound; _apply recomputes
     them for the layers that are chosen."""
@@ -232,8 +246,10 @@ def _options(layer: Layer, config: FactorizeConfig, gram: np.ndarray | None, cos
         return [Choice(None, 0, 0.0, 0.0)]
     residuals = {}
     for form in _forms(layer, config):
-        w, chol = _whitening(layer, form, gram, config.damping)
-        residuals[form] = lowrank.residual_fraction(lowrank.decompose(w, chol, keep=0)[0])
+        if (layer.name, form) not in spectra:
+            w, chol = _whitening(layer, form, gram, config.damping)
+            spectra[layer.name, form] = lowrank.residual_fraction(lowrank.decompose(w, chol, keep=0)[0])
+        residuals[form] = spectra[layer.name, form]
     if config.ranks:
         rank = config.ranks[layer.name]
         fits = [f for f in residuals if 0 < rank <= layer.max_rank(f)]

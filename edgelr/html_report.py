@@ -172,13 +172,19 @@ def bar_chart(rows: list[tuple[str, float, float]], label_a: str, label_b: str, 
     return "".join(parts)
 
 
-def scatter(points: list[tuple[float, float, str, str]]) -> str:
-    """Latency ratio (x) vs whole-model error (y); points are (x, y, label, 'original'|'measured'|'proxy')."""
+_LEGEND = (("point", "measured latency"), ("point proxy", "FLOPs ratio (proxy)"), ("point original", "original"))
+
+
+def scatter(points: list[tuple[float, float, str, str]], line: list[tuple[float, float]] | None = None,
+            legend=_LEGEND, y_label: str = "whole-model relative output error") -> str:
+    """Latency ratio (x) vs error (y); points are (x, y, label, 'original'|'measured'|'proxy'). The curve
+    joins the points, or follows `line` (e.g. a search's predicted front) when given."""
     left, right, top, bottom_pad = 64, 200, 16, 46
     plot_w, plot_h = 560, 300
     width, height = left + plot_w + right, top + plot_h + bottom_pad
-    x_hi = max([p[0] for p in points] + [1.0]) * 1.05
-    y_hi = max([p[1] for p in points] + [1e-6]) * 1.15
+    line = line or []
+    x_hi = max([p[0] for p in points] + [x for x, _ in line] + [1.0]) * 1.05
+    y_hi = max([p[1] for p in points] + [y for _, y in line] + [1e-6]) * 1.15
     xt, yt = _nice_ticks(x_hi), _nice_ticks(y_hi)
     x_hi, y_hi = max(x_hi, xt[-1]), max(y_hi, yt[-1])
     sx = lambda v: left + plot_w * v / x_hi
@@ -194,9 +200,10 @@ def scatter(points: list[tuple[float, float, str, str]]) -> str:
     parts.append(f'<line class="axis" x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}"/>'
                  f'<line class="axis" x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}"/>'
                  f'<text x="{left + plot_w / 2}" y="{height - 6}" text-anchor="middle">latency relative to the original (lower is faster)</text>'
-                 f'<text transform="translate(14 {top + plot_h / 2}) rotate(-90)" text-anchor="middle">whole-model relative output error</text>')
+                 f'<text transform="translate(14 {top + plot_h / 2}) rotate(-90)" text-anchor="middle">{escape(y_label)}</text>')
     ordered = sorted(points, key=lambda p: (p[0], p[1]))
-    path = " ".join(f"{'M' if i == 0 else 'L'}{sx(p[0]):.1f},{sy(p[1]):.1f}" for i, p in enumerate(ordered))
+    curve = sorted(line) if line else [(p[0], p[1]) for p in ordered]
+    path = " ".join(f"{'M' if i == 0 else 'L'}{sx(x):.1f},{sy(y):.1f}" for i, (x, y) in enumerate(curve))
     parts.append(f'<path class="curve" d="{path}"/>')
     for x, y, label, kind in ordered:
         cls = {"original": "point original", "proxy": "point proxy"}.get(kind, "point")
@@ -204,9 +211,12 @@ def scatter(points: list[tuple[float, float, str, str]]) -> str:
                      f'<title>{escape(label)}: latency {x:.3f}, error {y:.4f}</title></circle>'
                      f'<text x="{sx(x) + 8:.1f}" y="{sy(y) - 7:.1f}" font-size="11">{escape(label)}</text>')
     lx = left + plot_w + 16
-    parts.append(f'<circle class="point" cx="{lx}" cy="{top + 10}" r="5"/><text x="{lx + 10}" y="{top + 14}">measured latency</text>'
-                 f'<circle class="point proxy" cx="{lx}" cy="{top + 30}" r="5"/><text x="{lx + 10}" y="{top + 34}">FLOPs ratio (proxy)</text>'
-                 f'<circle class="point original" cx="{lx}" cy="{top + 50}" r="5"/><text x="{lx + 10}" y="{top + 54}">original</text></svg>')
+    for k, (cls, text) in enumerate(legend):
+        y = top + 10 + 20 * k
+        mark = (f'<line class="curve" x1="{lx - 6}" y1="{y}" x2="{lx + 6}" y2="{y}"/>' if cls == "curve" else
+                f'<circle class="{cls}" cx="{lx}" cy="{y}" r="5"/>')
+        parts.append(f'{mark}<text x="{lx + 10}" y="{y + 4}">{escape(text)}</text>')
+    parts.append("</svg>")
     return "".join(parts)
 
 
@@ -296,13 +306,15 @@ def _latency_section(compress: list[tuple[str, dict]], profiles: list[tuple[str,
         if ratio is not None:
             html.append(f'<p class="note">B / A end to end (p50): {ratio:.3f} (B is {1 / ratio:.2f}× the speed of A)</p>')
     for name, report in compress:
-        rows = []
-        for r in report.get("layers") or []:
-            if isinstance(r, dict) and _num(r.get("latency_before")) is not None and _num(r.get("latency_after")) is not None:
-                rows.append((str(r.get("name", "?")), r["latency_before"] * 1e3, r["latency_after"] * 1e3))
-        if rows:
-            html.append(f"<h3>{escape(name)}: predicted per layer (latency tables, ms)</h3>")
-            html.append(bar_chart(rows, "dense", "after compression"))
+        layers = [r for r in report.get("layers") or [] if isinstance(r, dict)]
+        for before, after, scale, title in (("latency_before", "latency_after", 1e3, "predicted per layer (latency tables, ms)"),
+                                            ("measured_ms_before", "measured_ms_after", 1.0,
+                                             "measured per layer (ONNX Runtime profiler, mean ms per run)")):
+            rows = [(str(r.get("name", "?")), r[before] * scale, r[after] * scale) for r in layers
+                    if _num(r.get(before)) is not None and _num(r.get(after)) is not None]
+            if rows:
+                html.append(f"<h3>{escape(name)}: {title}</h3>")
+                html.append(bar_chart(rows, "dense", "after compression"))
     if not html:
         return '<p class="muted">No per-layer latency in this run: profile with <code>edgelr profile A.onnx --vs B.onnx --json P.json</code>, or compress with <code>--latency</code>.</p>'
     return "".join(html)
@@ -324,6 +336,30 @@ def _curve_section(compress: list[tuple[str, dict]], profiles: list[tuple[str, d
             _table(["report", "latency from", "latency ratio", "error"], rows, 2) if rows else "")
     return scatter(points) + _table(["report", "latency from", "latency ratio", "error"], rows, 2) + \
         '<p class="note">Hollow points use the FLOPs ratio as a stand-in for latency; it is not a measurement.</p>'
+
+
+def _front_section(compress: list[tuple[str, dict]]) -> str:
+    """For each --latency run: the trade-offs the search weighed (predicted) and where its rounds landed."""
+    html = []
+    for name, report in compress:
+        lat = report.get("latency") if isinstance(report.get("latency"), dict) else {}
+        front = [(_num(p.get("predicted_ratio")), _num(p.get("predicted_error"))) for p in lat.get("front") or []
+                 if isinstance(p, dict)]
+        front = [(x, y) for x, y in front if x is not None and y is not None]
+        if not front:
+            continue
+        points = [(1.0, 0.0, "original", "original")]
+        for r in [r for r in lat.get("rounds") or [] if isinstance(r, dict)]:
+            x, e2 = _num(r.get("measured_ratio")), _num(r.get("predicted_error2"))
+            if x is not None and e2 is not None:
+                points.append((x, e2**0.5, f"round {r.get('round', '?')}", "measured"))
+        legend = (("curve", "predicted front"), ("point", "round: measured latency"), ("point original", "original"))
+        html.append(f"<h3>{escape(name)}</h3>" + scatter(points, front, legend, "predicted error (root of summed layer errors²)"))
+    if not html:
+        return '<p class="muted">No <code>compress --latency</code> report in this run.</p>'
+    return "".join(html) + ('<p class="note">The curve is every allocation the search could pick, from the latency '
+                            'tables and the whitened spectra; each point is a round of the search, at the latency measured '
+                            'for the whole compressed model.</p>')
 
 
 def _target_section(compress: list[tuple[str, dict]], profiles: list[tuple[str, dict]]) -> str:
@@ -360,6 +396,7 @@ def render_html(run_dir: Path, compress: list[tuple[str, dict]], profiles: list[
             "<h2>Target and versions</h2>", _target_section(compress, profiles),
             "<h2>Latency vs error</h2>", _curve_section(compress, profiles) if compress else
             '<p class="muted">No compress report in this run.</p>',
+            "<h2>Latency search</h2>", _front_section(compress),
             "<h2>Per-layer latency</h2>", _latency_section(compress, profiles),
             "<h2>Compression</h2>"]
     body += [_compress_section(n, r) for n, r in compress] or ['<p class="muted">No compress report in this run.</p>']

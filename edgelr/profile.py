@@ -64,15 +64,30 @@ def layer_of(node_name: str) -> str:
     return name
 
 
-def per_layer_ratios(a: Profile, b: Profile) -> list[dict]:
-    """Mean ms per source layer in A and B, and B / A, for layers present in both; slowest in A first."""
-    def by_layer(p: Profile) -> dict[str, float]:
-        out: dict[str, float] = defaultdict(float)
-        for row in p.nodes:
-            out[layer_of(row["name"])] += row["mean_ms"]
-        return out
+def layer_aliases(layers) -> dict[str, str]:
+    """Runtime names -> edgelr layer name: ORT names some fused kernels after the node's output
+    (`/conv/Conv_output_0_nchwc`), so both the node and its output name lead to the layer."""
+    aliases = {}
+    for layer in layers:
+        for use in layer.uses:
+            aliases[use.node.name] = layer.name
+            aliases[use.node.outputs[0].name] = layer.name
+    return aliases
 
-    ta, tb = by_layer(a), by_layer(b)
+
+def layer_times(p: Profile, aliases: dict[str, str] | None = None) -> dict[str, float]:
+    """Mean ms per run of each source layer (a factorized pair counts as its layer)."""
+    aliases = aliases or {}
+    out: dict[str, float] = defaultdict(float)
+    for row in p.nodes:
+        name = layer_of(row["name"])
+        out[aliases.get(name, name)] += row["mean_ms"]
+    return out
+
+
+def per_layer_ratios(a: Profile, b: Profile, aliases: dict[str, str] | None = None) -> list[dict]:
+    """Mean ms per source layer in A and B, and B / A, for layers present in both; slowest in A first."""
+    ta, tb = layer_times(a, aliases), layer_times(b, aliases)
     rows = [{"layer": k, "a_ms": ta[k], "b_ms": tb[k], "ratio": tb[k] / ta[k]} for k in ta if k in tb and ta[k] > 0]
     return sorted(rows, key=lambda r: -r["a_ms"])
 

@@ -109,6 +109,18 @@ def allocate(options: list[list[Choice]], budget: float | None) -> Allocation:
     return Allocation(picks, sum(c.cost for c in picks), budget, True)
 
 
+def front(options: list[list[Choice]], points: int = 40) -> list[tuple[float, float]]:
+    """The (total cost, total error^2) trade-offs the Lagrangian search walks through, cheapest last:
+    the lower-convex Pareto front of the whole model, one allocation per multiplier."""
+    scale = sum(max(c.cost for c in opts) for opts in options) or 1.0
+    seen = {}
+    for lam in np.geomspace(1e-5, 1e5, points):
+        picks = [min(opts, key=lambda c: c.error2 + lam * c.cost / scale) for opts in options]
+        cost, error2 = sum(c.cost for c in picks), sum(c.error2 for c in picks)
+        seen.setdefault(round(cost, 12), (cost, error2))
+    return sorted(seen.values(), reverse=True)
+
+
 def _fill(options: list[list[Choice]], picks: list[Choice], budget: float) -> list[Choice]:
     """Spend the leftover budget greedily on the best error reduction per unit of cost."""
     picks = list(picks)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict
@@ -93,6 +94,8 @@ def result_json(result: FactorizeResult) -> dict:
         "warnings": result.warnings,
         "layers": [asdict(r) for r in result.layers],
         "skipped": [asdict(s) for s in result.skipped],
+        "search_front": [{"cost": c, "predicted_error": math.sqrt(e2)} for c, e2 in result.front],
+        "dense_cost": result.dense_cost,
         "totals": {
             key: result.total(key) for key in ("params_before", "params_after", "flops_before", "flops_after")
         },
