@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +61,7 @@ class ArrayCache:
         try:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {name: data[name] for name in data.files}
-        except (OSError, ValueError, EOFError, KeyError):  # missing, truncated or foreign: recompute
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):  # missing, truncated, foreign: recompute
             return None
         os.utime(path)  # recently used: evicted last
         return arrays

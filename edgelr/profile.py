@@ -55,7 +55,7 @@ def compare_models(models: dict[str, str | Path], feed: dict, runs: int = 50, wa
 
 def layer_of(node_name: str) -> str:
     """The source layer a runtime node belongs to: factorized pairs and ORT's renamed kernels folded."""
-    name = node_name
+    name = node_name.removeprefix("fused ")  # Gemm + Relu -> FusedGemm "fused fc"
     for suffix in ("/lowrank_down", "/lowrank_up", "/lowrank_mid"):
         name = name.replace(suffix, "")
     for suffix in ("_nchwc", "_token"):

@@ -63,3 +63,61 @@ def test_a_corrupt_cache_is_ignored(demo):
     table.path.parent.mkdir(parents=True, exist_ok=True)
     table.path.write_text("{not json")
     assert LatencyTable(cache=demo / "cache").entries == {}
+
+
+def test_calibration_and_spectra_are_cached_by_content(demo, monkeypatch):
+    """A second run with the same model and samples calibrates nothing and decomposes only chosen layers;
+    another budget reuses them too; changed samples are a different entry."""
+    import edgelr.calibrate as calibrate
+
+    first = compress(demo / "m.onnx", demo / "a.onnx", FactorizeConfig(params=0.5), calib=demo / "calib.npz", progress=False)
+    assert len(list((demo / "cache" / "calibration").glob("*.npz"))) == 1
+    assert len(list((demo / "cache" / "spectra").glob("*.npz"))) == 1
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibrated again although the cache holds this model and these samples")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(calibrate, "collect_grams", no_calibration)
+        again = compress(demo / "m.onnx", demo / "b.onnx", FactorizeConfig(params=0.5), calib=demo / "calib.npz",
+                         progress=False)
+        assert [(r.form, r.rank) for r in again.result.layers] == [(r.form, r.rank) for r in first.result.layers]
+        assert again.output_error == pytest.approx(first.output_error)
+        compress(demo / "m.onnx", demo / "c.onnx", FactorizeConfig(params=0.3), calib=demo / "calib.npz", progress=False)
+
+    np.savez(demo / "other.npz", image=synthetic_images(8, seed=2))
+    compress(demo / "m.onnx", demo / "d.onnx", FactorizeConfig(params=0.5), calib=demo / "other.npz", progress=False)
+    assert len(list((demo / "cache" / "calibration").glob("*.npz"))) == 2
+
+
+def test_a_corrupt_calibration_entry_is_recomputed(demo):
+    compress(demo / "m.onnx", demo / "a.onnx", FactorizeConfig(params=0.5), calib=demo / "calib.npz", progress=False)
+    for entry in (demo / "cache").glob("*/*.npz"):
+        entry.write_bytes(entry.read_bytes()[:100])  # truncated, as after a crash or a full disk
+    done = compress(demo / "m.onnx", demo / "b.onnx", FactorizeConfig(params=0.5), calib=demo / "calib.npz", progress=False)
+    assert done.output_error["all"] > 0
+    assert all(e.stat().st_size > 100 for e in (demo / "cache").glob("*/*.npz"))
+
+
+@pytest.mark.slow
+def test_latency_report_has_the_search_front_and_measured_layers(demo):
+    import json
+
+    from edgelr.html_report import write_html_report
+
+    run = demo / "run"
+    run.mkdir()
+    compress(demo / "m.onnx", run / "a.onnx", FactorizeConfig(latency=0.8), calib=demo / "calib.npz",
+             report=run / "a.json", progress=False)
+    data = json.loads((run / "a.json").read_text())
+    front = data["latency"]["front"]
+    assert len(front) >= 3
+    ratios = [p["predicted_ratio"] for p in front]
+    errors = [p["predicted_error"] for p in front]
+    assert ratios == sorted(ratios, reverse=True) and errors == sorted(errors)  # slower is more accurate
+    assert ratios[0] == pytest.approx(1.0, abs=0.05) and errors[0] == pytest.approx(0.0)  # all dense: the original
+    measured = [r for r in data["layers"] if r["measured_ms_before"] is not None]
+    assert len(measured) == len(data["layers"])
+    assert all(r["measured_ms_after"] > 0 for r in measured)
+    html = write_html_report(run, run / "r.html").read_text()
+    assert "predicted front" in html and "measured per layer" in html
