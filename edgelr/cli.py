@@ -60,11 +60,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, metavar="N")
     p.add_argument("--json", metavar="OUT.json", help="write the measurements here")
     p.add_argument("--on", metavar="USER@HOST", help="run on this device over SSH (needs python3, numpy, onnxruntime there)")
-    p.add_argument("--port", type=int, metavar="N", help="SSH port (with --on)")
-    p.add_argument("--identity", metavar="FILE", help="SSH private key (with --on)")
-    p.add_argument("--known-hosts", metavar="FILE", help="known_hosts file to verify the device's host key (with --on)")
-    p.add_argument("--timeout", type=float, default=60, metavar="S", help="limit for each remote step (default 60)")
-    p.add_argument("--python", default="python3", metavar="PATH", help="the device's Python (with --on; default python3)")
+    _ssh_flags(p, "--on")
+
+    p = sub.add_parser("export", help="write the files that run a model on a device (Pi bundle, TensorRT engine)")
+    p.add_argument("model", metavar="MODEL.onnx")
+    p.add_argument("--target", required=True, metavar="NAME",
+                   help="a device from targets/ (rpi5, rpi4, x86-cpu, rtx, jetson-orin, gpu) or your own .toml file")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="the folder to write (new, empty, or an earlier bundle)")
+    p.add_argument("--calib", metavar="DATA.npz", help="real inputs: reference outputs, INT8 calibration, TensorRT shapes")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], help="override the target's precision (TensorRT)")
+    p.add_argument("--shapes", action="append", default=[], metavar="NAME=MIN:OPT:MAX",
+                   help="TensorRT profile for an input with dynamic dims, e.g. images=1x3x320x320:4x3x320x320:8x3x640x640")
+    p.add_argument("--to", metavar="USER@HOST:PATH", help="copy the bundle to the device over SSH and run its check there")
+    _ssh_flags(p, "--to")
 
     p = sub.add_parser("report", help="one self-contained HTML page from the JSON of compress --report and profile --json")
     p.add_argument("run_dir", metavar="RUN_DIR")
@@ -72,6 +80,14 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("demo", help="the whole flow on a built-in example model")
     return parser
+
+
+def _ssh_flags(p: argparse.ArgumentParser, flag: str) -> None:
+    p.add_argument("--port", type=int, metavar="N", help=f"SSH port (with {flag})")
+    p.add_argument("--identity", metavar="FILE", help=f"SSH private key (with {flag})")
+    p.add_argument("--known-hosts", metavar="FILE", help=f"known_hosts file to verify the device's host key (with {flag})")
+    p.add_argument("--timeout", type=float, default=60, metavar="S", help="limit for each remote step (default 60)")
+    p.add_argument("--python", default="python3", metavar="PATH", help=f"the device's Python (with {flag}; default python3)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,6 +206,47 @@ def _profile_remote(args, models: dict, feed: dict) -> dict:
     return found
 
 
+def _export(args) -> int:
+    from pathlib import Path
+
+    from edgelr.export import SshOptions, export
+    from edgelr.report import human
+    from edgelr.targets import parse_shape
+
+    shapes = {}
+    for text in args.shapes:
+        name, _, triple = text.partition("=")
+        parts = triple.split(":")
+        if not name or len(parts) != 3:
+            raise EdgelrError(f"--shapes {text!r}: write NAME=MIN:OPT:MAX, e.g. images=1x3x320x320:4x3x320x320:8x3x640x640")
+        shapes[name] = tuple(parse_shape(p, f"--shapes {name}") for p in parts)
+    ssh = SshOptions(port=args.port, identity=Path(args.identity) if args.identity else None,
+                     known_hosts=Path(args.known_hosts) if args.known_hosts else None, timeout=args.timeout,
+                     python=args.python)
+    done = export(args.model, args.target, args.output, calib=args.calib, precision=args.precision,
+                  shapes=shapes or None, to=args.to, ssh=ssh, progress=not args.quiet)
+    files = done.manifest.get("files", {})
+    print(f"{done.target.name}: {done.target.description}")
+    for name, entry in sorted(files.items()):
+        size = entry.get("bytes") if isinstance(entry, dict) else None
+        print(f"  {name}" + (f"  {human(size)}B" if size is not None else ""))
+    print(f"wrote {done.out_dir} in {done.seconds:.1f} s")
+    if done.destination:
+        print(f"copied to {done.destination}")
+    if done.remote is not None:
+        r = done.remote
+        parity = r.get("parity", {})
+        lat = r.get("latency_ms", {})
+        print(f"on the device: onnxruntime {r.get('onnxruntime')} ({r.get('machine')}), parity "
+              f"{'passed' if parity.get('passed') else 'FAILED'} (max relative error {parity.get('max_rel_error', float('nan')):.2e})"
+              + (f", p50 {lat['p50']:.2f} ms" if 'p50' in lat else ""))
+        if not r.get("ok"):
+            print(f"edgelr export: error: the model's outputs on {done.destination} do not match the reference",
+                  file=sys.stderr)
+            return 1
+    return 0
+
+
 def _report(args) -> int:
     from edgelr.html_report import write_html_report
 
@@ -204,7 +261,8 @@ def _demo(args) -> int:
     return run_demo(progress=not args.quiet)
 
 
-_COMMANDS = {"inspect": _inspect, "compress": _compress, "profile": _profile, "report": _report, "demo": _demo}
+_COMMANDS = {"inspect": _inspect, "compress": _compress, "profile": _profile, "export": _export, "report": _report,
+             "demo": _demo}
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import queue
 import re
 import shlex
 import subprocess
+import tarfile
 import tempfile
 import threading
 from pathlib import Path
@@ -127,6 +128,42 @@ def _remote(words: list[str]) -> str:
     return " ".join(shlex.quote(w) for w in words)
 
 
+class Device:
+    """One SSH destination: every call is a separate `ssh` process with its own timeout, and a failure
+    is one clear EdgelrError (unreachable, host key, authentication, or the remote command's message)."""
+
+    def __init__(self, host: str, *, port: int | None = None, identity: Path | None = None,
+                 known_hosts: Path | None = None, timeout: float = 60):
+        self.host, self.port, self.known_hosts, self.timeout = check_host(host), port, known_hosts, timeout
+        self.base = _ssh_base(port, identity, known_hosts, timeout) + ["--", host]
+
+    @property
+    def name(self) -> str:
+        return _host_port(self.host, self.port)
+
+    def run(self, command: str, what: str, stdin_path: Path | None = None, step_timeout: float | None = None,
+            ok_codes: tuple[int, ...] = (0,)) -> str:
+        """Run one remote shell command line (its words already quoted); its stdout. An exit status
+        outside `ok_codes` is an EdgelrError with the command's last line of stderr."""
+        step_timeout = self.timeout if step_timeout is None else step_timeout
+        try:
+            with open(stdin_path, "rb") if stdin_path is not None else open(os.devnull, "rb") as stdin:
+                done = subprocess.run(self.base + [command], stdin=stdin, capture_output=True, timeout=step_timeout,
+                                      check=False)
+        except subprocess.TimeoutExpired:
+            raise EdgelrError(f"{self.name}: no answer within {step_timeout:g} s while {what}") from None
+        except FileNotFoundError:
+            raise EdgelrError("the OpenSSH client `ssh` is not installed here (apt-get install openssh-client)") from None
+        err = done.stderr.decode(errors="replace")
+        if done.returncode == 255:
+            raise _classify(self.host, self.port, self.known_hosts, err, what)
+        self.returncode = done.returncode
+        if done.returncode not in ok_codes:
+            raise EdgelrError(f"{self.name}: {what} failed on the device "
+                              f"({_last_line(err) or 'exit status ' + str(done.returncode)})")
+        return done.stdout.decode(errors="replace")
+
+
 def profile_remote(host: str, model: Path, feed: dict, runs: int = 50, warmup: int = 5, threads: int = 1, *,
                    port: int | None = None, identity: Path | None = None, known_hosts: Path | None = None,
                    timeout: float = 60, python: str = "python3", progress=None) -> Profile:
@@ -141,29 +178,8 @@ def profile_remote(host: str, model: Path, feed: dict, runs: int = 50, warmup: i
         raise EdgelrError(f"{model}: no such file; check the path to the ONNX model")
     if runs < 1 or warmup < 0 or threads < 1:
         raise EdgelrError(f"--runs {runs}, --warmup {warmup}, --threads {threads}: need runs >= 1, warmup >= 0, threads >= 1")
-    base = _ssh_base(port, identity, known_hosts, timeout) + ["--", host]
-
-    def ssh(command: str, what: str, stdin_path: Path | None = None, step_timeout: float = timeout) -> str:
-        try:
-            if stdin_path is not None:
-                with open(stdin_path, "rb") as f:
-                    done = subprocess.run(base + [command], stdin=f, capture_output=True, timeout=step_timeout,
-                                          check=False)
-            else:
-                done = subprocess.run(base + [command], stdin=subprocess.DEVNULL, capture_output=True,
-                                      timeout=step_timeout, check=False)
-        except subprocess.TimeoutExpired:
-            raise EdgelrError(f"{_host_port(host, port)}: no answer within {step_timeout:g} s while {what}") from None
-        except FileNotFoundError:
-            raise EdgelrError("the OpenSSH client `ssh` is not installed here (apt-get install openssh-client)") from None
-        err = done.stderr.decode(errors="replace")
-        if done.returncode == 255:
-            raise _classify(host, port, known_hosts, err, what)
-        if done.returncode != 0:
-            raise EdgelrError(f"{_host_port(host, port)}: {what} failed on the device ({_last_line(err) or 'exit status ' + str(done.returncode)})")
-        return done.stdout.decode(errors="replace")
-
-    made = ssh(_remote(["mktemp", "-d", "/tmp/edgelr.XXXXXXXX"]), "making a temp dir").strip()
+    device = Device(host, port=port, identity=identity, known_hosts=known_hosts, timeout=timeout)
+    made = device.run(_remote(["mktemp", "-d", "/tmp/edgelr.XXXXXXXX"]), "making a temp dir").strip()
     if not _TMPDIR.fullmatch(made):
         raise EdgelrError(f"{_host_port(host, port)}: `mktemp -d` gave an unexpected answer {made[:80]!r}")
     try:
@@ -171,15 +187,15 @@ def profile_remote(host: str, model: Path, feed: dict, runs: int = 50, warmup: i
             inputs = Path(tmp) / "inputs.npz"
             np.savez(inputs, **{k: np.asarray(v) for k, v in feed.items()})
             for local, name in ((Path(_runner_module.__file__), "runner.py"), (model, "model.onnx"), (inputs, "inputs.npz")):
-                ssh(_remote(["cat"]) + " > " + shlex.quote(f"{made}/{name}"), f"copying {name}", stdin_path=local)
+                device.run(_remote(["cat"]) + " > " + shlex.quote(f"{made}/{name}"), f"copying {name}", stdin_path=local)
         command = "cd " + shlex.quote(made) + " && " + _remote([
             python, "-u", "runner.py", "model.onnx", "--inputs", "inputs.npz",
             "--runs", str(int(runs)), "--warmup", str(int(warmup)), "--threads", str(int(threads)),
         ])
-        data = _stream(base + [command], host, port, known_hosts, python, runs, timeout, progress, model.name)
+        data = _stream(device.base + [command], host, port, known_hosts, python, runs, timeout, progress, model.name)
     finally:
         try:  # best effort: after a lost connection this may fail too
-            ssh(_remote(["rm", "-rf", "--", made]), "removing the temp dir", step_timeout=min(timeout, 15))
+            device.run(_remote(["rm", "-rf", "--", made]), "removing the temp dir", step_timeout=min(timeout, 15))
         except EdgelrError:
             pass
     data["model"] = os.fspath(model)
@@ -272,3 +288,62 @@ def _stream(cmd: list[str], host, port, known_hosts, python, runs, timeout, prog
         missing_part = "all timed runs are in; the per-node table is missing"
     raise RemoteRunError(f"{hp}: {why} after {len(partial)} of {runs} timed runs; {missing_part} "
                          "(the runs measured are in .partial)", partial)
+
+
+# Unpacks the bundle beside DEST, then swaps it in: the device never holds a half-copied bundle under
+# DEST, and a folder there that is not an edgelr bundle is never replaced.
+_INSTALL = r"""
+set -e
+dest="$1"; tmp="$1.edgelr-partial"
+if [ -e "$dest" ] && [ ! -f "$dest/manifest.json" ]; then
+    echo "$dest exists and is not an edgelr bundle; pick another path or remove it" >&2; exit 3
+fi
+mkdir -p -- "$(dirname -- "$dest")"
+rm -rf -- "$tmp"; mkdir -- "$tmp"
+if ! err=$(tar -x -f - -C "$tmp" 2>&1); then
+    rm -rf -- "$tmp"; printf '%s\n' "$err" | grep -v 'Exiting with failure' | head -n 2 | tr '\n' ' ' >&2; exit 4
+fi
+rm -rf -- "$dest"; mv -- "$tmp" "$dest"
+"""
+
+
+def split_destination(text: str) -> tuple[str, str]:
+    """'pi@raspberrypi.local:models/yolo' -> ('pi@raspberrypi.local', 'models/yolo'); IPv6 in brackets."""
+    host, sep, path = (text.partition("]:") if "]:" in text else text.partition(":"))
+    if "]:" in text:
+        host += "]"
+    if not sep or not path:
+        raise EdgelrError(f"--to {text!r}: give USER@HOST:PATH, e.g. pi@raspberrypi.local:edgelr/yolo")
+    check_host(host)
+    path = path[2:] if path.startswith("~/") else path  # ssh starts in the home folder; "~" would be quoted
+    if path.startswith("-") or any(c in path for c in "\n\r\0") or path.rstrip("/") in ("", ".", "~"):
+        raise EdgelrError(f"--to {text!r}: {path!r} is not a usable folder path on the device")
+    return host, path.rstrip("/")
+
+
+def copy_bundle(device: Device, bundle: Path, dest: str) -> None:
+    """Copy the folder `bundle` to `dest` on the device (one tar stream over ssh's stdin), atomically."""
+    with tempfile.TemporaryDirectory(prefix="edgelr-ship-") as tmp:
+        archive = Path(tmp) / "bundle.tar"
+        with tarfile.open(archive, "w") as tar:
+            for path in sorted(bundle.rglob("*")):
+                tar.add(path, arcname=str(path.relative_to(bundle)), recursive=False)
+        device.run(_remote(["sh", "-c", _INSTALL, "edgelr", dest]), f"copying the bundle to {dest}",
+                   stdin_path=archive, step_timeout=max(device.timeout, 600))
+
+
+def run_bundle(device: Device, dest: str, python: str = "python3", runs: int = 20, warmup: int = 3) -> dict:
+    """The bundle's run.py on the device: its JSON (ok, parity, latency_ms, ...). EdgelrError if it cannot run."""
+    command = "cd " + shlex.quote(dest) + " && " + _remote([python, "run.py", "--runs", str(int(runs)),
+                                                            "--warmup", str(int(warmup))])
+    out = device.run(command, "running the bundle's run.py", step_timeout=max(device.timeout, 600),
+                     ok_codes=(0, 1, 2, 3))
+    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+    try:
+        result = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        raise EdgelrError(f"{device.name}: run.py printed no result (exit status {device.returncode}); "
+                          f"is `{python}` there a Python 3 with numpy and onnxruntime?") from None
+    if device.returncode in (2, 3):
+        raise EdgelrError(f"{device.name}: the bundle cannot run there: {result.get('error', 'no message')}")
+    return result

@@ -1,38 +1,23 @@
-"""`edgelr.remote.profile_remote` against a real sshd on 127.0.0.1 started here (skipped without one).
-
-The "device" is this machine, so its python is this interpreter (sys.executable): it has numpy and
-onnxruntime. Needs: apt-get install -y openssh-server openssh-client.
-"""
+"""`edgelr.remote.profile_remote` against a real sshd on 127.0.0.1 (the `sshd` fixture in conftest.py)."""
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
+from conftest import free_port
 
-from edgelr.demo import build_model, synthetic_images
 from edgelr.errors import EdgelrError
 from edgelr.profile import profile_model
 from edgelr.remote import RemoteRunError, profile_remote
-
-SSHD = "/usr/sbin/sshd"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _children(pid: int) -> list[int]:
@@ -47,55 +32,6 @@ def _children(pid: int) -> list[int]:
             if int(fields[1]) == pid:
                 out.append(int(entry.name))
     return out
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory):
-    if not (os.path.exists(SSHD) and shutil.which("ssh") and shutil.which("ssh-keygen")):
-        pytest.skip("needs OpenSSH (apt-get install -y openssh-server openssh-client)")
-    d = tmp_path_factory.mktemp("sshd")
-    for name in ("host_key", "client_key", "other_host_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
-    port = _free_port()
-    config = d / "sshd_config"
-    config.write_text(
-        f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {d / 'host_key'}\n"
-        f"AuthorizedKeysFile {d / 'client_key.pub'}\nPidFile {d / 'sshd.pid'}\n"
-        "UsePAM no\nStrictModes no\nPermitRootLogin yes\nPasswordAuthentication no\n"
-        "KbdInteractiveAuthentication no\nPubkeyAuthentication yes\nMaxStartups 50\n"
-    )
-    if os.geteuid() == 0:
-        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation dir
-    log = open(d / "sshd.log", "wb")  # noqa: SIM115  (sshd writes to it until the fixture ends)
-    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=log)
-    deadline = time.time() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.skip(f"sshd did not start: {(d / 'sshd.log').read_text()[-500:]}")
-            time.sleep(0.05)
-    host_pub = (d / "host_key.pub").read_text().split()
-    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
-    other = (d / "other_host_key.pub").read_text().split()
-    (d / "wrong_known_hosts").write_text(f"[127.0.0.1]:{port} {other[0]} {other[1]}\n")
-    onnx.save(build_model(), d / "m.onnx")
-    env = {
-        "dir": d, "port": port, "proc": proc, "host": f"{getpass.getuser()}@127.0.0.1",
-        "kw": {"port": port, "identity": d / "client_key", "known_hosts": d / "known_hosts",
-               "python": sys.executable, "timeout": 20},
-        "model": d / "m.onnx", "feed": {"image": synthetic_images(1, seed=1).astype(np.float32)},
-    }
-    yield env
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
 
 
 def _leftover_dirs() -> set[str]:
@@ -193,7 +129,7 @@ def test_runner_failure_is_one_line(sshd, tmp_path):
 def test_unreachable_port_fails_within_the_timeout(sshd):
     start = time.time()
     with pytest.raises(EdgelrError, match="unreachable"):
-        profile_remote(sshd["host"], sshd["model"], sshd["feed"], 2, 0, 1, **dict(sshd["kw"], port=_free_port(), timeout=5))
+        profile_remote(sshd["host"], sshd["model"], sshd["feed"], 2, 0, 1, **dict(sshd["kw"], port=free_port(), timeout=5))
     assert time.time() - start < 10
 
 
