@@ -22,6 +22,7 @@ import onnx_ir as ir
 from edgelr import __version__
 
 CACHE_LIMIT_BYTES = int(os.environ.get("EDGELR_CACHE_MB", "2048")) << 20
+CACHE_FORMAT = 2  # bump when what an entry holds changes: old entries then simply miss
 
 
 def cache_root() -> Path:
@@ -30,7 +31,7 @@ def cache_root() -> Path:
 
 def content_key(model_path: Path, model: ir.Model, calib_path: Path, *extra) -> str:
     """sha256 of the model file, its external data files' sizes and times, the samples file, and `extra`."""
-    digest = hashlib.sha256(f"edgelr {__version__} {extra!r}".encode())
+    digest = hashlib.sha256(f"edgelr {__version__} format {CACHE_FORMAT} {extra!r}".encode())
     for path in (model_path, calib_path):
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):

@@ -23,6 +23,8 @@ from edgelr.layers import ConvGeometry, Layer, Use
 from edgelr.model_io import ort_session
 
 _CHUNK_BYTES = 32 << 20
+# Calibration keeps the model's outputs as verification references up to this size (else verify reruns it).
+REFERENCE_LIMIT_BYTES = 256 << 20
 
 
 @dataclass
@@ -132,17 +134,26 @@ def _fmt(dims) -> str:
 
 
 def collect_grams(
-    model: ir.Model, layers: list[Layer], samples: Samples, progress: bool = True
+    model: ir.Model, layers: list[Layer], samples: Samples, progress: bool = True, outputs: list | None = None
 ) -> dict[str, np.ndarray]:
     """Layer name -> sum over samples of the Gram matrix of the layer's input rows (float32, to halve
     the memory: a K x K Gram can outweigh its layer's weight).
 
     Also records each use's observed per-sample input shape, so FLOPs are known for dynamic models.
+    `outputs`, if given, receives the model's own outputs for each sample (the references verification
+    compares against, for free), unless they would pass REFERENCE_LIMIT_BYTES: then it is left empty.
     """
     by_input: dict[tuple, np.ndarray] = {}  # layers reading the same input (Q, K, V) share one Gram
+    output_names = [v.name for v in model.graph.outputs]
+    kept = 0
     for i, values in enumerate(_layer_inputs(model, layers, samples, progress)):
         if i == 0:
             _record_shapes(layers, values)
+        if outputs is not None and kept <= REFERENCE_LIMIT_BYTES:
+            outputs.append({name: np.asarray(values[name]) for name in output_names})
+            kept += sum(a.nbytes for a in outputs[-1].values())
+            if kept > REFERENCE_LIMIT_BYTES:
+                outputs.clear()
         for use in {_key(use): use for layer in layers for use in layer.uses}.values():
             gram = _gram(np.asarray(values[use.input.name]), use)
             if _key(use) in by_input:
@@ -158,24 +169,32 @@ def collect_grams(
 
 def cached_grams(
     model: ir.Model, layers: list[Layer], samples: Samples, key: str, progress: bool = True
-) -> dict[str, np.ndarray]:
-    """collect_grams, or the Grams (and observed input shapes) of an earlier run with the same model
-    and samples (`key`: edgelr.cache.content_key)."""
+) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+    """collect_grams with its reference outputs, or those of an earlier run with the same model and
+    samples (`key`: edgelr.cache.content_key), observed input shapes included."""
     store = ArrayCache("calibration")
     names = [layer.name for layer in layers]
     hit = store.get(key)
-    if hit is not None and hit.get("layers") is not None and hit["layers"].tolist() == names:
+    if hit is not None and "references" in hit and hit["layers"].tolist() == names:
         for i, layer in enumerate(layers):
             for j, use in enumerate(layer.uses):
                 use.input_shape = tuple(int(d) for d in hit[f"shape_{i}_{j}"])
-        return {name: hit[f"gram_{i}"] for i, name in enumerate(names)}
-    grams = collect_grams(model, layers, samples, progress)
-    arrays = {"layers": np.array(names)}
+        outputs: list[dict] = [{} for _ in range(int(hit["references"]))]
+        for name, array in hit.items():
+            if name.startswith("out_"):
+                _, i, output = name.split("_", 2)
+                outputs[int(i)][output] = array
+        return {name: hit[f"gram_{i}"] for i, name in enumerate(names)}, outputs
+    outputs = []
+    grams = collect_grams(model, layers, samples, progress, outputs)
+    arrays = {"layers": np.array(names), "references": np.array(len(outputs))}
     for i, layer in enumerate(layers):
         arrays[f"gram_{i}"] = grams[layer.name]
         arrays.update({f"shape_{i}_{j}": np.array(use.input_shape, dtype=np.int64) for j, use in enumerate(layer.uses)})
+    for i, sample in enumerate(outputs):
+        arrays.update({f"out_{i}_{name}": value for name, value in sample.items()})
     store.put(key, arrays)
-    return grams
+    return grams, outputs
 
 
 def observe_shapes(model: ir.Model, layers: list[Layer], samples: Samples) -> None:

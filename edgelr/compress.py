@@ -76,7 +76,7 @@ def compress(
     if config.metric == "latency" and samples is None:
         raise EdgelrError("--latency needs --calib DATA.npz: latency is measured on real inputs")
     key = content_key(source, model, Path(calib)) if samples is not None else None
-    grams = cached_grams(model, layers, samples, key, progress) if samples is not None else None
+    grams, references = cached_grams(model, layers, samples, key, progress) if samples is not None else (None, None)
     spectra = _cached_spectra(key, layers, config)
     known = len(spectra)
     latency = None
@@ -90,7 +90,7 @@ def compress(
     result.skipped = skipped
     del model, grams  # verification below loads both files in ONNX Runtime; free the graph first
     try:
-        errors = output_error(source, output, samples) if samples is not None else {}
+        errors = output_error(source, output, samples, references) if samples is not None else {}
     except Exception:
         _remove_model(output)  # a model ONNX Runtime cannot run is no result
         raise

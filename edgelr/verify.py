@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -11,15 +12,21 @@ from edgelr.calibrate import Samples
 from edgelr.model_io import ort_session
 
 
-def output_error(original: ir.Model | Path, compressed: ir.Model | Path, samples: Samples) -> dict[str, float]:
-    """Relative error ||y - y'|| / ||y|| of each float output over all samples, and 'all' over them together."""
+def output_error(original: ir.Model | Path, compressed: ir.Model | Path, samples: Samples,
+                 references: list[dict[str, np.ndarray]] | None = None) -> dict[str, float]:
+    """Relative error ||y - y'|| / ||y|| of each float output over all samples, and 'all' over them together.
+    `references`: the original's outputs per sample, when calibration kept them (the original is not rerun)."""
     num: dict[str, float] = {}
     den: dict[str, float] = {}
-    with ort_session(original) as ref, ort_session(compressed) as new:
-        names = [o.name for o in ref.get_outputs()]
+    with contextlib.ExitStack() as stack:
+        new = stack.enter_context(ort_session(compressed))
+        names = [o.name for o in new.get_outputs()]
+        if not references:
+            ref = stack.enter_context(ort_session(original))
         for i in range(len(samples)):
             feed = samples.feed(i)
-            for name, a, b in zip(names, ref.run(None, feed), new.run(names, feed)):
+            expected = [references[i][n] for n in names] if references else ref.run(names, feed)
+            for name, a, b in zip(names, expected, new.run(names, feed)):
                 a, b = np.asarray(a), np.asarray(b)
                 if a.dtype.kind != "f":
                     continue

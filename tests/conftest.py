@@ -1,4 +1,4 @@
-"""Shared fixtures: a real sshd on 127.0.0.1 (the "device" for remote profiling and export --to).
+"""Shared fixtures: a private edgelr cache, and a real sshd on 127.0.0.1 (the "device" for remote profiling and export --to).
 
 The device is this machine, so its python is this interpreter (sys.executable): it has numpy and
 onnxruntime. Needs: apt-get install -y openssh-server openssh-client (the tests skip without them).
@@ -22,6 +22,13 @@ import pytest
 from edgelr.demo import build_model, synthetic_images
 
 SSHD = "/usr/sbin/sshd"
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path_factory, monkeypatch):
+    """Latency tables and calibration statistics go to a cache of the test session, not ~/.cache
+    (tests that need a cold cache set EDGELR_CACHE themselves)."""
+    monkeypatch.setenv("EDGELR_CACHE", str(tmp_path_factory.getbasetemp() / "edgelr-cache"))
 
 
 def free_port() -> int:
