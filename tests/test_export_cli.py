@@ -137,15 +137,16 @@ def _ssh_flags(sshd) -> list:
             "--python", kw["python"], "--timeout", 30]
 
 
-def test_to_copies_the_bundle_and_runs_it_on_the_device(sshd, model, tmp_path):
+@pytest.mark.parametrize("target", ["x86-cpu", "rpi5"])
+def test_to_copies_the_bundle_and_runs_it_on_the_device(sshd, model, tmp_path, target):
     dest = tmp_path / "device" / "yolo"
-    run = _edgelr("export", model, "--target", "x86-cpu", "-o", tmp_path / "b", "--to", f"{sshd['host']}:{dest}",
+    run = _edgelr("export", model, "--target", target, "-o", tmp_path / "b", "--to", f"{sshd['host']}:{dest}",
                   *_ssh_flags(sshd))
     assert run.returncode == 0, run.stderr
     assert _snapshot(dest) == _snapshot(tmp_path / "b")  # every file, byte for byte
     assert "parity passed" in run.stdout and "copied to" in run.stdout
     # again: the earlier bundle on the device is replaced
-    assert _edgelr("export", model, "--target", "x86-cpu", "-o", tmp_path / "b", "--to", f"{sshd['host']}:{dest}",
+    assert _edgelr("export", model, "--target", target, "-o", tmp_path / "b", "--to", f"{sshd['host']}:{dest}",
                    *_ssh_flags(sshd)).returncode == 0
     assert not list(dest.parent.glob("*partial*"))
 
