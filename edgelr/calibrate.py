@@ -67,6 +67,13 @@ def load_samples(path: str | Path, model: ir.Model) -> Samples:
             arrays = {name: npz[name] for name in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise EdgelrError(f"{path}: not a readable .npz file ({exc}); save one with numpy.savez") from None
+    return samples_from_arrays(arrays, model, path)
+
+
+def samples_from_arrays(arrays: dict[str, np.ndarray], model: ir.Model, path: str | Path = "samples") -> Samples:
+    """Check arrays named after the model's inputs (samples on axis 0, or on the batch axis) and wrap them;
+    `path` names them in errors."""
+    arrays = dict(arrays)
     inputs = {v.name: v for v in model_inputs(model)}
     missing = sorted(set(inputs) - set(arrays))
     extra = sorted(set(arrays) - set(inputs))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import tempfile
 import time
 import warnings
@@ -42,8 +43,6 @@ _WEIGHTED_OPS = ["Conv", "ConvTranspose", "MatMul", "Gemm"]
 _DYNAMIC_OPS = ["MatMul", "Gemm"]  # ORT's CPU kernels have no ConvInteger for INT8 weights
 # Models this large go through ONNX external data (protobuf cannot hold 2 GB in one message).
 _EXTERNAL_DATA_BYTES = 1 << 30
-# Calibration folds this many samples' activations into the ranges at a time: memory stays bounded.
-_CALIB_BATCH = 8
 
 
 def activations_for(target) -> str:
@@ -83,7 +82,7 @@ def quantize(
     external = _weight_bytes(model_path) > _EXTERNAL_DATA_BYTES
 
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".edgelr-quant-") as tmp:
-        tmp = Path(tmp)
+        tmp = Path(tmp).resolve()
         staged = tmp / out_path.name  # same name: ORT names an external data file after its model file
         with _quiet():
             if scheme == "int8":
@@ -125,7 +124,9 @@ def _preprocess(model_path: Path, tmp: Path, external: bool) -> tuple[Path, str]
     opts = {"save_as_external_data": external, "external_data_location": "preprocessed.onnx.data"} if external else {}
     for skip_symbolic, note in ((False, "full"), (True, "without symbolic shape inference")):
         try:
-            quant_pre_process(str(model_path), str(out), skip_symbolic_shape=skip_symbolic, **opts)
+            # in tmp: when symbolic shape inference fails it dumps the model into the working directory
+            with contextlib.chdir(tmp):
+                quant_pre_process(str(model_path.resolve()), str(out), skip_symbolic_shape=skip_symbolic, **opts)
             return out, note
         except Exception:  # noqa: BLE001 - ORT raises bare Exception here; the fallback below is safe
             out.unlink(missing_ok=True)
@@ -134,17 +135,25 @@ def _preprocess(model_path: Path, tmp: Path, external: bool) -> tuple[Path, str]
 
 def _static(source: Path, staged: Path, samples: Samples, activations: str, external: bool, progress: bool,
             model_path: Path) -> None:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     tensorrt = activations == "int8-symmetric"
-    extra = {"CalibMaxIntermediateOutputs": _CALIB_BATCH, "WeightSymmetric": True}
+    # Calibration keeps only each tensor's min and max per sample (ORT reduces in the graph), so memory is
+    # small; ORT 1.32's CalibMaxIntermediateOutputs would drop samples unseen (it clears without merging).
+    extra = {"WeightSymmetric": True}
     if tensorrt:
         extra |= {"ActivationSymmetric": True, "QuantizeBias": False}
+    reader = _Reader(samples, progress)
     try:
         quantize_static(
             str(source),
             str(staged),
-            _Reader(samples, progress),
+            reader,
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
@@ -154,10 +163,10 @@ def _static(source: Path, staged: Path, samples: Samples, activations: str, exte
             use_external_data_format=external,
             extra_options=extra,
         )
-    except EdgelrError:
-        raise
     except Exception as exc:  # noqa: BLE001 - ORT raises many types; the user gets one line either way
         raise EdgelrError(f"{model_path}: ONNX Runtime could not quantize the model ({_first_line(exc)})") from None
+    finally:
+        reader.bar.close()
 
 
 def _dynamic(source: Path, staged: Path, external: bool, model_path: Path) -> None:
@@ -185,7 +194,6 @@ class _Reader:
 
     def get_next(self) -> dict | None:
         if self.index >= len(self.samples):
-            self.bar.close()
             return None
         feed = self.samples.feed(self.index)
         self.index += 1
@@ -227,19 +235,21 @@ def _weight_bytes(path: Path) -> int:
 
 @contextlib.contextmanager
 def _quiet():
-    """ORT's quantization tools log advice and warnings to the root logger; edgelr reports its own line."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
+    """ORT's quantization tools log advice, warnings and caught tracebacks; edgelr reports its own line."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        root.setLevel(level)
+        logging.disable(previous)
 
 
 def _first_line(exc: BaseException) -> str:
+    """The cause in ORT's message, without its status prefix and temporary paths."""
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
     text = lines[0] if lines else type(exc).__name__
-    return text[:300]
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"^Load model from \S+ failed:\s*", "", text)
+    return text[:400]

@@ -56,6 +56,21 @@ def test_x86_bundle_and_a_second_export_replaces_it(model, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
 
 
+def test_rtx_engine_from_the_command_line(model, tmp_path):
+    pytest.importorskip("tensorrt_rtx_bindings", reason="needs TensorRT for RTX: pip install -e .[trt]")
+    calib = model.with_name("calib.npz")
+    run = _edgelr("export", model, "--target", "rtx", "-o", tmp_path / "e", "--calib", calib)
+    assert run.returncode == 0, run.stderr
+    manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    assert manifest["precision"] == "fp16" and (tmp_path / "e" / "model.engine").stat().st_size > 0
+    run = _edgelr("export", model, "--target", "rtx", "-o", tmp_path / "q", "--precision", "int8", "--calib", calib)
+    assert run.returncode == 0, run.stderr
+    assert json.loads((tmp_path / "q" / "manifest.json").read_text())["precision"] == "int8"
+    _fails_cleanly(_edgelr("export", model, "--target", "rtx", "-o", tmp_path / "n", "--precision", "int8"),
+                   "calibration")
+    assert not (tmp_path / "n").exists()
+
+
 def test_a_user_target_file_works(model, tmp_path):
     mine = tmp_path / "mydevice.toml"
     mine.write_text((Path(__file__).parents[1] / "targets" / "x86-cpu.toml").read_text().replace("threads = 1", "threads = 3"))

@@ -97,12 +97,13 @@ def export(
 
 def _write(model_path: Path, target: Target, stage: Path, samples, precision, shapes, progress) -> dict:
     if target.is_tensorrt:
-        from edgelr.export.tensorrt import build_engine
+        from edgelr.export.tensorrt import build_engine, default_timing_cache, tensorrt_module
 
-        return build_engine(model_path, target, stage, samples, precision=precision, shapes=shapes, progress=progress)
+        return build_engine(model_path, target, stage, samples, precision=precision, shapes=shapes, progress=progress,
+                            timing_cache=default_timing_cache(tensorrt_module(target)))
     if precision not in (None, target.precision):
-        raise EdgelrError(f"--precision {precision}: target '{target.name}' runs {target.precision} with ONNX Runtime; "
-                          "quantize the model first (edgelr compress --quantize) and export that")
+        raise EdgelrError(f"--precision {precision}: target '{target.name}' runs the model's own precision with ONNX "
+                          "Runtime; quantize the model first (edgelr.quantize.quantize) and export that")
     from edgelr.export.ort_bundle import write_ort_bundle
 
     return write_ort_bundle(model_path, target, stage, samples.feed(0) if samples is not None else None,

@@ -1,0 +1,194 @@
+"""INT8 quantization with ONNX Runtime's tools: YOLOv8n (`nudenet`) calibrated on real photos and checked
+on held-out ones, the TensorRT (symmetric) layout, dynamic quantization of a MatMul model, a model with
+dynamic dims, and bad input (one EdgelrError line, no output file).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+import graphs as G
+from edgelr.calibrate import Samples, load_samples
+from edgelr.errors import EdgelrError
+from edgelr.model_io import load
+from edgelr.quantize import SCHEMES, activations_for, quantize
+from edgelr.targets import load_target
+from edgelr.verify import output_error
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ (real photos)
+
+
+@pytest.fixture(scope="module")
+def yolo() -> Path:
+    nudenet = pytest.importorskip("nudenet")
+    return Path(nudenet.__file__).parent / "320n.onnx"
+
+
+@pytest.fixture(scope="module")
+def photos(yolo, tmp_path_factory) -> tuple[Samples, Samples]:
+    """(calibration, held-out): different photos, 320x320, as load_samples reads them from .npz."""
+    pytest.importorskip("skimage")
+    from tools.photos import CALIBRATION, HELD_OUT, samples
+
+    folder = tmp_path_factory.mktemp("photos")
+    np.savez(folder / "calib.npz", images=samples(CALIBRATION[:10], 320, crops=0, seed=0))
+    np.savez(folder / "heldout.npz", images=samples(HELD_OUT, 320, crops=1, seed=1))
+    model = load(yolo)
+    return load_samples(folder / "calib.npz", model), load_samples(folder / "heldout.npz", model)
+
+
+def session(path: Path) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def stacked(built: G.Built, count: int, seed: int = 0) -> Samples:
+    return Samples(built.inputs(np.random.default_rng(seed), count), {name: False for name in built.input_shapes})
+
+
+def save(proto: onnx.ModelProto, folder: Path, name: str = "model.onnx") -> Path:
+    onnx.save(proto, str(folder / name))
+    return folder / name
+
+
+# --- YOLOv8n on real photos --------------------------------------------------------------------------
+@pytest.mark.slow
+def test_yolo_static_int8_is_close_on_held_out_photos(yolo, photos, tmp_path, monkeypatch):
+    calib, heldout = photos
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)  # ORT's failed symbolic shape inference dumps files into the working directory
+    out = Path("..") / "yolov8n.int8.onnx"  # relative, as a user types it
+    result = quantize(yolo, out, "int8", calib, progress=False)
+    out = out.resolve()
+    assert result["scheme"] == "int8" and result["activations"] == "uint8" and result["samples"] == 10
+    assert result["by_op"]["Conv"] == 64  # every conv of YOLOv8n holds INT8 weights
+    # dynamic H, W defeat ORT's symbolic shape inference; quantization goes on without it
+    assert result["preprocess"] == "without symbolic shape inference"
+    ops = G.op_counts(onnx.load(str(out)))
+    assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
+    assert out.stat().st_size < 0.4 * yolo.stat().st_size
+    error = output_error(yolo, out, heldout)["all"]
+    assert error < 0.1, error  # FACTS: ORT's static INT8 is about 0.05 on held-out photos
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", out.name]  # no temporary files left behind
+    assert not any(workdir.iterdir())
+
+
+@pytest.mark.slow
+def test_yolo_int8_for_tensorrt_is_symmetric_and_only_on_weighted_ops(yolo, photos, tmp_path):
+    calib, heldout = photos
+    out = tmp_path / "yolov8n.trt.onnx"
+    result = quantize(yolo, out, "int8", calib, activations="int8-symmetric", progress=False)
+    assert result["by_op"] == {"Conv": 64}
+    graph = onnx.load(str(out)).graph
+    by_name = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    for node in graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            zero_point = by_name[node.input[2]]
+            assert zero_point.dtype == np.int8 and not zero_point.any()  # TensorRT: symmetric INT8 only
+        if node.op_type == "DequantizeLinear":
+            assert node.input[0] not in by_name or by_name[node.input[0]].dtype == np.int8  # no INT32 bias
+    quantized_inputs = {n.op_type for n in graph.node for i in n.input if i in producers and producers[i].op_type == "DequantizeLinear"}
+    assert "Conv" in quantized_inputs
+    assert output_error(yolo, out, heldout)["all"] < 0.1
+
+
+# --- small graphs ---------------------------------------------------------------------------------------
+def test_dynamic_dims_model_quantizes(tmp_path):
+    built = G.convnet(np.random.default_rng(0), symbolic_batch=True)
+    path = save(built.proto, tmp_path)
+    out = tmp_path / "q.onnx"
+    result = quantize(path, out, "int8", stacked(built, 8), progress=False)
+    assert result["by_op"]["Conv"] == 2
+    feed = built.inputs(np.random.default_rng(9), dynamic_size=5)  # a batch size it never saw
+    reference, quantized = session(path).run(None, feed)[0], session(out).run(None, feed)[0]
+    assert quantized.shape == reference.shape == (5, 4)
+    assert np.linalg.norm(quantized - reference) / np.linalg.norm(reference) < 0.1
+    assert G.interface(onnx.load(str(out))) == G.interface(built.proto)  # same names, dtypes, symbolic dims
+
+
+def test_dynamic_int8_quantizes_matmul_weights(tmp_path):
+    built = G.mlp(np.random.default_rng(1), width=32)
+    path = save(built.proto, tmp_path)
+    out = tmp_path / "dq.onnx"
+    result = quantize(path, out, "int8-dynamic")
+    assert result["scheme"] == "int8-dynamic" and result["samples"] == 0
+    assert result["nodes_quantized"] >= 2
+    assert G.op_counts(onnx.load(str(out)))["MatMulInteger"] >= 2
+    feed = built.inputs(np.random.default_rng(2))
+    reference, quantized = session(path).run(None, feed)[0], session(out).run(None, feed)[0]
+    assert np.linalg.norm(quantized - reference) / np.linalg.norm(reference) < 0.05
+
+
+def test_activation_type_follows_the_target():
+    assert activations_for(load_target("rtx")) == "int8-symmetric"
+    assert activations_for(load_target("jetson-orin")) == "int8-symmetric"
+    assert activations_for(load_target("rpi5")) == "int8"
+    assert activations_for(load_target("x86-cpu")) == "uint8"
+
+
+# --- bad input: one line, nothing written ---------------------------------------------------------------
+@pytest.fixture
+def mlp_path(tmp_path) -> Path:
+    return save(G.mlp(np.random.default_rng(1)).proto, tmp_path)
+
+
+def expect_error(match: str, model: Path, out: Path, *args, **kwargs) -> None:
+    before = sorted(p.name for p in out.parent.iterdir()) if out.parent.exists() else None
+    with pytest.raises(EdgelrError, match=match) as caught:
+        quantize(model, out, *args, progress=False, **kwargs)
+    assert "\n" not in str(caught.value)
+    assert not out.exists()
+    if before is not None:
+        assert sorted(p.name for p in out.parent.iterdir()) == before  # no temp folder or half file left
+
+
+def test_static_without_calibration_data(mlp_path, tmp_path):
+    expect_error("static INT8 quantization needs calibration data.*int8-dynamic", mlp_path, tmp_path / "o.onnx", "int8")
+
+
+def test_unknown_scheme_lists_the_known_ones(mlp_path, tmp_path):
+    expect_error(f"unknown quantization scheme 'int4'; known schemes: {', '.join(SCHEMES)}", mlp_path,
+                 tmp_path / "o.onnx", "int4")
+    expect_error("unknown activation type 'fp8'", mlp_path, tmp_path / "o.onnx", "int8-dynamic", activations="fp8")
+
+
+def test_missing_corrupt_and_unwritable_paths(mlp_path, tmp_path):
+    expect_error("no such file", tmp_path / "missing.onnx", tmp_path / "o.onnx", "int8-dynamic")
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x08\x07not a model")
+    expect_error("not a readable ONNX model", corrupt, tmp_path / "o.onnx", "int8-dynamic")
+    expect_error("folder .* does not exist", mlp_path, tmp_path / "nope" / "o.onnx", "int8-dynamic")
+    with pytest.raises(EdgelrError, match="is also the input"):
+        quantize(mlp_path, mlp_path, "int8-dynamic")
+
+
+def test_a_model_onnxruntime_cannot_quantize(tmp_path):
+    """An op ONNX Runtime has no kernel for: calibration cannot run it; one line says so."""
+    x = G.value_info("x", np.float32, (2, 8))
+    w = onnx.numpy_helper.from_array(np.ones((8, 4), np.float32), "W")
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+             helper.make_node("Mystery", ["h"], ["y"], name="odd", domain="com.example")]
+    graph = helper.make_graph(nodes, "g", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)],
+                              ir_version=G.IR_VERSION)
+    path = save(proto, tmp_path)
+    samples = Samples({"x": np.ones((3, 2, 8), np.float32)}, {"x": False})
+    expect_error("ONNX Runtime could not quantize the model .*Mystery", path, tmp_path / "o.onnx", "int8", samples)
+
+
+def test_a_model_with_nothing_to_quantize(tmp_path):
+    nodes = [helper.make_node("Relu", ["x"], ["y"], name="act")]
+    proto = G.make_model(nodes, [G.value_info("x", np.float32, (2, 8))], [G.value_info("y", np.float32, (2, 8))])
+    path = save(proto, tmp_path)
+    expect_error("found nothing to quantize", path, tmp_path / "o.onnx", "int8-dynamic")
