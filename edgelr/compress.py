@@ -26,7 +26,7 @@ from edgelr.verify import output_error
 
 
 LATENCY_ROUNDS = 3
-LATENCY_SLACK = 0.01  # measured ratio within target + this counts as met (timing noise on shared machines)
+LATENCY_SLACK = 0.01  # a measured ratio this close to the target is a hit (timing noise on shared machines)
 
 
 @dataclass
@@ -166,7 +166,7 @@ def _latency_rounds(source, output, model, layers, grams, config, samples, progr
                        "measured_ratio": ratio, "predicted_error2": error})
         kept.append((ratio <= target + LATENCY_SLACK, error, -ratio, i, saving, result))
         real = (1 - ratio) * measured["original"]
-        if target - 2 * LATENCY_SLACK <= ratio <= target + LATENCY_SLACK or not result.budget_reached or real <= 0:
+        if abs(ratio - target) <= LATENCY_SLACK or not result.budget_reached or real <= 0:
             break
         saving = saving * (1 - target) / (1 - ratio)
     within, _, _, best, saving, result = min(kept, key=lambda k: (not k[0], k[1] if k[0] else k[2]))
