@@ -23,8 +23,9 @@ from edgelr.layers import ConvGeometry, Layer, Use
 from edgelr.model_io import ort_session
 
 _CHUNK_BYTES = 32 << 20
-# Calibration keeps the model's outputs as verification references up to this size (else verify reruns it).
-REFERENCE_LIMIT_BYTES = 256 << 20
+# Calibration keeps the model's outputs as verification references up to this size (else verify runs the
+# original again): small outputs (a detector's) save a second pass; large ones would add to peak memory.
+REFERENCE_LIMIT_BYTES = 16 << 20
 
 
 @dataclass

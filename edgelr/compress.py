@@ -22,11 +22,13 @@ from edgelr.latency import LatencyBudget, LatencyTable, interleaved_latency
 from edgelr.layers import find_layers
 from edgelr.profile import compare_models, layer_aliases, layer_times, sample_feed
 from edgelr.report import result_json, write_json
+from edgelr.sensitivity import layer_sensitivity
 from edgelr.verify import output_error
 
-
 LATENCY_ROUNDS = 3
-LATENCY_SLACK = 0.01  # a measured ratio this close to the target is a hit (timing noise on shared machines)
+SENSITIVITY_MAX_BYTES = 256 << 20  # larger models are allocated without measured layer sensitivities
+MEASURE_ROUNDS = 20  # x 3 runs of each model, interleaved, per measurement
+LATENCY_SLACK = 0.01  # the search aims this far below the target (timing noise on shared machines)
 
 
 @dataclass
@@ -77,17 +79,28 @@ def compress(
         raise EdgelrError("--latency needs --calib DATA.npz: latency is measured on real inputs")
     key = content_key(source, model, Path(calib)) if samples is not None else None
     grams, references = cached_grams(model, layers, samples, key, progress) if samples is not None else (None, None)
-    spectra = _cached_spectra(key, layers, config)
+    spectra, sensitivity = _cached_analysis(key, layers, config)
     known = len(spectra)
+    unweighted = None
+    if samples is not None and config.sensitivity and sensitivity is None:
+        if model_io.model_bytes(model) <= SENSITIVITY_MAX_BYTES:
+            sensitivity = layer_sensitivity(source, layers, grams, spectra, config.damping, samples, progress)
+            known = -1  # save it
+        else:  # probing copies every layer's weight into a second model: too much memory and time here
+            unweighted = (f"layer sensitivity not measured (the model is over {SENSITIVITY_MAX_BYTES >> 20} MB): "
+                          "layers' errors are weighed alike")
+    analysis = {"spectra": spectra, "sensitivity": sensitivity if config.sensitivity else None}
     latency = None
     if config.metric == "latency":
-        result, latency = _latency_rounds(source, output, model, layers, grams, config, samples, progress, spectra, key)
+        result, latency = _latency_rounds(source, output, model, layers, grams, config, samples, progress, analysis, key)
     else:
-        result = factorize(model, config, grams, layers=layers, progress=progress, spectra=spectra)
+        result = factorize(model, config, grams, layers=layers, progress=progress, **analysis)
         model_io.save(model, output)
     if key is not None and len(spectra) > known:
-        ArrayCache("spectra").put(_spectra_key(key, config), _pack_spectra(spectra, layers))
+        ArrayCache("spectra").put(_spectra_key(key, config), _pack_analysis(spectra, sensitivity, layers))
     result.skipped = skipped
+    if unweighted:
+        result.warnings.append(unweighted)
     del model, grams  # verification below loads both files in ONNX Runtime; free the graph first
     try:
         errors = output_error(source, output, samples, references) if samples is not None else {}
@@ -114,66 +127,79 @@ def _measure_layers(source: Path, output: Path, result: FactorizeResult, aliases
         row.measured_ms_before, row.measured_ms_after = before.get(row.name), after.get(row.name)
 
 
-def _cached_spectra(key: str | None, layers: list, config: FactorizeConfig) -> dict:
-    """(layer, form) -> error-by-rank curve of an earlier run on the same model, samples and damping."""
+def _cached_analysis(key: str | None, layers: list, config: FactorizeConfig) -> tuple[dict, dict | None]:
+    """From an earlier run on the same model, samples and damping: (layer, form) -> error-by-rank curve,
+    and the layers' sensitivities (None if not measured)."""
     hit = ArrayCache("spectra").get(_spectra_key(key, config)) if key is not None else None
     if hit is None or hit.get("layers") is None or hit["layers"].tolist() != [layer.name for layer in layers]:
-        return {}
-    return {(layers[int(i)].name, form): curve for name, curve in hit.items() if name != "layers"
-            for i, form in [name.split("_", 1)]}
+        return {}, None
+    spectra = {(layers[int(i)].name, form): curve for name, curve in hit.items() if name[0].isdigit()
+               for i, form in [name.split("_", 1)]}
+    sensitivity = hit.get("sensitivity")
+    if sensitivity is not None:
+        sensitivity = {layer.name: float(v) for layer, v in zip(layers, sensitivity) if np.isfinite(v)}
+    return spectra, sensitivity
 
 
 def _spectra_key(key: str, config: FactorizeConfig) -> str:
     return f"{key}-damping{config.damping:g}"
 
 
-def _pack_spectra(spectra: dict, layers: list) -> dict:
+def _pack_analysis(spectra: dict, sensitivity: dict | None, layers: list) -> dict:
     index = {layer.name: i for i, layer in enumerate(layers)}
-    return {"layers": np.array(list(index))} | {f"{index[name]}_{form}": curve for (name, form), curve in spectra.items()}
+    arrays = {"layers": np.array(list(index))} | {f"{index[name]}_{form}": c for (name, form), c in spectra.items()}
+    if sensitivity is not None:
+        arrays["sensitivity"] = np.array([sensitivity.get(layer.name, np.nan) for layer in layers])
+    return arrays
 
 
-def _latency_rounds(source, output, model, layers, grams, config, samples, progress, spectra, key):
+def _latency_rounds(source, output, model, layers, grams, config, samples, progress, analysis, key):
     """Search against measured latency: factorize, measure the whole model, correct, again.
 
     The layer tables predict what factorizing saves; the graph around the layers (fusions, memory
     traffic) makes the real saving differ, so each round rescales the seconds the layers must save by
     how much of the predicted saving the last round really delivered: up when it fell short, down
-    when it overshot (overshooting spends accuracy nobody asked for). The kept round is the one with
-    the least predicted error among those within the budget.
+    when it overshot (overshooting spends accuracy nobody asked for). The budget is a ceiling: a round
+    is a hit when it measures within two LATENCY_SLACKs below it, the correction aims one slack below
+    (a measurement moves by about half of one from run to run), and the kept round is the one with the least
+    predicted error among those within the budget (the fastest if none is).
     """
     table = LatencyTable(threads=1)
     feed = samples.feed(0)
     target = config.latency
     # the saving an earlier identical run settled on: its correction rounds need not be repeated
-    memo = f"saving|{key}|{target}|{config.max_error}|{config.damping}|{config.conv_form}"
-    if memo in table.entries:
+    memo = f"saving|{key}|{target}|{config.max_error}|{config.damping}|{config.conv_form}|{config.sensitivity}"
+    aim = target - LATENCY_SLACK
+    remembered = memo in table.entries
+    if remembered:  # it settled there: only a miss of the budget (not a faster landing) is searched again
         saving = table.entries[memo]
     else:
-        saving = (1 - target) * interleaved_latency({"original": source}, feed, rounds=10)["original"]
+        saving = (1 - aim) * interleaved_latency({"original": source}, feed, rounds=MEASURE_ROUNDS)["original"]
     rounds, kept = [], []
     for i in range(LATENCY_ROUNDS):
         if i:  # factorize works in place: start again from the original
             model, layers = _reload(source, layers)
         result = factorize(model, config, grams, layers=layers, progress=progress, latency=LatencyBudget(table, saving),
-                           spectra=spectra)
+                           **analysis)
         table.save()
         model_io.save(model, output)
         predicted = sum(r.latency_before - r.latency_after for r in result.layers)
-        measured = interleaved_latency({"original": source, "compressed": output}, feed, rounds=10)
+        measured = interleaved_latency({"original": source, "compressed": output}, feed, rounds=MEASURE_ROUNDS)
         ratio = measured["compressed"] / measured["original"]
-        error = sum(r.predicted_error**2 for r in result.layers)
+        error = result.predicted_error2
         rounds.append({"round": i + 1, "saving_asked_s": saving, "predicted_ratio": 1 - predicted / measured["original"],
                        "measured_ratio": ratio, "predicted_error2": error})
-        kept.append((ratio <= target + LATENCY_SLACK, error, -ratio, i, saving, result))
+        kept.append((ratio <= target, error, ratio, i, saving, result))
         real = (1 - ratio) * measured["original"]
-        if abs(ratio - target) <= LATENCY_SLACK or not result.budget_reached or real <= 0:
+        low = 0.0 if remembered and i == 0 else target - 2 * LATENCY_SLACK
+        if low <= ratio <= target or not result.budget_reached or real <= 0:
             break
-        saving = saving * (1 - target) / (1 - ratio)
+        saving = saving * (1 - aim) / (1 - ratio)
     within, _, _, best, saving, result = min(kept, key=lambda k: (not k[0], k[1] if k[0] else k[2]))
     if best != len(rounds) - 1:  # the output holds the last round: redo the kept one (deterministic)
         model, layers = _reload(source, layers)
         result = factorize(model, config, grams, layers=layers, progress=progress, latency=LatencyBudget(table, saving),
-                           spectra=spectra)
+                           **analysis)
         model_io.save(model, output)
     table.entries[memo] = saving
     table.save()

@@ -24,10 +24,19 @@ from tqdm.auto import tqdm
 
 from edgelr import lowrank
 from edgelr.errors import EdgelrError
-from edgelr.layers import Layer, Skipped, Use, find_layers
 from edgelr.latency import LatencyBudget
-from edgelr.ranks import (Allocation, Choice, Cost, allocate, front, layer_choices, param_break_even, paying_ranks,
-                          rank_grid)
+from edgelr.layers import Layer, Skipped, Use, find_layers
+from edgelr.ranks import (
+    Allocation,
+    Choice,
+    Cost,
+    allocate,
+    front,
+    layer_choices,
+    param_break_even,
+    paying_ranks,
+    rank_grid,
+)
 
 CONV_FORMS = ("auto", "channel", "spatial")
 
@@ -44,6 +53,8 @@ class FactorizeConfig:
     damping: added to the Gram's diagonal, as a fraction of its mean, before whitening.
     max_cost_ratio: factorize a layer only if it keeps at most this fraction of its dense cost
         (default 0.75 of params or FLOPs; 0.95 of measured latency, which is the real thing).
+    sensitivity: with calibration data, weigh each layer's error by how much of it reaches the model's
+        outputs, measured end to end (edgelr.sensitivity); False: all layers alike.
     """
 
     params: float | None = None
@@ -54,6 +65,7 @@ class FactorizeConfig:
     conv_form: str = "auto"
     damping: float = 0.1
     max_cost_ratio: float | None = None
+    sensitivity: bool = True
 
     def __post_init__(self):
         for flag in ("params", "flops", "latency"):
@@ -121,6 +133,10 @@ class FactorizeResult:
     # on the Pareto front, and the cost of those layers left dense (the same unit: params, FLOPs or s)
     front: list[tuple[float, float]] = field(default_factory=list)
     dense_cost: float | None = None
+    # the allocation's objective: the predicted whole-model error^2 when weighted by layer sensitivity,
+    # else the sum of the layers' own errors^2
+    predicted_error2: float = 0.0
+    weighted: bool = False
 
     def total(self, key: str) -> int | None:
         values = [getattr(r, key) for r in self.layers]
@@ -139,11 +155,14 @@ def factorize(
     progress: bool = True,
     latency: LatencyBudget | None = None,
     spectra: dict[tuple[str, str], np.ndarray] | None = None,
+    sensitivity: Mapping[str, float] | None = None,
 ) -> FactorizeResult:
     """Factorize the model in place. `grams`: calibration statistics by layer name (data-aware SVD).
     `latency`: the target's latency tables and the seconds to save, for FactorizeConfig(latency=F).
     `spectra`: a memo of each (layer, form)'s error-by-rank curve, read and filled in: pass the same
-    dict to factorize the same model and Grams again (another budget) without the eigendecompositions."""
+    dict to factorize the same model and Grams again (another budget) without the eigendecompositions.
+    `sensitivity`: per layer, the whole model's error^2 per unit of the layer's own (edgelr.sensitivity):
+    the allocation then minimises the predicted whole-model error instead of the sum of layer errors."""
     if layers is None:
         layers, skipped = find_layers(model)
     else:
@@ -164,7 +183,9 @@ def factorize(
     # One BLAS thread: these matrices are small, and OpenBLAS threads that wait on a busy machine's
     # cores made an eigendecomposition 50x slower than single-threaded (measured on 2 cores).
     with threadpool_limits(limits=1, user_api="blas"):
-        return _factorize(model, config, grams, layers, skipped, progress, cost, latency, spectra if spectra is not None else {})
+        weights = _weights(layers, sensitivity)
+        return _factorize(model, config, grams, layers, skipped, progress, cost, latency,
+                          spectra if spectra is not None else {}, weights)
 
 
 def _cost_function(config: FactorizeConfig, latency: LatencyBudget | None) -> Cost:
@@ -179,9 +200,18 @@ def _cost_function(config: FactorizeConfig, latency: LatencyBudget | None) -> Co
     return cost
 
 
-def _factorize(model, config, grams, layers, skipped, progress, cost: Cost, latency, spectra) -> FactorizeResult:
+def _weights(layers: list[Layer], sensitivity: Mapping[str, float] | None) -> dict[str, float]:
+    """Each layer's error weight: its sensitivity, the mean one where it was not measured; none without."""
+    known = [v for v in (sensitivity or {}).values() if v > 0]
+    if not known:
+        return {}
+    default = float(np.mean(known))
+    return {layer.name: sensitivity.get(layer.name, default) or default for layer in layers}
+
+
+def _factorize(model, config, grams, layers, skipped, progress, cost: Cost, latency, spectra, weights) -> FactorizeResult:
     bar = tqdm(layers, desc="analysing", unit="layer", disable=not progress, leave=False)
-    options = [_options(layer, config, grams.get(layer.name), cost, spectra) for layer in bar]
+    options = [_options(layer, config, grams.get(layer.name), cost, spectra, weights.get(layer.name, 1.0)) for layer in bar]
     allocation = _allocate(layers, options, config, cost, latency)
     # costs before _apply: the latency tables' signatures read the nodes it replaces
     dense_cost = sum(cost(layer, None, 0) for layer in layers)
@@ -197,7 +227,7 @@ def _factorize(model, config, grams, layers, skipped, progress, cost: Cost, late
     for layer, choice, opts in zip(layers, allocation.choices, options):
         if config.metric == "latency":  # before _apply: the signature reads the node, which it replaces
             before, after = cost(layer, None, 0), cost(layer, choice.form, choice.rank)
-        results.append(_apply(model.graph, layer, choice, config, grams.get(layer.name)))
+        results.append(_apply(model.graph, layer, choice, config, grams.get(layer.name), weights.get(layer.name, 1.0)))
         if config.metric == "latency":
             row = results[-1]
             row.latency_before, row.latency_after = before, after if row.rank else before
@@ -214,6 +244,8 @@ def _factorize(model, config, grams, layers, skipped, progress, cost: Cost, late
         data_aware=bool(grams),
         warnings=warnings,
         front=[] if config.ranks else front(options),
+        predicted_error2=sum(c.error2 for c in allocation.choices),
+        weighted=bool(weights),
         dense_cost=dense_cost,
     )
 
@@ -238,7 +270,8 @@ def _whitening(layer: Layer, form: str, gram: np.ndarray | None, damping: float)
         raise EdgelrError(f"layer {layer.name}: its calibration statistics are degenerate; add more samples") from None
 
 
-def _options(layer: Layer, config: FactorizeConfig, gram: np.ndarray | None, cost: Cost, spectra: dict) -> list[Choice]:
+def _options(layer: Layer, config: FactorizeConfig, gram: np.ndarray | None, cost: Cost, spectra: dict,
+             weight: float = 1.0) -> list[Choice]:
     """The layer's choices, with errors from its spectra. Factors are not kept: with calibration,
     holding every layer's factors beside the Grams would break the memory bound; _apply recomputes
     them for the layers that are chosen."""
@@ -246,10 +279,7 @@ def _options(layer: Layer, config: FactorizeConfig, gram: np.ndarray | None, cos
         return [Choice(None, 0, 0.0, 0.0)]
     residuals = {}
     for form in _forms(layer, config):
-        if (layer.name, form) not in spectra:
-            w, chol = _whitening(layer, form, gram, config.damping)
-            spectra[layer.name, form] = lowrank.residual_fraction(lowrank.decompose(w, chol, keep=0)[0])
-        residuals[form] = spectra[layer.name, form]
+        residuals[form] = spectrum(layer, form, gram, config.damping, spectra)
     if config.ranks:
         rank = config.ranks[layer.name]
         fits = [f for f in residuals if 0 < rank <= layer.max_rank(f)]
@@ -257,8 +287,16 @@ def _options(layer: Layer, config: FactorizeConfig, gram: np.ndarray | None, cos
             top = max(layer.max_rank(f) for f in residuals)
             raise EdgelrError(f"rank {rank} for layer {layer.name}: must be in 1..{top}")
         form = min(fits, key=lambda f: residuals[f][rank])
-        return [Choice(form, rank, 0.0, float(residuals[form][rank]))]
-    return layer_choices(layer, residuals, cost, config.cost_ratio, config.max_error)
+        return [Choice(form, rank, 0.0, weight * float(residuals[form][rank]))]
+    return layer_choices(layer, residuals, cost, config.cost_ratio, config.max_error, weight)
+
+
+def spectrum(layer: Layer, form: str, gram: np.ndarray | None, damping: float, memo: dict) -> np.ndarray:
+    """r -> the layer's relative output error^2 at rank r in this form (whitened when there is a Gram)."""
+    if (layer.name, form) not in memo:
+        w, chol = _whitening(layer, form, gram, damping)
+        memo[layer.name, form] = lowrank.residual_fraction(lowrank.decompose(w, chol, keep=0)[0])
+    return memo[layer.name, form]
 
 
 def _allocate(layers, options, config: FactorizeConfig, cost: Cost, latency: LatencyBudget | None) -> Allocation:
@@ -282,7 +320,7 @@ def _pays(layer: Layer, config: FactorizeConfig, cost: Cost) -> bool:
     return any(paying_ranks(layer, f, cost, config.cost_ratio) for f in _forms(layer, config))
 
 
-def _apply(graph: ir.Graph, layer: Layer, choice: Choice, config: FactorizeConfig, gram) -> LayerResult:
+def _apply(graph: ir.Graph, layer: Layer, choice: Choice, config: FactorizeConfig, gram, weight: float = 1.0) -> LayerResult:
     row = LayerResult(
         name=layer.name,
         op=layer.op,
@@ -301,7 +339,7 @@ def _apply(graph: ir.Graph, layer: Layer, choice: Choice, config: FactorizeConfi
     w, chol = _whitening(layer, choice.form, gram, config.damping)
     factors = lowrank.decompose(w, chol, keep=choice.rank)[1]
     error = _measured_error(layer, choice.form, factors, gram)
-    row.predicted_error = math.sqrt(choice.error2)
+    row.predicted_error = math.sqrt(choice.error2 / weight)  # the layer's own, as `error` is
     row.error = error
     if config.max_error is not None and error > config.max_error and not config.ranks:
         row.note = f"error {error:.3f} over the gate"

@@ -16,13 +16,17 @@ import scipy.linalg
 
 
 def cholesky_factor(gram: np.ndarray, damping: float) -> np.ndarray:
-    """Lower-triangular L with L L^T = gram + damping * mean(diag) * I (damped so dead inputs are fine)."""
-    gram = np.asarray(gram, dtype=np.float64)
+    """Lower-triangular L with L L^T = gram + damping * mean(diag) * I (damped so dead inputs are fine).
+
+    Factorized in place in one float64 copy of the Gram (its transpose is the Fortran-ordered view LAPACK
+    wants, and the matrix is symmetric): no identity, sum or layout copies, which for a wide layer are
+    each as large as that copy."""
     scale = float(np.mean(np.diag(gram))) or 1.0
-    eye = np.eye(gram.shape[0])
     for extra in (damping, 1e-4, 1e-2, 1e-1):
+        h = np.array(gram, dtype=np.float64)  # fresh each try: a failed factorization leaves it spoilt
+        h[np.diag_indices_from(h)] += max(extra, damping) * scale
         try:
-            return scipy.linalg.cholesky(gram + max(extra, damping) * scale * eye, lower=True)
+            return scipy.linalg.cholesky(h.T, lower=True, overwrite_a=True, check_finite=False)
         except np.linalg.LinAlgError:
             continue
     raise np.linalg.LinAlgError("the calibration Gram matrix is not positive definite even after damping")

@@ -54,15 +54,17 @@ def layer_choices(
     cost: Cost,
     max_cost_ratio: float,
     max_error: float | None,
+    weight: float = 1.0,
 ) -> list[Choice]:
-    """Dense plus every (form, rank) that clearly beats break-even and passes the error gate."""
+    """Dense plus every (form, rank) that clearly beats break-even and passes the error gate (on the
+    layer's own error); a choice's error2 is that error^2 times the layer's `weight` (its sensitivity)."""
     choices = [Choice(None, 0, float(cost(layer, None, 0)), 0.0)]
     for form, residual in residuals.items():
         for rank in paying_ranks(layer, form, cost, max_cost_ratio):
             error2 = float(residual[rank])
             if max_error is not None and error2 > max_error**2:
                 continue
-            choices.append(Choice(form, rank, float(cost(layer, form, rank)), error2))
+            choices.append(Choice(form, rank, float(cost(layer, form, rank)), weight * error2))
     return _pareto(choices)
 
 

@@ -66,9 +66,10 @@ def test_a_corrupt_cache_is_ignored(demo):
 
 
 def test_calibration_and_spectra_are_cached_by_content(demo, monkeypatch):
-    """A second run with the same model and samples calibrates nothing and decomposes only chosen layers;
-    another budget reuses them too; changed samples are a different entry."""
+    """A second run with the same model and samples calibrates and probes nothing and decomposes only the
+    chosen layers; another budget reuses them too; changed samples are a different entry."""
     import edgelr.calibrate as calibrate
+    import edgelr.compress as compress_module
 
     first = compress(demo / "m.onnx", demo / "a.onnx", FactorizeConfig(params=0.5), calib=demo / "calib.npz", progress=False)
     assert len(list((demo / "cache" / "calibration").glob("*.npz"))) == 1
@@ -79,6 +80,7 @@ def test_calibration_and_spectra_are_cached_by_content(demo, monkeypatch):
 
     with monkeypatch.context() as patch:
         patch.setattr(calibrate, "collect_grams", no_calibration)
+        patch.setattr(compress_module, "layer_sensitivity", no_calibration)
         again = compress(demo / "m.onnx", demo / "b.onnx", FactorizeConfig(params=0.5), calib=demo / "calib.npz",
                          progress=False)
         assert [(r.form, r.rank) for r in again.result.layers] == [(r.form, r.rank) for r in first.result.layers]
