@@ -354,7 +354,7 @@ def _front_section(compress: list[tuple[str, dict]]) -> str:
             if x is not None and e2 is not None:
                 points.append((x, e2**0.5, f"round {r.get('round', '?')}", "measured"))
         legend = (("curve", "predicted front"), ("point", "round: measured latency"), ("point original", "original"))
-        html.append(f"<h3>{escape(name)}</h3>" + scatter(points, front, legend, "predicted error (root of summed layer errors²)"))
+        html.append(f"<h3>{escape(name)}</h3>" + scatter(points, front, legend, "predicted output error (weighted layer errors, summed)"))
     if not html:
         return '<p class="muted">No <code>compress --latency</code> report in this run.</p>'
     return "".join(html) + ('<p class="note">The curve is every allocation the search could pick, from the latency '

@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--crops", type=int, default=3)
     parser.add_argument("--damping", type=float, default=FactorizeConfig.damping, help="Gram damping (fraction of mean diag)")
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--no-sensitivity", action="store_true", help="weigh all layers' errors alike")
     parser.add_argument("--json", help="write the numbers here")
     args = parser.parse_args()
 
@@ -52,7 +53,7 @@ def main() -> None:
         np.savez(tmp / "heldout.npz", images=samples(HELD_OUT, 320, args.crops, seed=1))
         os.environ["EDGELR_CACHE"] = str(tmp / "cache")  # a cold latency cache, for first vs second run
         budget = {"flops": args.flops} if args.flops else {"latency": args.latency} if args.latency else {"params": args.params}
-        config = FactorizeConfig(**budget, damping=args.damping)
+        config = FactorizeConfig(**budget, damping=args.damping, sensitivity=not args.no_sensitivity)
         whitened = compress(source, tmp / "whitened.onnx", config, calib=tmp / "calib.npz", progress=False)
         models = {"original": source, "whitened": tmp / "whitened.onnx"}
         again = compress(source, tmp / "again.onnx", config, calib=tmp / "calib.npz", progress=False) if args.latency else None
@@ -61,6 +62,7 @@ def main() -> None:
             models["plain"] = tmp / "plain.onnx"
         heldout = load_samples(tmp / "heldout.npz", load(source))
         err = {name: output_error(source, path, heldout)["all"] for name, path in models.items() if name != "original"}
+        channels = _channel_errors(source, tmp / "whitened.onnx", heldout)
         lat = interleaved_latency(models, heldout.feed(0), rounds=args.rounds)
     err_w, err_p = err["whitened"], err.get("plain")
     result = {
@@ -69,6 +71,8 @@ def main() -> None:
         "photos": {"calibration": CALIBRATION, "held_out": HELD_OUT, "crops_per_photo": args.crops},
         "heldout_error": {"whitened": err_w, "plain": err_p, "plain_over_whitened": err_p / err_w if err_p else None},
         "calibration_error": {"whitened": whitened.output_error["all"]},
+        "sensitivity": not args.no_sensitivity,
+        "whitened_by_channel": channels,
         "latency_ms": {k: v * 1e3 for k, v in lat.items()},
         "speedup": {name: lat["original"] / t for name, t in lat.items() if name != "original"},
         "params_kept": whitened.result.total("params_after") / whitened.result.total("params_before"),
@@ -82,6 +86,24 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _channel_errors(source: Path, compressed: Path, heldout) -> dict:
+    """The detector's output [N, 4 box + 18 classes, anchors], split: relative error of the box channels
+    and of the class scores, and how often the top class agrees where the original is confident."""
+    import onnxruntime as ort
+
+    runs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (source, compressed)]
+    ref, new = ([s.run(None, heldout.feed(i))[0] for i in range(len(heldout))] for s in runs)
+    ref, new = np.concatenate(ref), np.concatenate(new)
+
+    def rel(a, b):
+        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+    confident = ref[:, 4:].max(axis=1) > 0.25
+    agree = new[:, 4:].argmax(axis=1) == ref[:, 4:].argmax(axis=1)
+    return {"box_error": rel(new[:, :4], ref[:, :4]), "class_error": rel(new[:, 4:], ref[:, 4:]),
+            "top_class_agreement": float(agree[confident].mean()), "confident_anchors": int(confident.sum())}
 
 
 if __name__ == "__main__":
