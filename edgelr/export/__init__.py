@@ -11,6 +11,7 @@ an engine. The folder appears complete or not at all: it is written beside OUT_D
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -95,9 +96,22 @@ def export(
     return done
 
 
+def file_entry(path: Path) -> dict:
+    """What a manifest records of a file: its sha256 and size."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
+
+
 def _write(model_path: Path, target: Target, stage: Path, samples, precision, shapes, progress) -> dict:
     if target.is_tensorrt:
-        from edgelr.export.tensorrt import build_engine, default_timing_cache, tensorrt_module
+        from edgelr.export.tensorrt import (
+            build_engine,
+            default_timing_cache,
+            tensorrt_module,
+        )
 
         return build_engine(model_path, target, stage, samples, precision=precision, shapes=shapes, progress=progress,
                             timing_cache=default_timing_cache(tensorrt_module(target)))

@@ -22,7 +22,6 @@ is then checked here, by its own run.py under that same release.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 import os
@@ -42,6 +41,7 @@ import edgelr
 from edgelr import model_io
 from edgelr.cache import cache_root
 from edgelr.errors import EdgelrError
+from edgelr.export import file_entry
 from edgelr.targets import Target
 
 TOLERANCE = 1e-3  # relative output error (||a-b|| / ||b||, per output) the device's run must stay within
@@ -117,7 +117,7 @@ def write_ort_bundle(model_path: Path, target: Target, dest: Path, feed: dict[st
             "threads": target.threads, "providers": list(target.providers),
         },
         "edgelr": edgelr.__version__,
-        "source": {"file": model_path.name, "sha256": _sha256(model_path)},
+        "source": {"file": model_path.name, "sha256": file_entry(model_path)["sha256"]},
         "model": model_name,
         "model_data": model_data,
         "onnxruntime": _runtime_info(target, runtime, dest / model_name, model),
@@ -128,7 +128,7 @@ def write_ort_bundle(model_path: Path, target: Target, dest: Path, feed: dict[st
         "files": {},
     }
     manifest["files"] = {
-        p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+        p.name: file_entry(p)
         for p in sorted(dest.iterdir()) if p.is_file() and p.name != "manifest.json"
     }
     _write_json(dest / "manifest.json", manifest)
@@ -432,14 +432,6 @@ def _check_dest(dest: Path) -> None:
         raise EdgelrError(f"{dest}: not a folder; the bundle goes into an existing empty folder")
     if any(dest.iterdir()):
         raise EdgelrError(f"{dest}: not empty; the bundle goes into an empty folder")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -19,7 +19,6 @@ fp32 builds the graph as it is.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import heapq
 import importlib
 import json
@@ -36,6 +35,7 @@ from edgelr import model_io
 from edgelr.cache import cache_root
 from edgelr.calibrate import Samples, model_inputs, samples_from_arrays
 from edgelr.errors import EdgelrError
+from edgelr.export import file_entry
 from edgelr.targets import PRECISIONS, Target
 
 ENGINE_FILE = "model.engine"
@@ -203,7 +203,7 @@ def build_engine(
         "gpus": "RTX GPUs, Ampere and newer (TensorRT for RTX's default; specialised on the GPU at first load)"
         if _is_rtx(trt) else "the GPU model that built it",
         "timing_cache": cache_note,
-        "files": {str(f.relative_to(dest)): _file_entry(f) for f in files},
+        "files": {str(f.relative_to(dest)): file_entry(f) for f in files},
         "build_seconds": round(build_seconds, 3),
         "total_seconds": None,
         "warnings": [_one_line(w) for w in logger.warnings[:20]],
@@ -731,14 +731,6 @@ def _tensor(tensor, trt) -> dict:
     except TypeError:  # bf16, fp8: no numpy equivalent
         dtype = str(tensor.dtype).split(".")[-1].lower()
     return {"name": tensor.name, "dtype": dtype, "shape": list(tensor.shape)}
-
-
-def _file_entry(path: Path) -> dict:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
 
 
 def _one_line(text: str) -> str:
