@@ -315,7 +315,7 @@ def split_destination(text: str) -> tuple[str, str]:
     if not sep or not path:
         raise EdgelrError(f"--to {text!r}: give USER@HOST:PATH, e.g. pi@raspberrypi.local:edgelr/yolo")
     check_host(host)
-    path = path[2:] if path.startswith("~/") else path  # ssh starts in the home folder; "~" would be quoted
+    path = path.removeprefix("~/")  # ssh starts in the home folder; "~" would be quoted
     if path.startswith("-") or any(c in path for c in "\n\r\0") or path.rstrip("/") in ("", ".", "~"):
         raise EdgelrError(f"--to {text!r}: {path!r} is not a usable folder path on the device")
     return host, path.rstrip("/")
