@@ -144,7 +144,8 @@ def _compress(args) -> int:
 
 def _profile(args) -> int:
     from edgelr import model_io
-    from edgelr.profile import compare_models, per_layer_ratios, sample_feed
+    from edgelr.layers import find_layers
+    from edgelr.profile import compare_models, layer_aliases, per_layer_ratios, sample_feed
     from edgelr.report import human, table, write_json
 
     if args.json:
@@ -153,6 +154,7 @@ def _profile(args) -> int:
     models = {"A": args.model} | ({"B": args.vs} if args.vs else {})
     for path in models.values():
         model_io.load(path)  # a clear error for a missing or broken file before any timing
+    aliases = layer_aliases(find_layers(model_io.load(args.model))[0])  # kernels named after outputs -> layers
     if args.on:
         found = _profile_remote(args, models, feed)
     else:
@@ -169,7 +171,7 @@ def _profile(args) -> int:
         b = found["B"]
         ratio = b.latency_ms["p50"] / a.latency_ms["p50"]
         print(f"\nB / A end to end (p50): {ratio:.3f}  (B is {1 / ratio:.2f}x the speed of A)")
-        layers = per_layer_ratios(a, b)
+        layers = per_layer_ratios(a, b, aliases)
         rows = [[r["layer"], f"{r['a_ms']:.3f}", f"{r['b_ms']:.3f}", f"{r['ratio']:.2f}"] for r in layers[:15]]
         print(table(["layer", "A ms", "B ms", "B/A"], rows, "lrrr"))
         data["ratio_p50"] = ratio
