@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-error", type=_positive, metavar="E", help="per-layer relative output error gate")
     p.add_argument("--calib", metavar="DATA.npz", help="one array per model input, first axis = samples")
     p.add_argument("--report", metavar="REPORT.json", help="write the per-layer results as JSON")
+    p.add_argument("--quantize", choices=["int8", "int8-dynamic"],
+                   help="then quantize with ONNX Runtime: int8 (static, calibrated on --calib) or int8-dynamic")
 
     p = sub.add_parser("profile", help="latency on this machine, end to end and per node (ONNX Runtime CPU)")
     p.add_argument("model", metavar="MODEL.onnx")
@@ -123,7 +125,8 @@ def _compress(args) -> int:
     from edgelr.report import compression_table
 
     config = FactorizeConfig(params=args.params, flops=args.flops, latency=args.latency, max_error=args.max_error)
-    done = compress(args.model, args.output, config, calib=args.calib, report=args.report, progress=not args.quiet)
+    done = compress(args.model, args.output, config, calib=args.calib, report=args.report, progress=not args.quiet,
+                    quantize=args.quantize)
     print(compression_table(done.result))
     for warning in done.result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -134,6 +137,9 @@ def _compress(args) -> int:
         kept = done.latency["kept_round"]
         print(f"kept round {kept}" + ("" if done.latency["within_budget"] else ", the fastest: no round met the budget"))
         print(f"latency tables: {done.latency['layer_timings']} layer timings new, cached in {done.latency['table']}")
+    if done.quantized:
+        q = done.quantized
+        print(f"quantized {q['nodes_quantized']} nodes ({q['scheme']}, {q['activations']} activations)")
     if done.output_error:
         print(f"whole-model relative output error on the calibration set: {done.output_error['all']:.4f}")
     else:

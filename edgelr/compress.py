@@ -21,6 +21,8 @@ from edgelr.factorize import FactorizeConfig, FactorizeResult, factorize
 from edgelr.latency import LatencyBudget, LatencyTable, interleaved_latency
 from edgelr.layers import find_layers
 from edgelr.profile import compare_models, layer_aliases, layer_times, sample_feed
+from edgelr.quantize import SCHEMES
+from edgelr.quantize import quantize as quantize_model
 from edgelr.report import result_json, write_json
 from edgelr.sensitivity import layer_sensitivity
 from edgelr.verify import output_error
@@ -39,6 +41,7 @@ class CompressReport:
     output_error: dict[str, float]  # whole-model relative error on the calibration samples
     seconds: float
     latency: dict | None = None  # with --latency: predicted vs measured per search round, table use
+    quantized: dict | None = None  # with quantize: what edgelr.quantize did
 
     def to_json(self) -> dict:
         data = {"source": str(self.source), "output": str(self.output), "seconds": round(self.seconds, 3)}
@@ -46,6 +49,8 @@ class CompressReport:
         data["output_error"] = self.output_error
         if self.latency is not None:
             data["latency"] = self.latency
+        if self.quantized is not None:
+            data["quantized"] = self.quantized
         return data
 
 
@@ -56,8 +61,11 @@ def compress(
     calib: str | os.PathLike | None = None,
     report: str | os.PathLike | None = None,
     progress: bool = True,
+    quantize: str | None = None,
 ) -> CompressReport:
-    """Factorize SOURCE into OUTPUT; with CALIB the SVD is data-aware and the result is verified on it."""
+    """Factorize SOURCE into OUTPUT; with CALIB the SVD is data-aware and the result is verified on it.
+    `quantize` ("int8": static, calibrated on CALIB; "int8-dynamic") then quantizes the factorized model
+    with ONNX Runtime's tools (edgelr.quantize); the reported error is against the float original."""
     start = time.perf_counter()
     source = Path(source)
     output = model_io.check_output_path(output, source, calib)
@@ -65,6 +73,11 @@ def compress(
         report = model_io.check_output_path(report, source, calib)
         if report.resolve() == output.resolve():
             raise EdgelrError(f"{report}: the report and the model cannot be the same file")
+    if quantize is not None and quantize not in SCHEMES:
+        raise EdgelrError(f"--quantize {quantize}: unknown scheme; known schemes: {', '.join(SCHEMES)}")
+    if quantize == "int8" and calib is None:
+        raise EdgelrError("--quantize int8 calibrates activation ranges: pass --calib DATA.npz, "
+                          "or use --quantize int8-dynamic, which needs none")
     model = model_io.load(source)
     samples = load_samples(calib, model) if calib is not None else None
     layers, skipped = find_layers(model)
@@ -99,6 +112,7 @@ def compress(
     if key is not None and len(spectra) > known:
         ArrayCache("spectra").put(_spectra_key(key, config), _pack_analysis(spectra, sensitivity, layers))
     result.skipped = skipped
+    quantized = _quantize(output, quantize, samples, progress) if quantize else None
     if unweighted:
         result.warnings.append(unweighted)
     del model, grams  # verification below loads both files in ONNX Runtime; free the graph first
@@ -109,10 +123,20 @@ def compress(
         raise
     if report is not None:
         _measure_layers(source, output, result, aliases, samples)
-    done = CompressReport(source, output, result, errors, time.perf_counter() - start, latency)
+    done = CompressReport(source, output, result, errors, time.perf_counter() - start, latency, quantized)
     if report is not None:
         write_json(done.to_json(), report)
     return done
+
+
+def _quantize(output: Path, scheme: str, samples, progress: bool) -> dict:
+    """Quantize the factorized OUTPUT in place (through a file beside it; nothing half-written)."""
+    float_model = output.with_name(f".{output.stem}.float{output.suffix}")
+    os.replace(output, float_model)
+    try:
+        return quantize_model(float_model, output, scheme, samples, progress=progress)
+    finally:
+        _remove_model(float_model)
 
 
 def _measure_layers(source: Path, output: Path, result: FactorizeResult, aliases: dict, samples) -> None:

@@ -192,3 +192,43 @@ def test_a_model_with_nothing_to_quantize(tmp_path):
     proto = G.make_model(nodes, [G.value_info("x", np.float32, (2, 8))], [G.value_info("y", np.float32, (2, 8))])
     path = save(proto, tmp_path)
     expect_error("found nothing to quantize", path, tmp_path / "o.onnx", "int8-dynamic")
+
+
+def _cli(*args) -> "subprocess.CompletedProcess":
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "edgelr", "-q", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, check=False)
+
+
+def test_compress_then_quantize_from_the_command_line(tmp_path):
+    """compress --quantize: factorized, then INT8 (static on --calib, or dynamic); error against the float model."""
+    from edgelr.demo import build_model, synthetic_images
+
+    onnx.save(build_model(), tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", image=synthetic_images(8, seed=1))
+    run = _cli("compress", tmp_path / "m.onnx", "-o", tmp_path / "s.onnx", "--params", "0.5", "--calib",
+               tmp_path / "calib.npz", "--quantize", "int8", "--report", tmp_path / "r.json")
+    assert run.returncode == 0, run.stderr
+    ops = {n.op_type for n in onnx.load(tmp_path / "s.onnx").graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert "quantized" in run.stdout and "whole-model relative output error" in run.stdout
+    import json
+
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["quantized"]["scheme"] == "int8" and 0 < report["output_error"]["all"] < 0.5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz", "m.onnx", "r.json", "s.onnx"]  # no leftovers
+    run = _cli("compress", tmp_path / "m.onnx", "-o", tmp_path / "d.onnx", "--params", "0.5", "--quantize", "int8-dynamic")
+    assert run.returncode == 0, run.stderr
+    assert "MatMulInteger" in {n.op_type for n in onnx.load(tmp_path / "d.onnx").graph.node}
+
+
+def test_compress_quantize_bad_input_writes_nothing(tmp_path):
+    from edgelr.demo import build_model
+
+    onnx.save(build_model(), tmp_path / "m.onnx")
+    run = _cli("compress", tmp_path / "m.onnx", "-o", tmp_path / "s.onnx", "--params", "0.5", "--quantize", "int8")
+    assert run.returncode == 1 and "--calib" in run.stderr and "Traceback" not in run.stderr
+    run = _cli("compress", tmp_path / "m.onnx", "-o", tmp_path / "s.onnx", "--params", "0.5", "--quantize", "int4")
+    assert run.returncode == 2 and "int4" in run.stderr and "Traceback" not in run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]

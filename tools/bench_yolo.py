@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edgelr import FactorizeConfig, compress  # noqa: E402
 from edgelr.calibrate import load_samples  # noqa: E402
 from edgelr.model_io import load  # noqa: E402
+from edgelr.quantize import quantize  # noqa: E402
 from edgelr.verify import output_error  # noqa: E402
 from tools.photos import CALIBRATION, HELD_OUT, samples  # noqa: E402
 from edgelr.latency import interleaved_latency  # noqa: E402
@@ -43,6 +44,8 @@ def main() -> None:
     parser.add_argument("--damping", type=float, default=FactorizeConfig.damping, help="Gram damping (fraction of mean diag)")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--no-sensitivity", action="store_true", help="weigh all layers' errors alike")
+    parser.add_argument("--quantize", choices=["int8", "int8-dynamic"],
+                        help="quantize the compressed model too, and time ONNX Runtime's INT8 of the original beside it")
     parser.add_argument("--json", help="write the numbers here")
     args = parser.parse_args()
 
@@ -54,10 +57,15 @@ def main() -> None:
         os.environ["EDGELR_CACHE"] = str(tmp / "cache")  # a cold latency cache, for first vs second run
         budget = {"flops": args.flops} if args.flops else {"latency": args.latency} if args.latency else {"params": args.params}
         config = FactorizeConfig(**budget, damping=args.damping, sensitivity=not args.no_sensitivity)
-        whitened = compress(source, tmp / "whitened.onnx", config, calib=tmp / "calib.npz", progress=False)
+        whitened = compress(source, tmp / "whitened.onnx", config, calib=tmp / "calib.npz", progress=False,
+                            quantize=args.quantize)
         models = {"original": source, "whitened": tmp / "whitened.onnx"}
+        if args.quantize:  # the bar: ONNX Runtime's own quantization of the original, same scheme and photos
+            quantize(source, tmp / "quantized_only.onnx", args.quantize, load_samples(tmp / "calib.npz", load(source)),
+                     progress=False)
+            models["quantized_only"] = tmp / "quantized_only.onnx"
         again = compress(source, tmp / "again.onnx", config, calib=tmp / "calib.npz", progress=False) if args.latency else None
-        if not args.flops and not args.latency:  # plain SVD knows no layer sizes for this dynamic-size model: no FLOPs budget
+        if not args.flops and not args.latency and not args.quantize:  # plain SVD knows no layer sizes for this dynamic-size model: no FLOPs budget
             compress(source, tmp / "plain.onnx", config, progress=False)
             models["plain"] = tmp / "plain.onnx"
         heldout = load_samples(tmp / "heldout.npz", load(source))
@@ -69,9 +77,10 @@ def main() -> None:
         "budget": budget,
         "damping": args.damping,
         "photos": {"calibration": CALIBRATION, "held_out": HELD_OUT, "crops_per_photo": args.crops},
-        "heldout_error": {"whitened": err_w, "plain": err_p, "plain_over_whitened": err_p / err_w if err_p else None},
+        "heldout_error": {**err, "plain": err_p, "plain_over_whitened": err_p / err_w if err_p else None},
         "calibration_error": {"whitened": whitened.output_error["all"]},
         "sensitivity": not args.no_sensitivity,
+        "quantize": args.quantize,
         "whitened_by_channel": channels,
         "latency_ms": {k: v * 1e3 for k, v in lat.items()},
         "speedup": {name: lat["original"] / t for name, t in lat.items() if name != "original"},

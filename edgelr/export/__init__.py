@@ -117,7 +117,7 @@ def _write(model_path: Path, target: Target, stage: Path, samples, precision, sh
                             timing_cache=default_timing_cache(tensorrt_module(target)))
     if precision not in (None, target.precision):
         raise EdgelrError(f"--precision {precision}: target '{target.name}' runs the model's own precision with ONNX "
-                          "Runtime; quantize the model first (edgelr.quantize.quantize) and export that")
+                          "Runtime; quantize it first (edgelr compress --quantize int8) and export that")
     from edgelr.export.ort_bundle import write_ort_bundle
 
     return write_ort_bundle(model_path, target, stage, samples.feed(0) if samples is not None else None,
