@@ -93,12 +93,14 @@ def compress(
     key = content_key(source, model, Path(calib)) if samples is not None else None
     grams, references = cached_grams(model, layers, samples, key, progress) if samples is not None else (None, None)
     spectra, sensitivity = _cached_analysis(key, layers, config)
-    known = len(spectra)
+    cached = (len(spectra), sensitivity is not None)
     unweighted = None
     if samples is not None and config.sensitivity and sensitivity is None:
         if model_io.model_bytes(model) <= SENSITIVITY_MAX_BYTES:
-            sensitivity = layer_sensitivity(source, layers, grams, spectra, config.damping, samples, progress)
-            known = -1  # save it
+            try:
+                sensitivity = layer_sensitivity(source, layers, grams, spectra, config.damping, samples, progress)
+            except Exception as exc:  # noqa: BLE001  (a refinement: a model ORT cannot probe is still compressed)
+                unweighted = f"layer sensitivity not measured ({model_io.first_line(exc)}): layers' errors are weighed alike"
         else:  # probing copies every layer's weight into a second model: too much memory and time here
             unweighted = (f"layer sensitivity not measured (the model is over {SENSITIVITY_MAX_BYTES >> 20} MB): "
                           "layers' errors are weighed alike")
@@ -109,7 +111,7 @@ def compress(
     else:
         result = factorize(model, config, grams, layers=layers, progress=progress, **analysis)
         model_io.save(model, output)
-    if key is not None and len(spectra) > known:
+    if key is not None and (len(spectra), sensitivity is not None) != cached:  # something new to keep
         ArrayCache("spectra").put(_spectra_key(key, config), _pack_analysis(spectra, sensitivity, layers))
     result.skipped = skipped
     quantized = _quantize(output, quantize, samples, progress) if quantize else None

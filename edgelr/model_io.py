@@ -33,7 +33,7 @@ def load(path: str | os.PathLike) -> ir.Model:
         model = ir.load(path)
     except Exception as exc:  # onnx/protobuf raise many types for corrupt input
         raise EdgelrError(
-            f"{path}: not a readable ONNX model ({type(exc).__name__}: {_first_line(exc)}); "
+            f"{path}: not a readable ONNX model ({type(exc).__name__}: {first_line(exc)}); "
             "is the file complete and really an .onnx file?"
         ) from None
     if len(model.graph) == 0 and not model.graph.outputs:
@@ -116,7 +116,7 @@ def release_mapped(model: ir.Model) -> None:
             value.const_value.release()
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else "no detail"
 

@@ -118,6 +118,8 @@ def _add_probe(graph: ir.Graph, layer: Layer, delta: np.ndarray, index: int) -> 
         node = use.node
         slot = list(node.inputs).index(layer.weight)
         inputs = list(node.inputs[:slot]) + [weight]  # no bias: the branch carries only the weight's error
+        if node.op_type == "Gemm" and use.opset < 11:  # C was required before opset 11: a zero, broadcast
+            inputs.append(_zero(graph, delta.dtype, index))
         attrs = {k: v.value for k, v in node.attributes.items()}
         branch = ir.node(node.op_type, inputs, attrs, name=f"{node.name}/edgelr_probe")
         opened = ir.node("Mul", [branch.outputs[0], _cast(graph, gate, out_type, node, index)])
@@ -132,6 +134,15 @@ def _add_probe(graph: ir.Graph, layer: Layer, delta: np.ndarray, index: int) -> 
             name, y.name = y.name, f"{y.name}/edgelr_pre"
             total.outputs[0].name = name
     return gate.name
+
+
+def _zero(graph: ir.Graph, dtype, index: int) -> ir.Value:
+    name = f"edgelr_probe_{index}.zero"
+    if name not in graph.initializers:
+        value = ir.Value(name=name, shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.from_numpy(np.dtype(dtype))))
+        value.const_value = ir.tensor(np.zeros(1, dtype=dtype), name=name)
+        graph.register_initializer(value)
+    return graph.initializers[name]
 
 
 def _cast(graph: ir.Graph, gate: ir.Value, out_type, node: ir.Node, index: int) -> ir.Value:

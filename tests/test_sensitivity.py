@@ -23,6 +23,7 @@ def _run(proto: onnx.ModelProto, feed: dict) -> list[np.ndarray]:
     ("mlp", lambda rng: graphs.mlp(rng)),                       # MatMul, Gemm transB + alpha + Constant weight
     ("convnet", lambda rng: graphs.convnet(rng)),               # Conv with auto_pad, dilations; the output layer
     ("shared", lambda rng: graphs.shared_matmul(rng, rows=3, seq=2, k=6, n=5)),   # one weight, two nodes
+    ("gemm9", lambda rng: graphs.gemm(rng, 4, 12, 10, opset=9, bias="1d", trans_b=1)),  # C required before 11
 ])
 def test_a_probe_adds_exactly_the_layers_weight_change(name, build):
     """Closed gates: the model's own outputs. One open gate: the model with that weight plus delta."""
