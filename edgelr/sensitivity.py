@@ -62,16 +62,20 @@ def layer_sensitivity(source, layers: list[Layer], grams: Mapping[str, np.ndarra
             closed = {g: np.zeros((), dtype=np.float32) for g in gates}
             for i in range(count):
                 feed = samples.feed(i)
-                base = [np.asarray(a, dtype=np.float64) for a in session.run(names, feed | closed)]
-                den += sum(float(np.sum(b**2)) for b in base if b.dtype.kind == "f")
+                base = _float_outputs(session.run(names, feed | closed))  # the error counts float outputs only
+                den += sum(float(np.sum(b**2)) for b in base)
                 for gate in gates:
-                    out = session.run(names, feed | closed | {gate: np.ones((), dtype=np.float32)})
-                    num[gate] += sum(float(np.sum((np.asarray(o, dtype=np.float64) - b) ** 2)) for o, b in zip(out, base))
+                    out = _float_outputs(session.run(names, feed | closed | {gate: np.ones((), dtype=np.float32)}))
+                    num[gate] += sum(float(np.sum((o - b) ** 2)) for o, b in zip(out, base))
                     bar.update()
         for layer, gate in zip(group, gates):
             result[layer.name] = num[gate] / max(den, 1e-30) / probes[layer.name][2]
     bar.close()
     return result
+
+
+def _float_outputs(outputs: list) -> list[np.ndarray]:
+    return [np.asarray(o, dtype=np.float64) for o in outputs if np.asarray(o).dtype.kind == "f"]
 
 
 def _probe_rank(residual: np.ndarray, max_rank: int) -> int:
