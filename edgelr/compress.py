@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,14 +108,15 @@ def compress(
     analysis = {"spectra": spectra, "sensitivity": sensitivity if config.sensitivity else None}
     latency = None
     if config.metric == "latency":
-        result, latency = _latency_rounds(source, output, model, layers, grams, config, samples, progress, analysis, key)
+        result, latency, quantized = _latency_rounds(source, output, model, layers, grams, config, samples, progress,
+                                                     analysis, key, quantize)
     else:
         result = factorize(model, config, grams, layers=layers, progress=progress, **analysis)
         model_io.save(model, output)
+        quantized = _quantize(output, quantize, samples, progress) if quantize else None
     if key is not None and (len(spectra), sensitivity is not None) != cached:  # something new to keep
         ArrayCache("spectra").put(_spectra_key(key, config), _pack_analysis(spectra, sensitivity, layers))
     result.skipped = skipped
-    quantized = _quantize(output, quantize, samples, progress) if quantize else None
     if unweighted:
         result.warnings.append(unweighted)
     del model, grams  # verification below loads both files in ONNX Runtime; free the graph first
@@ -129,6 +131,15 @@ def compress(
     if report is not None:
         write_json(done.to_json(), report)
     return done
+
+
+def _quantized_floor(source: Path, scheme: str, samples, feed: dict) -> float:
+    """Latency of the original quantized alone, as a fraction of the original's."""
+    with tempfile.TemporaryDirectory(prefix="edgelr-floor-") as tmp:
+        alone = Path(tmp) / "quantized.onnx"
+        quantize_model(source, alone, scheme, samples, progress=False)
+        times = interleaved_latency({"original": source, "quantized": alone}, feed, rounds=MEASURE_ROUNDS)
+    return times["quantized"] / times["original"]
 
 
 def _quantize(output: Path, scheme: str, samples, progress: bool) -> dict:
@@ -179,7 +190,7 @@ def _pack_analysis(spectra: dict, sensitivity: dict | None, layers: list) -> dic
     return arrays
 
 
-def _latency_rounds(source, output, model, layers, grams, config, samples, progress, analysis, key):
+def _latency_rounds(source, output, model, layers, grams, config, samples, progress, analysis, key, quantize):
     """Search against measured latency: factorize, measure the whole model, correct, again.
 
     The layer tables predict what factorizing saves; the graph around the layers (fusions, memory
@@ -188,19 +199,26 @@ def _latency_rounds(source, output, model, layers, grams, config, samples, progr
     when it overshot (overshooting spends accuracy nobody asked for). The budget is a ceiling: a round
     is a hit when it measures within two LATENCY_SLACKs below it, the correction aims one slack below
     (a measurement moves by about half of one from run to run), and the kept round is the one with the least
-    predicted error among those within the budget (the fastest if none is).
+    predicted error among those within the budget (the fastest if none is). With `quantize`, each
+    round's model is quantized before it is measured: the budget holds for what will run.
     """
     table = LatencyTable(threads=1)
     feed = samples.feed(0)
     target = config.latency
     # the saving an earlier identical run settled on: its correction rounds need not be repeated
-    memo = f"saving|{key}|{target}|{config.max_error}|{config.damping}|{config.conv_form}|{config.sensitivity}"
+    memo = f"saving|{key}|{target}|{config.max_error}|{config.damping}|{config.conv_form}|{config.sensitivity}|{quantize}"
     aim = target - LATENCY_SLACK
+    # the latency ratio with no layer factorized, as the model will run: quantization alone gets this far
+    floor = 1.0
+    if quantize:
+        floor = table.entries.get(f"{memo}|floor") or _quantized_floor(source, quantize, samples, feed)
+        table.entries[f"{memo}|floor"] = floor
     remembered = memo in table.entries
     if remembered:  # it settled there: only a miss of the budget (not a faster landing) is searched again
         saving = table.entries[memo]
-    else:
-        saving = (1 - aim) * interleaved_latency({"original": source}, feed, rounds=MEASURE_ROUNDS)["original"]
+    else:  # in the float tables' seconds: a quantized model keeps about `floor` of each of them
+        t = interleaved_latency({"original": source}, feed, rounds=MEASURE_ROUNDS)["original"]
+        saving = max(floor - aim, 0.0) * t / floor
     rounds, kept = [], []
     for i in range(LATENCY_ROUNDS):
         if i:  # factorize works in place: start again from the original
@@ -209,32 +227,34 @@ def _latency_rounds(source, output, model, layers, grams, config, samples, progr
                            **analysis)
         table.save()
         model_io.save(model, output)
+        quantized = _quantize(output, quantize, samples, False) if quantize else None
         predicted = sum(r.latency_before - r.latency_after for r in result.layers)
         measured = interleaved_latency({"original": source, "compressed": output}, feed, rounds=MEASURE_ROUNDS)
         ratio = measured["compressed"] / measured["original"]
         error = result.predicted_error2
-        rounds.append({"round": i + 1, "saving_asked_s": saving, "predicted_ratio": 1 - predicted / measured["original"],
+        rounds.append({"round": i + 1, "saving_asked_s": saving,
+                       "predicted_ratio": floor * (1 - predicted / measured["original"]),
                        "measured_ratio": ratio, "predicted_error2": error})
         kept.append((ratio <= target, error, ratio, i, saving, result))
-        real = (1 - ratio) * measured["original"]
         low = 0.0 if remembered and i == 0 else target - 2 * LATENCY_SLACK
-        if low <= ratio <= target or not result.budget_reached or real <= 0:
+        if low <= ratio <= target or not result.budget_reached or floor - ratio <= 0 or saving <= 0:
             break
-        saving = saving * (1 - aim) / (1 - ratio)
+        saving = saving * (floor - aim) / (floor - ratio)
     within, _, _, best, saving, result = min(kept, key=lambda k: (not k[0], k[1] if k[0] else k[2]))
     if best != len(rounds) - 1:  # the output holds the last round: redo the kept one (deterministic)
         model, layers = _reload(source, layers)
         result = factorize(model, config, grams, layers=layers, progress=progress, latency=LatencyBudget(table, saving),
                            **analysis)
         model_io.save(model, output)
+        quantized = _quantize(output, quantize, samples, False) if quantize else None
     table.entries[memo] = saving
     table.save()
     t_original = measured["original"]
     front = [{"predicted_ratio": 1 - (result.dense_cost - cost) / t_original, "predicted_error": math.sqrt(e2)}
              for cost, e2 in result.front]
-    info = {"target": table.target, "front": front, "table": str(table.path), "layer_timings": table.measured, "rounds": rounds,
+    info = {"target": table.target, "front": front, "quantized_only_ratio": floor if quantize else None, "table": str(table.path), "layer_timings": table.measured, "rounds": rounds,
             "kept_round": best + 1, "within_budget": within}
-    return result, info
+    return result, info, quantized
 
 
 def _reload(source: Path, layers: list) -> tuple:

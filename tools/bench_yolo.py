@@ -64,7 +64,8 @@ def main() -> None:
             quantize(source, tmp / "quantized_only.onnx", args.quantize, load_samples(tmp / "calib.npz", load(source)),
                      progress=False)
             models["quantized_only"] = tmp / "quantized_only.onnx"
-        again = compress(source, tmp / "again.onnx", config, calib=tmp / "calib.npz", progress=False) if args.latency else None
+        again = compress(source, tmp / "again.onnx", config, calib=tmp / "calib.npz", progress=False,
+                         quantize=args.quantize) if args.latency else None
         if not args.flops and not args.latency and not args.quantize:  # plain SVD knows no layer sizes for this dynamic-size model: no FLOPs budget
             compress(source, tmp / "plain.onnx", config, progress=False)
             models["plain"] = tmp / "plain.onnx"
