@@ -202,7 +202,7 @@ def _latency_rounds(source, output, model, layers, grams, config, samples, progr
     predicted error among those within the budget (the fastest if none is). With `quantize`, each
     round's model is quantized before it is measured: the budget holds for what will run.
     """
-    table = LatencyTable(threads=1)
+    table = LatencyTable(threads=1, quantize=quantize)
     feed = samples.feed(0)
     target = config.latency
     # the saving an earlier identical run settled on: its correction rounds need not be repeated
@@ -216,9 +216,9 @@ def _latency_rounds(source, output, model, layers, grams, config, samples, progr
     remembered = memo in table.entries
     if remembered:  # it settled there: only a miss of the budget (not a faster landing) is searched again
         saving = table.entries[memo]
-    else:  # in the float tables' seconds: a quantized model keeps about `floor` of each of them
+    else:  # the tables time the layers as they will run (quantized too), so seconds add up directly
         t = interleaved_latency({"original": source}, feed, rounds=MEASURE_ROUNDS)["original"]
-        saving = max(floor - aim, 0.0) * t / floor
+        saving = max(floor - aim, 0.0) * t
     rounds, kept = [], []
     for i in range(LATENCY_ROUNDS):
         if i:  # factorize works in place: start again from the original
@@ -233,7 +233,7 @@ def _latency_rounds(source, output, model, layers, grams, config, samples, progr
         ratio = measured["compressed"] / measured["original"]
         error = result.predicted_error2
         rounds.append({"round": i + 1, "saving_asked_s": saving,
-                       "predicted_ratio": floor * (1 - predicted / measured["original"]),
+                       "predicted_ratio": floor - predicted / measured["original"],
                        "measured_ratio": ratio, "predicted_error2": error})
         kept.append((ratio <= target, error, ratio, i, saving, result))
         low = 0.0 if remembered and i == 0 else target - 2 * LATENCY_SLACK

@@ -48,9 +48,10 @@ def _read_cache(path: Path) -> dict[str, float]:
 class LatencyTable:
     """Seconds per layer configuration on one target, measured once and cached on disk."""
 
-    def __init__(self, threads: int = 1, cache: Path | None = None):
+    def __init__(self, threads: int = 1, cache: Path | None = None, quantize: str | None = None):
         self.threads = threads
-        self.target = f"ort-{ort.__version__}-cpu-t{threads}"
+        self.quantize = quantize  # time the layers as this quantization scheme runs them (edgelr.quantize)
+        self.target = f"ort-{ort.__version__}-cpu-t{threads}" + (f"-{quantize}" if quantize else "")
         self.path = (cache or cache_dir()) / f"{self.target}.json"
         self.entries: dict[str, float] = _read_cache(self.path)
         self.measured = 0  # configurations timed by this table (0 when everything came from the cache)
@@ -74,7 +75,7 @@ class LatencyTable:
     def _time(self, layer: Layer, use: Use, form: str | None, rank: int) -> float:
         key = _signature(layer, use, form, rank)
         if key not in self.entries:
-            self.entries[key] = _measure(layer, use, form, rank, self.threads)
+            self.entries[key] = _measure(layer, use, form, rank, self.threads, self.quantize)
             self.measured += 1
         return self.entries[key]
 
@@ -104,8 +105,9 @@ def _signature(layer: Layer, use: Use, form: str | None, rank: int) -> str:
     return f"{node.op_type}|{use.input_shape}|{weight}|{dtype}|{attrs}|bias={bias}|{form or 'dense'}|{rank}"
 
 
-def _measure(layer: Layer, use: Use, form: str | None, rank: int, threads: int) -> float:
-    """Median seconds of one run of the layer alone (dense or as a factorized pair) in ORT."""
+def _measure(layer: Layer, use: Use, form: str | None, rank: int, threads: int, quantize: str | None = None) -> float:
+    """Median seconds of one run of the layer alone (dense or as a factorized pair) in ORT; with
+    `quantize`, as the quantized model runs it (Q/DQ around it and between the pair, integer kernels)."""
     from edgelr.factorize import _rewrite  # the same graph surgery as the real pass
     from edgelr.layers import find_layers
 
@@ -117,9 +119,10 @@ def _measure(layer: Layer, use: Use, form: str | None, rank: int, threads: int) 
         m = tiny.out_features if form != "spatial" else tiny.out_features * tiny.kernel[1]
         factors = lowrank.Factors(up=rng.normal(size=(m, rank)), down=rng.normal(size=(rank, n)))
         _rewrite(model.graph, tiny, form, factors)
-    session = runner.session(ir.to_proto(model).SerializeToString(), threads)
     x = model.graph.inputs[0]
     feed = {x.name: rng.normal(size=use.input_shape).astype(x.dtype.numpy())}
+    serialized = ir.to_proto(model).SerializeToString() if not quantize else _quantized(model, quantize, feed, rng)
+    session = runner.session(serialized, threads)
     session.run(None, feed)
     start = time.perf_counter()
     session.run(None, feed)
@@ -131,6 +134,21 @@ def _measure(layer: Layer, use: Use, form: str | None, rank: int, threads: int) 
         session.run(None, feed)
         times.append(time.perf_counter() - start)
     return float(np.median(times))
+
+
+def _quantized(model: ir.Model, scheme: str, feed: dict, rng: np.random.Generator) -> bytes:
+    """The tiny model quantized as edgelr.quantize does the whole one (its calibration: random inputs)."""
+    import tempfile
+
+    from edgelr.calibrate import samples_from_arrays
+    from edgelr.quantize import quantize
+
+    name, x = next(iter(feed.items()))
+    samples = samples_from_arrays({name: np.concatenate([x, rng.normal(size=x.shape).astype(x.dtype)])}, model)
+    with tempfile.TemporaryDirectory(prefix="edgelr-layer-") as tmp:
+        ir.save(model, Path(tmp) / "layer.onnx")
+        quantize(Path(tmp) / "layer.onnx", Path(tmp) / "layer.q.onnx", scheme, samples, progress=False, prepare=False)
+        return (Path(tmp) / "layer.q.onnx").read_bytes()
 
 
 def _single_layer_model(layer: Layer, use: Use, rng: np.random.Generator) -> ir.Model:

@@ -60,11 +60,13 @@ def quantize(
     *,
     activations: str = "uint8",
     progress: bool = True,
+    prepare: bool = True,
 ) -> dict:
     """Quantize the model at MODEL_PATH to OUT_PATH (written atomically: the whole file or nothing).
 
     Returns {"scheme", "activations", "nodes_quantized", "by_op" (op type -> nodes with INT8 weights),
-    "samples", "preprocess", "seconds"}.
+    "samples", "preprocess", "seconds"}. `prepare=False` skips ORT's pre-processing (for tiny models
+    that need none, timed by the latency tables).
     """
     started = time.perf_counter()
     model_path, out_path = Path(model_path), Path(out_path)
@@ -86,7 +88,7 @@ def quantize(
         staged = tmp / out_path.name  # same name: ORT names an external data file after its model file
         with _quiet():
             if scheme == "int8":
-                source, preprocess = _preprocess(model_path, tmp, external)
+                source, preprocess = _preprocess(model_path, tmp, external) if prepare else (model_path, "skipped")
                 _static(source, staged, samples, activations, external, progress, model_path)
             else:
                 preprocess = "not needed"
