@@ -201,12 +201,16 @@ def _cost_function(config: FactorizeConfig, latency: LatencyBudget | None) -> Co
 
 
 def _weights(layers: list[Layer], sensitivity: Mapping[str, float] | None) -> dict[str, float]:
-    """Each layer's error weight: its sensitivity, the mean one where it was not measured; none without."""
+    """Each layer's error weight: its sensitivity (the mean one where it was not measured), but never below
+    the median layer's: a relative output error reads magnitudes, so a branch feeding small outputs (a
+    detector's class scores next to its box coordinates) measures as nearly free and would be cut to
+    nothing (docs/benchmarks.md). None without sensitivities."""
     known = [v for v in (sensitivity or {}).values() if v > 0]
     if not known:
         return {}
     default = float(np.mean(known))
-    return {layer.name: sensitivity.get(layer.name, default) or default for layer in layers}
+    floor = float(np.median(known))
+    return {layer.name: max(sensitivity.get(layer.name, default), floor) for layer in layers}
 
 
 def _factorize(model, config, grams, layers, skipped, progress, cost: Cost, latency, spectra, weights) -> FactorizeResult:

@@ -6,7 +6,8 @@ different amounts. As in ASVD's sensitivity-based rank search (and HAWQ's Hessia
 precision), we measure that end to end, once per layer: truncate the layer to a relative error e (its own
 whitened truncation, so the direction of the error is the real one), run a few calibration samples, and
 take s = E^2 / e^2, E the whole model's relative output error. To first order the model's error^2 is then
-sum_l s_l e_l^2, which is what the allocation minimises, and what its predicted errors are.
+sum_l s_l e_l^2, which is what the allocation minimises (with no s_l below the median one: see
+factorize._weights), and what its predicted errors are.
 
 All layers are measured in one ONNX Runtime session: each gets a parallel branch, its weight's truncation
 residual times a scalar gate fed as an input, added to its output; the gates open one layer at a time.

@@ -80,6 +80,7 @@ def main() -> None:
         "photos": {"calibration": CALIBRATION, "held_out": HELD_OUT, "crops_per_photo": args.crops},
         "heldout_error": {**err, "plain": err_p, "plain_over_whitened": err_p / err_w if err_p else None},
         "calibration_error": {"whitened": whitened.output_error["all"]},
+        "predicted_error": whitened.result.predicted_error2 ** 0.5,  # the allocation's own estimate
         "sensitivity": not args.no_sensitivity,
         "quantize": args.quantize,
         "whitened_by_channel": channels,
