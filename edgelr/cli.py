@@ -73,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], help="override the target's precision (TensorRT)")
     p.add_argument("--shapes", action="append", default=[], metavar="NAME=MIN:OPT:MAX",
                    help="TensorRT profile for an input with dynamic dims, e.g. images=1x3x320x320:4x3x320x320:8x3x640x640")
+    p.add_argument("--sparsity", choices=["2:4"], help="TensorRT: prune weights to 2:4 and build with sparse kernels")
     p.add_argument("--to", metavar="USER@HOST:PATH", help="copy the bundle to the device over SSH and run its check there")
     _ssh_flags(p, "--to")
 
@@ -232,12 +233,16 @@ def _export(args) -> int:
                      known_hosts=Path(args.known_hosts) if args.known_hosts else None, timeout=args.timeout,
                      python=args.python)
     done = export(args.model, args.target, args.output, calib=args.calib, precision=args.precision,
-                  shapes=shapes or None, to=args.to, ssh=ssh, progress=not args.quiet)
+                  shapes=shapes or None, to=args.to, ssh=ssh, sparsity=args.sparsity, progress=not args.quiet)
     files = done.manifest.get("files", {})
     print(f"{done.target.name}: {done.target.description}")
     for name, entry in sorted(files.items()):
         size = entry.get("bytes") if isinstance(entry, dict) else None
         print(f"  {name}" + (f"  {human(size)}B" if size is not None else ""))
+    sparse = done.manifest.get("sparsity")
+    if sparse:
+        error = f", output error {sparse['output_error']:.3f}" if sparse.get("output_error") is not None else ""
+        print(f"2:4 sparse weights in {sparse['layers']} layers{error}")
     print(f"wrote {done.out_dir} in {done.seconds:.1f} s")
     if done.destination:
         print(f"copied to {done.destination}")

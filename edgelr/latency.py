@@ -151,19 +151,24 @@ def _quantized(model: ir.Model, scheme: str, feed: dict, rng: np.random.Generato
         return (Path(tmp) / "layer.q.onnx").read_bytes()
 
 
-def _single_layer_model(layer: Layer, use: Use, rng: np.random.Generator) -> ir.Model:
-    """A model of this one node with random weights of the same shapes, fed at the real input shape."""
+def _single_layer_model(layer: Layer, use: Use, rng: np.random.Generator | None) -> ir.Model:
+    """A model of this one node fed at the real input shape: with random weights of the same shapes
+    (timing), or with the layer's own weights when `rng` is None."""
     node = use.node
     dtype = use.input.dtype or ir.DataType.FLOAT
     x = ir.Value(name="x", shape=ir.Shape(use.input_shape), type=ir.TensorType(dtype))
     graph = ir.Graph([x], [], nodes=[], opset_imports={"": use.opset}, name="layer")
+
+    def random(tensor) -> np.ndarray:  # shape and dtype only: a large external weight is not read
+        return rng.normal(size=tuple(tensor.shape)).astype(tensor.dtype.numpy())
+
     stored = ir.convenience.get_const_tensor(layer.weight)
-    weight = rng.normal(size=tuple(stored.shape)).astype(stored.dtype.numpy())
-    inputs = [x, _const(graph, "w", weight)]
+    inputs = [x, _const(graph, "w", layer.weight_array() if rng is None else random(stored))]
     if len(node.inputs) > 2 and node.inputs[2] is not None:
         bias = ir.convenience.get_const_tensor(node.inputs[2])
-        shape = bias.shape if bias is not None else (layer.out_features,)
-        inputs.append(_const(graph, "b", rng.normal(size=tuple(shape)).astype(weight.dtype)))
+        if bias is None:  # a computed bias: zeros stand in
+            bias = ir.tensor(np.zeros(layer.out_features, stored.dtype.numpy()))
+        inputs.append(_const(graph, "b", bias.numpy() if rng is None else random(bias)))
     attrs = {k: v.value for k, v in node.attributes.items()}
     copy = ir.node(node.op_type, inputs, attrs, name=node.name)
     graph.append(copy)

@@ -2,6 +2,7 @@
 
     quantize("model.onnx", "model.int8.onnx", "int8", samples)            # static, calibrated, Q/DQ
     quantize("model.onnx", "model.int8.onnx", "int8", samples, activations="int8-symmetric")  # for TensorRT
+    quantize("model.onnx", "model.lr.onnx", "int8-lowrank", samples)     # + float low-rank branches (SVDQuant)
     quantize("model.onnx", "model.dq.onnx", "int8-dynamic")               # MatMul/Gemm weights only
 
 Static ("int8"): activation ranges come from calibration samples (MinMax), weights are per-channel
@@ -14,6 +15,16 @@ The activation type is what the runtime wants (onnxruntime.quantization.quantize
   int8-symmetric  TensorRT: zero points 0, biases left in float, Q/DQ only on the inputs of Conv,
                   ConvTranspose, MatMul and Gemm (TensorRT rejects non-zero zero points, INT32 bias
                   dequantization and quantized constants that feed anything but a DequantizeLinear)
+
+The output tail stays in float: the nodes between the last weighted op and a graph output (a
+detector's decoding, Sigmoid, Concat, Softmax) run no integer kernel, so quantizing them saves nothing,
+and it would put unrelated values under one scale. YOLOv8's output concatenates box pixels (0..320)
+with class scores (0..1): quantized as one tensor, the scores flatten to a few levels and the top class
+agreed with the float model's nowhere (docs/benchmarks.md).
+
+Nodes whose names contain FLOAT_BRANCH (edgelr.svdquant's low-rank branches) stay in float and read
+float inputs: ORT would feed them the dequantized copy of a shared activation, so they are rewired to
+the float tensor after quantization.
 
 Dynamic ("int8-dynamic"): weights of MatMul and Gemm stored as INT8, activations quantized at run
 time; no calibration. For transformer-style models, where the time goes into MatMul.
@@ -36,11 +47,12 @@ from edgelr.calibrate import Samples
 from edgelr.errors import EdgelrError
 from edgelr.model_io import check_output_path, load
 
-SCHEMES = ("int8", "int8-dynamic")
+SCHEMES = ("int8", "int8-lowrank", "int8-dynamic")
 ACTIVATIONS = ("uint8", "int8", "int8-symmetric")
 # The ops that carry weights: where TensorRT wants its Q/DQ pairs (and where INT8 pays on any runtime).
 _WEIGHTED_OPS = ["Conv", "ConvTranspose", "MatMul", "Gemm"]
-_DYNAMIC_OPS = ["MatMul", "Gemm"]  # ORT's CPU kernels have no ConvInteger for INT8 weights
+_DYNAMIC_OPS = ["MatMul", "Gemm"]
+FLOAT_BRANCH = "/float_branch"  # in a node's name: keep the node in float, on float inputs  # ORT's CPU kernels have no ConvInteger for INT8 weights
 # Models this large go through ONNX external data (protobuf cannot hold 2 GB in one message).
 _EXTERNAL_DATA_BYTES = 1 << 30
 
@@ -74,7 +86,7 @@ def quantize(
         raise EdgelrError(f"unknown quantization scheme '{scheme}'; known schemes: {', '.join(SCHEMES)}")
     if activations not in ACTIVATIONS:
         raise EdgelrError(f"unknown activation type '{activations}'; use one of {', '.join(ACTIVATIONS)}")
-    if scheme == "int8" and (samples is None or len(samples) == 0):
+    if scheme in ("int8", "int8-lowrank") and (samples is None or len(samples) == 0):
         raise EdgelrError(
             "static INT8 quantization needs calibration data: pass sample inputs (--calib DATA.npz, one array "
             "per model input), or use the scheme int8-dynamic, which needs none"
@@ -86,9 +98,11 @@ def quantize(
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".edgelr-quant-") as tmp:
         tmp = Path(tmp).resolve()
         staged = tmp / out_path.name  # same name: ORT names an external data file after its model file
+        branches = _low_rank_branches(model_path, tmp, samples, activations, progress) if scheme == "int8-lowrank" else None
         with _quiet():
-            if scheme == "int8":
-                source, preprocess = _preprocess(model_path, tmp, external) if prepare else (model_path, "skipped")
+            if scheme != "int8-dynamic":
+                source = tmp / "branched.onnx" if (tmp / "branched.onnx").exists() else model_path
+                source, preprocess = _preprocess(source, tmp, external) if prepare else (source, "skipped")
                 _static(source, staged, samples, activations, external, progress, model_path)
             else:
                 preprocess = "not needed"
@@ -103,15 +117,32 @@ def quantize(
         if data.exists():
             os.replace(data, out_path.parent / data.name)
         os.replace(staged, out_path)
-    return {
+    done = {
         "scheme": scheme,
-        "activations": activations if scheme == "int8" else "dynamic uint8",
+        "activations": activations if scheme != "int8-dynamic" else "dynamic uint8",
         "nodes_quantized": sum(by_op.values()),
         "by_op": by_op,
-        "samples": len(samples) if scheme == "int8" else 0,
+        "samples": len(samples) if scheme != "int8-dynamic" else 0,
         "preprocess": preprocess,
         "seconds": round(time.perf_counter() - started, 3),
     }
+    if branches is not None:
+        done["low_rank_branches"] = [row.to_json() for row in branches]
+    return done
+
+
+def _low_rank_branches(model_path: Path, tmp: Path, samples: Samples, activations: str, progress: bool) -> list:
+    """edgelr.svdquant: measure each layer plain and with a float low-rank branch; write the model with
+    the branches that measured better to tmp/branched.onnx. Returns the per-layer table."""
+    from edgelr import svdquant
+    from edgelr.model_io import save
+
+    model = load(model_path)
+    with _quiet():
+        rows = svdquant.plan(model, samples, activations=activations, progress=progress)
+    if svdquant.apply(model, rows):
+        save(model, tmp / "branched.onnx")
+    return rows
 
 
 def _preprocess(model_path: Path, tmp: Path, external: bool) -> tuple[Path, str]:
@@ -150,6 +181,7 @@ def _static(source: Path, staged: Path, samples: Samples, activations: str, exte
     extra = {"WeightSymmetric": True}
     if tensorrt:
         extra |= {"ActivationSymmetric": True, "QuantizeBias": False}
+    source, tail, branch = _float_nodes(source, staged.parent)
     reader = _Reader(samples, progress)
     try:
         quantize_static(
@@ -163,12 +195,68 @@ def _static(source: Path, staged: Path, samples: Samples, activations: str, exte
             op_types_to_quantize=_WEIGHTED_OPS if tensorrt else None,
             calibrate_method=CalibrationMethod.MinMax,
             use_external_data_format=external,
+            nodes_to_exclude=tail + branch,
             extra_options=extra,
         )
     except Exception as exc:  # noqa: BLE001 - ORT raises many types; the user gets one line either way
         raise EdgelrError(f"{model_path}: ONNX Runtime could not quantize the model ({_first_line(exc)})") from None
     finally:
         reader.bar.close()
+    if branch:
+        _float_inputs(staged, set(branch), external)
+
+
+def _float_nodes(source: Path, tmp: Path) -> tuple[Path, list[str], list[str]]:
+    """The nodes that stay in float, by name: the output tail (those that reach a graph output without
+    passing through a weighted op) and the float branches. Unnamed nodes get names first, in a copy
+    (ORT excludes nodes by name)."""
+    import onnx
+
+    proto = onnx.load(str(source), load_external_data=False)
+    graph = proto.graph
+    if any(not node.name for node in graph.node):
+        taken = {node.name for node in graph.node}
+        for index, node in enumerate(graph.node):
+            if not node.name:
+                node.name = f"{node.op_type}_{index}"
+                while node.name in taken:
+                    node.name += "_"
+                taken.add(node.name)
+        named = tmp / "named.onnx"
+        if any(t.external_data for t in graph.initializer):
+            onnx.load_external_data_for_model(proto, str(source.parent))
+            onnx.save(proto, str(named), save_as_external_data=True, location="named.onnx.data")
+        else:
+            onnx.save(proto, str(named))
+        source = named
+    producer = {output: node for node in graph.node for output in node.output}
+    tail, seen, stack = [], set(), [value.name for value in graph.output]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or node.name in seen or node.op_type in _WEIGHTED_OPS:
+            continue
+        seen.add(node.name)
+        tail.append(node.name)
+        stack.extend(node.input)
+    return source, tail, [node.name for node in graph.node if FLOAT_BRANCH in node.name]
+
+
+def _float_inputs(path: Path, branch: set[str], external: bool) -> None:
+    """Feed the float-branch nodes the float tensors ORT quantized for their quantized neighbours
+    (X -> QuantizeLinear -> DequantizeLinear -> node becomes X -> node)."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    producer = {output: node for node in proto.graph.node for output in node.output}
+    for node in proto.graph.node:
+        if node.name not in branch:
+            continue
+        for i, name in enumerate(node.input):
+            dq = producer.get(name)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[i] = q.input[0]
+    onnx.save(proto, str(path), save_as_external_data=external, location=path.name + ".data")
 
 
 def _dynamic(source: Path, staged: Path, external: bool, model_path: Path) -> None:

@@ -325,3 +325,40 @@ def test_engine_matches_onnxruntime_on_the_gpu(yolo, photos, rtx, tmp_path):
     int8 = build_engine(yolo, rtx, dest(tmp_path, "int8"), photos, precision="int8", progress=False)
     assert int8["parity"]["relative_error"] < 0.05
     assert int8["parity"]["relative_error_vs_source"] < 0.1
+
+
+# --- 2:4 sparsity --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("width, pruned", [(8, "W0"), (9, "W1")])  # an initializer (in x out); a Constant, transB=1
+def test_sparsity_2_4_prunes_every_group_of_four_inputs(tmp_path, rtx, width, pruned):
+    built = G.mlp(np.random.default_rng(1), width=width)
+    path = save(built.proto, tmp_path)
+    feed = {"x": np.random.default_rng(2).standard_normal((4, *built.input_shapes["x"])).astype(np.float32)}
+    manifest = build_engine(path, rtx, dest(tmp_path), feed, precision="fp32", sparsity="2:4")
+    check_manifest(tmp_path / "engine", manifest, "fp32", {"model.engine", "model.sparse.onnx"})
+    assert manifest["sparsity"]["layers"] == 1 and manifest["sparsity"]["skipped"] == 2
+    assert 0 < manifest["sparsity"]["output_error"] < 1
+    assert manifest["source_model"] == str(path)
+    sparse = onnx.load(str(tmp_path / "engine" / "model.sparse.onnx"))
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in sparse.graph.initializer}
+    weights |= {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in sparse.graph.node if n.op_type == "Constant"}
+    rows = weights[pruned].T if pruned == "W0" else weights[pruned]  # (out x in)
+    original = onnx.numpy_helper.to_array(next(t for t in built.proto.graph.initializer if t.name == pruned)) \
+        if pruned == "W0" else None
+    groups = rows.reshape(rows.shape[0], -1, 4)
+    assert ((groups == 0).sum(axis=-1) >= 2).all()
+    if original is not None:  # the two kept are the two largest of each four
+        kept = np.sort(np.abs(original.T.reshape(groups.shape)), axis=-1)[..., 2:]
+        np.testing.assert_array_equal(np.sort(np.abs(groups), axis=-1)[..., 2:], kept)
+
+
+def test_sparsity_is_refused_where_it_cannot_run(tmp_path, rtx):
+    path = save(G.mlp(np.random.default_rng(1), width=7).proto, tmp_path)  # no input dimension divisible by 4
+    with pytest.raises(EdgelrError, match="no Conv, MatMul or Gemm weight has an input dimension divisible by 4"):
+        build_engine(path, rtx, dest(tmp_path), precision="fp32", sparsity="2:4")
+    with pytest.raises(EdgelrError, match="the only pattern TensorRT runs is 2:4"):
+        build_engine(path, rtx, dest(tmp_path, "b"), precision="fp32", sparsity="1:2")
+    from edgelr.export import export
+
+    with pytest.raises(EdgelrError, match="2:4 sparse weights run on TensorRT targets.*not on 'rpi5'"):
+        export(path, "rpi5", tmp_path / "bundle", sparsity="2:4")
+    assert not (tmp_path / "bundle").exists()

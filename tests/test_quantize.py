@@ -79,6 +79,15 @@ def test_yolo_static_int8_is_close_on_held_out_photos(yolo, photos, tmp_path, mo
     assert out.stat().st_size < 0.4 * yolo.stat().st_size
     error = output_error(yolo, out, heldout)["all"]
     assert error < 0.1, error  # FACTS: ORT's static INT8 is about 0.05 on held-out photos
+    # the output tail (box decoding, Sigmoid, the Concat of boxes and class scores) stays float: quantized
+    # as one tensor with the box pixels, the class scores flattened and the top class agreed nowhere
+    graph = onnx.load(str(out)).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    assert producer[graph.output[0].name].op_type == "Concat"
+    ref, new = (np.concatenate([session(p).run(None, heldout.feed(i))[0] for i in range(len(heldout))]) for p in (yolo, out))
+    confident = ref[:, 4:].max(axis=1) > 0.25
+    agreement = (new[:, 4:].argmax(axis=1) == ref[:, 4:].argmax(axis=1))[confident].mean()
+    assert confident.sum() > 10 and agreement > 0.8, agreement
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", out.name]  # no temporary files left behind
     assert not any(workdir.iterdir())
 
@@ -232,3 +241,75 @@ def test_compress_quantize_bad_input_writes_nothing(tmp_path):
     run = _cli("compress", tmp_path / "m.onnx", "-o", tmp_path / "s.onnx", "--params", "0.5", "--quantize", "int4")
     assert run.returncode == 2 and "int4" in run.stderr and "Traceback" not in run.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+# --- the low-rank branch beside INT8 (edgelr.svdquant) ----------------------------------------------------------
+def outlier_conv(tmp_path: Path, heavy: float = 60.0) -> tuple[Path, Samples]:
+    """Relu -> Conv 3x3 (16 -> 32) -> Relu, whose input has two channels `heavy` times the others."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((32, 16, 3, 3)).astype(np.float32) * 0.1
+    nodes = [
+        helper.make_node("Mul", ["x", "gain"], ["xs"], name="gain"),
+        helper.make_node("Conv", ["xs", "w", "b"], ["h"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["h"], ["y"], name="relu"),
+    ]
+    gain = np.ones((1, 16, 1, 1), np.float32)
+    gain[0, [3, 11]] = heavy
+    inits = [onnx.numpy_helper.from_array(a, n) for a, n in ((w, "w"), (rng.standard_normal(32).astype(np.float32), "b"),
+                                                               (gain, "gain"))]
+    proto = G.make_model(nodes, [G.value_info("x", np.float32, (1, 16, 12, 12))],
+                         [G.value_info("y", np.float32, (1, 32, 12, 12))], inits)
+    x = np.abs(rng.standard_normal((12, 16, 12, 12))).astype(np.float32)
+    return save(proto, tmp_path), Samples({"x": x}, {"x": True})
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+@pytest.mark.parametrize("op", ["Conv", "MatMul", "Gemm"])
+def test_the_branch_rewrite_is_exact_in_float(tmp_path, op, alpha):
+    from edgelr import svdquant
+    from edgelr.calibrate import observe_shapes
+    from edgelr.layers import find_layers
+    from edgelr.model_io import save as save_model
+    from edgelr.quantize import FLOAT_BRANCH
+
+    rng = np.random.default_rng(3)
+    if op == "Conv":
+        path, samples = outlier_conv(tmp_path)
+        feed = {"x": samples.arrays["x"][:1]}
+    else:
+        w = rng.standard_normal((40, 48) if op == "MatMul" else (48, 40)).astype(np.float32)
+        attrs = {} if op == "MatMul" else {"transB": 1, "alpha": 0.5}
+        inputs = ["x", "w"] + ([] if op == "MatMul" else ["b"])
+        inits = [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(np.ones(48, np.float32), "b")]
+        proto = G.make_model([helper.make_node(op, inputs, ["y"], name="fc", **attrs)],
+                             [G.value_info("x", np.float32, (6, 40))], [G.value_info("y", np.float32, (6, 48))],
+                             inits[: 1 if op == "MatMul" else 2])
+        path, feed = save(proto, tmp_path), {"x": rng.standard_normal((6, 40)).astype(np.float32)}
+    model = load(path)
+    layer = find_layers(model)[0][0]
+    observe_shapes(model, [layer], Samples({"x": feed["x"][None]}, {"x": False}))
+    absmax = np.abs(feed["x"]).max(axis=tuple(i for i in range(feed["x"].ndim) if i != (1 if op == "Conv" else 1)))
+    svdquant.rewrite(model.graph, layer, rank=4, alpha=alpha, absmax=absmax)
+    save_model(model, tmp_path / "branched.onnx")
+    names = [n.name for n in onnx.load(str(tmp_path / "branched.onnx")).graph.node]
+    assert sum(FLOAT_BRANCH in n for n in names) == (4 if alpha else 3)
+    want, got = (session(p).run(None, feed)[0] for p in (path, tmp_path / "branched.onnx"))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_int8_lowrank_beats_plain_int8_on_a_layer_with_outliers(tmp_path):
+    path, samples = outlier_conv(tmp_path)
+    plain = quantize(path, tmp_path / "plain.onnx", "int8", samples, progress=False)
+    branched = quantize(path, tmp_path / "branched.onnx", "int8-lowrank", samples, progress=False)
+    assert "low_rank_branches" not in plain
+    (row,) = branched["low_rank_branches"]
+    assert row["name"] == "conv" and row["outlier_ratio"] > 30 and row["chosen"]
+    assert row["branch_error"] < 0.8 * row["int8_error"]
+    graph = onnx.load(str(tmp_path / "branched.onnx")).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    branch = [n for n in graph.node if "/float_branch" in n.name]
+    assert branch and not any(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear"
+                              for n in branch for i in n.input if i not in {t.name for t in graph.initializer})
+    assert "QuantizeLinear" in {n.op_type for n in graph.node}  # the residual conv is still INT8
+    check = Samples({"x": samples.arrays["x"][::-1].copy()}, {"x": True})
+    assert output_error(path, tmp_path / "branched.onnx", check)["all"] < output_error(path, tmp_path / "plain.onnx", check)["all"]

@@ -56,12 +56,16 @@ def export(
     shapes: dict | None = None,
     to: str | None = None,
     ssh: SshOptions = SshOptions(),
+    sparsity: str | None = None,
     progress: bool = True,
 ) -> ExportResult:
     """Write the deployable folder for TARGET into OUT_DIR; with `to`, copy it to the device and run it."""
     start = time.perf_counter()
     target = target if isinstance(target, Target) else load_target(target)
     model_path = Path(model)
+    if sparsity is not None and not target.is_tensorrt:
+        raise EdgelrError(f"--sparsity {sparsity}: 2:4 sparse weights run on TensorRT targets (NVIDIA GPUs), not on "
+                          f"'{target.name}' ({target.backend})")
     loaded = model_io.load(model_path)  # a clear error for a missing or broken model, before any work
     out_dir = _check_out_dir(Path(out_dir), model_path, calib)
     samples = load_samples(calib, loaded) if calib is not None else None
@@ -78,7 +82,7 @@ def export(
         stage = Path(tmp) / "bundle"
         stage.mkdir()
         try:
-            manifest = _write(model_path, target, stage, samples, precision, shapes, progress)
+            manifest = _write(model_path, target, stage, samples, precision, shapes, sparsity, progress)
         except OSError as exc:
             raise EdgelrError(f"{out_dir}: could not write the bundle ({exc.strerror or exc}); "
                               "check the free space and permissions there") from None
@@ -105,7 +109,7 @@ def file_entry(path: Path) -> dict:
     return {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
 
 
-def _write(model_path: Path, target: Target, stage: Path, samples, precision, shapes, progress) -> dict:
+def _write(model_path: Path, target: Target, stage: Path, samples, precision, shapes, sparsity, progress) -> dict:
     if target.is_tensorrt:
         from edgelr.export.tensorrt import (
             build_engine,
@@ -114,7 +118,7 @@ def _write(model_path: Path, target: Target, stage: Path, samples, precision, sh
         )
 
         return build_engine(model_path, target, stage, samples, precision=precision, shapes=shapes, progress=progress,
-                            timing_cache=default_timing_cache(tensorrt_module(target)))
+                            timing_cache=default_timing_cache(tensorrt_module(target)), sparsity=sparsity)
     if precision not in (None, target.precision):
         raise EdgelrError(f"--precision {precision}: target '{target.name}' runs the model's own precision with ONNX "
                           "Runtime; quantize it first (edgelr compress --quantize int8) and export that")

@@ -12,8 +12,13 @@ So fp16 converts the graph's float tensors to fp16 (inputs and outputs stay fp32
 Q/DQ graph (the model's own, or one quantized here with ONNX Runtime's tools and calibration samples),
 fp32 builds the graph as it is.
 
+`sparsity="2:4"` first zeroes the two smallest of every four weights along each Conv/MatMul/Gemm input
+dimension (the semi-structured pattern Ampere and newer GPUs run on sparse tensor cores) and turns on
+SPARSE_WEIGHTS; the manifest records what it cost in output error (magnitude 2:4 without fine-tuning
+loses accuracy: distill the sparse model back, edgelr distill, where it matters).
+
 `dest` receives model.engine, the ONNX it was built from when edgelr converted it
-(model.fp16.onnx, model.int8.onnx), and manifest.json describing all of it.
+(model.fp16.onnx, model.int8.onnx, model.sparse.onnx), and manifest.json describing all of it.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 
 from edgelr import model_io
 from edgelr.cache import cache_root
@@ -129,6 +135,7 @@ def build_engine(
     precision: str | None = None,
     shapes: dict[str, ShapeTriple] | None = None,
     timing_cache: Path | None = None,
+    sparsity: str | None = None,
     progress: bool = True,
 ) -> dict:
     """Build a TensorRT engine for TARGET from the ONNX model into the existing empty folder DEST.
@@ -140,6 +147,7 @@ def build_engine(
     shapes: input name -> (min, opt, max) shapes for dynamic dims; overrides target.shapes.
     timing_cache: TensorRT's timing cache file, loaded if present and saved after the build
         (full TensorRT only: TensorRT for RTX picks kernels on the device and has no timing cache).
+    sparsity: "2:4" to prune the weights to 2:4 and build with SPARSE_WEIGHTS (see the module doc).
     Returns the manifest (also written to DEST/manifest.json).
     """
     started = time.perf_counter()
@@ -153,6 +161,12 @@ def build_engine(
     _check_version(target, trt)
     model = model_io.load(model_path)
     samples = _as_samples(feed, model, model_path) if feed is not None else None
+    sparse, source_model = None, model_path
+    if sparsity is not None:
+        if sparsity != "2:4":
+            raise EdgelrError(f"--sparsity {sparsity}: the only pattern TensorRT runs is 2:4")
+        sparse = sparsify_2_4(model_path, model, dest / "model.sparse.onnx", samples)
+        model_path, model = dest / "model.sparse.onnx", model_io.load(dest / "model.sparse.onnx")
 
     onnx_path, how, converted = _graph_for(model_path, model, precision, samples, dest, progress)
     logger = _logger(trt)
@@ -165,6 +179,8 @@ def build_engine(
     if not parser.parse_from_file(str(onnx_path)):
         raise EdgelrError(f"{model_path}: TensorRT cannot parse the model: {_parse_errors(parser, trt)}")
     config = builder.create_builder_config()
+    if sparse is not None:
+        config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
     profile = _profile(network, model, model_path, shapes if shapes is not None else target.shapes, samples)
     if profile:
         opt = builder.create_optimization_profile()
@@ -189,13 +205,16 @@ def build_engine(
     cache_note = _save_timing_cache(trt, config, timing_cache, cache_note)
 
     files = [engine] + ([onnx_path, *_external_files(onnx_path)] if converted else [])
+    if sparse is not None and model_path not in files:
+        files += [model_path, *_external_files(model_path)]
     manifest = {
         "kind": "tensorrt-engine",
         "target": _target_fields(target),
         "tensorrt": {"module": trt.__name__, "version": trt.__version__},
         "precision": precision,
         "graph": how,
-        "source_model": str(model_path),
+        "sparsity": sparse,
+        "source_model": str(source_model),
         "inputs": [_tensor(network.get_input(i), trt) for i in range(network.num_inputs)],
         "outputs": [_tensor(network.get_output(i), trt) for i in range(network.num_outputs)],
         "profile": {name: {"min": list(lo), "opt": list(mid), "max": list(hi)} for name, (lo, mid, hi) in profile.items()}
@@ -279,6 +298,44 @@ def _graph_for(model_path: Path, model, precision: str, samples: Samples | None,
     result = quantize(model_path, out, "int8", samples, activations="int8-symmetric", progress=progress)
     return out, (f"quantized by edgelr (ONNX Runtime static int8, Q/DQ, symmetric, per-channel weights, "
                  f"{result['samples']} calibration samples, {result['nodes_quantized']} nodes)"), True
+
+
+def sparsify_2_4(model_path: Path, model, out: Path, samples: Samples | None) -> dict:
+    """Zero the two smallest-magnitude weights of every four along the input dimension of each Conv,
+    MatMul and Gemm whose input dimension is a multiple of 4 (TensorRT's 2:4 pattern); save to OUT.
+    Returns {"pattern", "layers", "skipped", "output_error"} (the error on the samples, if any)."""
+    from edgelr.layers import find_layers
+    from edgelr.verify import output_error
+
+    layers, _ = find_layers(model)
+    pruned, skipped = 0, 0
+    for layer in layers:
+        w = layer.weight_array()
+        if layer.is_conv:  # (N, C/groups, *kernel): groups of four input channels at each kernel tap
+            rows = np.moveaxis(w, 1, -1)
+        else:  # MatMul and Gemm(transB=0) store (in x out), Gemm(transB=1) (out x in)
+            rows = w.T if layer.transposed_weight else w
+        if rows.shape[-1] % 4 or w.dtype.kind != "f":
+            skipped += 1
+            continue
+        groups = rows.reshape(*rows.shape[:-1], -1, 4)
+        smallest = np.argsort(np.abs(groups), axis=-1)[..., :2]
+        groups = groups.copy()
+        np.put_along_axis(groups, smallest, 0, axis=-1)
+        rows = groups.reshape(rows.shape)
+        sparse = np.moveaxis(rows, -1, 1) if layer.is_conv else (rows.T if layer.transposed_weight else rows)
+        tensor = ir.tensor(np.ascontiguousarray(sparse), name=layer.weight.name)
+        if layer.weight.const_value is not None:
+            layer.weight.const_value = tensor
+        else:  # a Constant node's output
+            layer.weight.producer().attributes["value"] = ir.AttrTensor("value", tensor)
+        pruned += 1
+    if not pruned:
+        raise EdgelrError(f"{model_path}: no Conv, MatMul or Gemm weight has an input dimension divisible by 4; "
+                          "2:4 sparsity does not apply to this model")
+    model_io.save(model, out)
+    error = output_error(model_path, out, samples)["all"] if samples is not None else None
+    return {"pattern": "2:4", "layers": pruned, "skipped": skipped, "output_error": error}
 
 
 def _mostly_fp16(model) -> bool:
