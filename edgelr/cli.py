@@ -29,6 +29,16 @@ def _positive(text: str) -> float:
     return value
 
 
+def _removed(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is outside [0, 1): give the fraction of channels to remove, e.g. 0.25")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgelr", description="Make ONNX models smaller and faster for edge devices.")
     parser.add_argument("--version", action="version", version=f"edgelr {__version__}")
@@ -50,8 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-error", type=_positive, metavar="E", help="per-layer relative output error gate")
     p.add_argument("--calib", metavar="DATA.npz", help="one array per model input, first axis = samples")
     p.add_argument("--report", metavar="REPORT.json", help="write the per-layer results as JSON")
-    p.add_argument("--quantize", choices=["int8", "int8-dynamic"],
-                   help="then quantize with ONNX Runtime: int8 (static, calibrated on --calib) or int8-dynamic")
+    p.add_argument("--prune", type=_removed, metavar="F",
+                   help="first remove this fraction of the channels of every prunable group (structured pruning)")
+    p.add_argument("--quantize", choices=["int8", "int8-lowrank", "int8-dynamic"],
+                   help="then quantize with ONNX Runtime: int8 (static, calibrated on --calib), int8-lowrank "
+                        "(int8 plus float low-rank branches where they measure better) or int8-dynamic")
 
     p = sub.add_parser("profile", help="latency on this machine, end to end and per node (ONNX Runtime CPU)")
     p.add_argument("model", metavar="MODEL.onnx")
@@ -125,9 +138,16 @@ def _compress(args) -> int:
     from edgelr.factorize import FactorizeConfig
     from edgelr.report import compression_table
 
-    config = FactorizeConfig(params=args.params, flops=args.flops, latency=args.latency, max_error=args.max_error)
+    budget = {"params": args.params, "flops": args.flops, "latency": args.latency, "max_error": args.max_error}
+    if all(v is None for v in budget.values()) and (args.prune is not None or args.quantize):
+        budget = {"ranks": {}}  # pruning or quantization alone: every layer stays dense
+    config = FactorizeConfig(**budget)
     done = compress(args.model, args.output, config, calib=args.calib, report=args.report, progress=not args.quiet,
-                    quantize=args.quantize)
+                    quantize=args.quantize, prune=args.prune)
+    if done.pruned:
+        p = done.pruned
+        print(f"pruned {p['groups_pruned']} of {p['groups'] + p['unprunable_groups']} channel groups: "
+              f"{p['params_before']:,} -> {p['params_after']:,} parameters")
     print(compression_table(done.result))
     for warning in done.result.warnings:
         print(f"warning: {warning}", file=sys.stderr)

@@ -43,6 +43,7 @@ class CompressReport:
     seconds: float
     latency: dict | None = None  # with --latency: predicted vs measured per search round, table use
     quantized: dict | None = None  # with quantize: what edgelr.quantize did
+    pruned: dict | None = None  # with prune: what edgelr.prune did
 
     def to_json(self) -> dict:
         data = {"source": str(self.source), "output": str(self.output), "seconds": round(self.seconds, 3)}
@@ -52,6 +53,8 @@ class CompressReport:
             data["latency"] = self.latency
         if self.quantized is not None:
             data["quantized"] = self.quantized
+        if self.pruned is not None:
+            data["pruned"] = self.pruned
         return data
 
 
@@ -63,10 +66,13 @@ def compress(
     report: str | os.PathLike | None = None,
     progress: bool = True,
     quantize: str | None = None,
+    prune: float | None = None,
 ) -> CompressReport:
     """Factorize SOURCE into OUTPUT; with CALIB the SVD is data-aware and the result is verified on it.
-    `quantize` ("int8": static, calibrated on CALIB; "int8-dynamic") then quantizes the factorized model
-    with ONNX Runtime's tools (edgelr.quantize); the reported error is against the float original."""
+    `prune` (a fraction of channels) first removes that fraction of every prunable channel group
+    (edgelr.prune; FactorizeConfig(ranks={}) then keeps every layer dense). `quantize` ("int8": static,
+    calibrated on CALIB; "int8-lowrank"; "int8-dynamic") then quantizes the factorized model with
+    ONNX Runtime's tools (edgelr.quantize). The reported error is against the original."""
     start = time.perf_counter()
     source = Path(source)
     output = model_io.check_output_path(output, source, calib)
@@ -76,9 +82,39 @@ def compress(
             raise EdgelrError(f"{report}: the report and the model cannot be the same file")
     if quantize is not None and quantize not in SCHEMES:
         raise EdgelrError(f"--quantize {quantize}: unknown scheme; known schemes: {', '.join(SCHEMES)}")
-    if quantize == "int8" and calib is None:
-        raise EdgelrError("--quantize int8 calibrates activation ranges: pass --calib DATA.npz, "
+    if quantize in ("int8", "int8-lowrank") and calib is None:
+        raise EdgelrError(f"--quantize {quantize} calibrates activation ranges: pass --calib DATA.npz, "
                           "or use --quantize int8-dynamic, which needs none")
+    if prune is None:
+        return _compress(source, output, config, calib, report, progress, quantize, start)
+    pruned = output.with_name(f".{output.stem}.pruned{output.suffix}")
+    try:
+        pruning = _prune(source, pruned, prune, calib, progress)
+        done = _compress(pruned, output, config, calib, report, progress, quantize, start, original=source)
+    finally:
+        _remove_model(pruned)
+    done.source, done.pruned = source, pruning
+    if report is not None:
+        write_json(done.to_json(), report)
+    return done
+
+
+def _prune(source: Path, out: Path, ratio: float, calib, progress: bool) -> dict:
+    from edgelr.prune import prune
+
+    model = model_io.load(source)
+    samples = load_samples(calib, model) if calib is not None else None
+    result = prune(model, ratio, samples, progress=progress)
+    model_io.save(model, out)
+    return {"ratio": ratio, "groups_pruned": len(result.pruned), "groups": len(result.groups),
+            "unprunable_groups": len(result.unprunable), "params_before": result.params_before,
+            "params_after": result.params_after, "data_aware": result.data_aware}
+
+
+def _compress(source: Path, output: Path, config: FactorizeConfig, calib, report, progress: bool, quantize,
+              start: float, original: Path | None = None) -> CompressReport:
+    """compress() on SOURCE; `original` (when SOURCE is an intermediate model) is what the errors are
+    measured against."""
     model = model_io.load(source)
     samples = load_samples(calib, model) if calib is not None else None
     layers, skipped = find_layers(model)
@@ -96,7 +132,7 @@ def compress(
     spectra, sensitivity = _cached_analysis(key, layers, config)
     cached = (len(spectra), sensitivity is not None)
     unweighted = None
-    if samples is not None and config.sensitivity and sensitivity is None:
+    if samples is not None and config.sensitivity and sensitivity is None and config.ranks is None:
         if model_io.model_bytes(model) <= SENSITIVITY_MAX_BYTES:
             try:
                 sensitivity = layer_sensitivity(source, layers, grams, spectra, config.damping, samples, progress)
@@ -121,7 +157,8 @@ def compress(
         result.warnings.append(unweighted)
     del model, grams  # verification below loads both files in ONNX Runtime; free the graph first
     try:
-        errors = output_error(source, output, samples, references) if samples is not None else {}
+        errors = (output_error(original or source, output, samples, None if original else references)
+                  if samples is not None else {})
     except Exception:
         _remove_model(output)  # a model ONNX Runtime cannot run is no result
         raise

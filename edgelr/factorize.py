@@ -48,7 +48,7 @@ class FactorizeConfig:
     params / flops: keep this fraction (0 < F <= 1) of the factorizable layers' total.
     latency: keep this fraction of the whole model's measured latency (needs a LatencyBudget).
     max_error: per-layer relative output error gate; a layer over it stays dense.
-    ranks: explicit ranks by layer name (other layers stay dense); overrides the budget.
+    ranks: explicit ranks by layer name (other layers stay dense; {} keeps every layer dense); overrides the budget.
     conv_form: "auto" picks per layer the form with the lower error at equal cost.
     damping: added to the Gram's diagonal, as a fraction of its mean, before whitening.
     max_cost_ratio: factorize a layer only if it keeps at most this fraction of its dense cost
@@ -76,7 +76,7 @@ class FactorizeConfig:
             raise EdgelrError("give one budget: --params, --flops or --latency")
         if self.max_error is not None and not self.max_error > 0:
             raise EdgelrError(f"--max-error {self.max_error}: must be a positive relative error, e.g. 0.05")
-        if self.fraction is None and self.max_error is None and not self.ranks:
+        if self.fraction is None and self.max_error is None and self.ranks is None:
             raise EdgelrError("say how far to compress: --params F, --flops F, --latency F or --max-error E")
         if self.conv_form not in CONV_FORMS:
             raise EdgelrError(f"conv form '{self.conv_form}' is not one of {', '.join(CONV_FORMS)}")
@@ -235,7 +235,7 @@ def _factorize(model, config, grams, layers, skipped, progress, cost: Cost, late
         if config.metric == "latency":
             row = results[-1]
             row.latency_before, row.latency_after = before, after if row.rank else before
-        if choice.form is None and len(opts) == 1 and not config.ranks:
+        if choice.form is None and len(opts) == 1 and config.ranks is None:
             results[-1].note = "over the error gate" if _pays(layer, config, cost) else "below break-even"
         bar.update()
     bar.close()
@@ -247,7 +247,7 @@ def _factorize(model, config, grams, layers, skipped, progress, cost: Cost, late
         budget_reached=allocation.reached,
         data_aware=bool(grams),
         warnings=warnings,
-        front=[] if config.ranks else front(options),
+        front=[] if config.ranks is not None else front(options),
         predicted_error2=sum(c.error2 for c in allocation.choices),
         weighted=bool(weights),
         dense_cost=dense_cost,
@@ -279,7 +279,7 @@ def _options(layer: Layer, config: FactorizeConfig, gram: np.ndarray | None, cos
     """The layer's choices, with errors from its spectra. Factors are not kept: with calibration,
     holding every layer's factors beside the Grams would break the memory bound; _apply recomputes
     them for the layers that are chosen."""
-    if config.ranks and layer.name not in config.ranks:
+    if config.ranks is not None and layer.name not in config.ranks:
         return [Choice(None, 0, 0.0, 0.0)]
     residuals = {}
     for form in _forms(layer, config):
@@ -304,8 +304,8 @@ def spectrum(layer: Layer, form: str, gram: np.ndarray | None, damping: float, m
 
 
 def _allocate(layers, options, config: FactorizeConfig, cost: Cost, latency: LatencyBudget | None) -> Allocation:
-    if config.ranks or config.fraction is None:
-        return allocate(options, None) if not config.ranks else Allocation([o[0] for o in options], 0, None, True)
+    if config.ranks is not None or config.fraction is None:
+        return allocate(options, None) if config.ranks is None else Allocation([o[0] for o in options], 0, None, True)
     fixed, total = _budget_split(layers, config, cost)
     if latency is not None:  # the layers must save this many seconds of the whole model's time
         return allocate(options, fixed + total - latency.seconds)
@@ -345,7 +345,7 @@ def _apply(graph: ir.Graph, layer: Layer, choice: Choice, config: FactorizeConfi
     error = _measured_error(layer, choice.form, factors, gram)
     row.predicted_error = math.sqrt(choice.error2 / weight)  # the layer's own, as `error` is
     row.error = error
-    if config.max_error is not None and error > config.max_error and not config.ranks:
+    if config.max_error is not None and error > config.max_error and config.ranks is None:
         row.note = f"error {error:.3f} over the gate"
         return row
     _rewrite(graph, layer, choice.form, factors)

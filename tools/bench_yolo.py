@@ -25,7 +25,9 @@ from edgelr.calibrate import load_samples  # noqa: E402
 from edgelr.model_io import load  # noqa: E402
 from edgelr.quantize import quantize  # noqa: E402
 from edgelr.verify import output_error  # noqa: E402
-from tools.photos import CALIBRATION, HELD_OUT, samples  # noqa: E402
+from edgelr.detection import detection_agreement  # noqa: E402
+from edgelr.calibrate import samples_from_arrays  # noqa: E402
+from tools.photos import CALIBRATION, HELD_OUT, detection_heldout, samples  # noqa: E402
 from edgelr.latency import interleaved_latency  # noqa: E402
 
 
@@ -72,6 +74,9 @@ def main() -> None:
         heldout = load_samples(tmp / "heldout.npz", load(source))
         err = {name: output_error(source, path, heldout)["all"] for name, path in models.items() if name != "original"}
         channels = _channel_errors(source, tmp / "whitened.onnx", heldout)
+        scenes = samples_from_arrays({"images": detection_heldout()}, load(source))
+        detection = {name: detection_agreement(source, path, scenes)["map50"] for name, path in models.items()
+                     if name != "original"}
         lat = interleaved_latency(models, heldout.feed(0), rounds=args.rounds)
     err_w, err_p = err["whitened"], err.get("plain")
     result = {
@@ -84,6 +89,7 @@ def main() -> None:
         "sensitivity": not args.no_sensitivity,
         "quantize": args.quantize,
         "whitened_by_channel": channels,
+        "detection_map50": detection,  # mAP@0.5 against the original's detections (tools/photos.detection_heldout)
         "latency_ms": {k: v * 1e3 for k, v in lat.items()},
         "speedup": {name: lat["original"] / t for name, t in lat.items() if name != "original"},
         "params_kept": whitened.result.total("params_after") / whitened.result.total("params_before"),

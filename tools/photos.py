@@ -60,6 +60,32 @@ def samples(names: list[str], size: int, crops: int = 3, seed: int = 0) -> np.nd
     return np.stack(out)
 
 
+def face_mosaics(faces: slice, grid: int, size: int) -> np.ndarray:
+    """(S, 3, size, size) float32: grid x grid tiles of scikit-image's LFW faces (real 25x25 face photos,
+    grey), upscaled; a detector trained on people finds a face in most tiles."""
+    import skimage.data
+    from PIL import Image
+
+    chosen = skimage.data.lfw_subset()[:100][faces]  # the first 100 of lfw_subset are faces
+    cell = size // grid
+    out = []
+    for start in range(0, len(chosen) - grid * grid + 1, grid * grid):
+        canvas = np.full((size, size), 114, np.uint8)
+        for k, face in enumerate(chosen[start : start + grid * grid]):
+            tile = Image.fromarray((face * 255).astype(np.uint8)).resize((cell, cell), Image.BILINEAR)
+            row, col = divmod(k, grid)
+            canvas[row * cell : (row + 1) * cell, col * cell : (col + 1) * cell] = np.asarray(tile)
+        out.append(np.stack([canvas] * 3).astype(np.float32) / 255.0)
+    return np.stack(out)
+
+
+def detection_heldout(size: int = 320) -> np.ndarray:
+    """Held-out images for detection agreement: the held-out photos (3 crops each) and mosaics of faces
+    50..99 (faces 0..49 may be used for training)."""
+    return np.concatenate([samples(HELD_OUT, size, 3, seed=1), face_mosaics(slice(50, 100), 3, size),
+                           face_mosaics(slice(50, 100), 4, size)])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=320)
