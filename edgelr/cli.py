@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-error", type=_positive, metavar="E", help="per-layer relative output error gate")
     p.add_argument("--calib", metavar="DATA.npz", help="one array per model input, first axis = samples")
     p.add_argument("--report", metavar="REPORT.json", help="write the per-layer results as JSON")
+    p.add_argument("--float-output", metavar="FLOAT.onnx", help="with --quantize: also keep the model before quantization")
     p.add_argument("--prune", type=_removed, metavar="F",
                    help="first remove this fraction of the channels of every prunable group (structured pruning)")
     p.add_argument("--quantize", choices=["int8", "int8-lowrank", "int8-dynamic"],
@@ -89,6 +90,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", choices=["2:4"], help="TensorRT: prune weights to 2:4 and build with sparse kernels")
     p.add_argument("--to", metavar="USER@HOST:PATH", help="copy the bundle to the device over SSH and run its check there")
     _ssh_flags(p, "--to")
+
+    p = sub.add_parser("distill", help="train a compressed model to match the original's outputs (no labels needed)")
+    p.add_argument("teacher", metavar="TEACHER.onnx")
+    p.add_argument("student", metavar="STUDENT.onnx", help="the compressed model (same inputs and outputs)")
+    p.add_argument("--data", required=True, metavar="DIR_OR_NPZ",
+                   help="a folder of images (with an optional preprocess.json) or an .npz of model inputs")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
+    length = p.add_mutually_exclusive_group(required=True)
+    length.add_argument("--steps", type=int, metavar="N")
+    length.add_argument("--epochs", type=float, metavar="N")
+    p.add_argument("--batch", type=int, default=8, metavar="N")
+    p.add_argument("--lr", type=_positive, default=2e-5, metavar="LR", help="AdamW's peak learning rate (default 2e-5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", metavar="FILE", help="save progress here (and resume from it with --resume)")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--preprocess", metavar="SPEC.json", help="image size, letterbox, mean, std, scale (images only)")
+    p.add_argument("--freeze", action="append", default=[], metavar="PATTERN", help="keep matching weights fixed")
+    p.add_argument("--feature", action="append", default=[], metavar="TENSOR",
+                   help="also align this intermediate tensor (same name in both models)")
+    p.add_argument("--time-limit", type=_positive, metavar="S", help="stop after this many seconds, writing the output")
+    p.add_argument("--eval", metavar="DATA.npz", help="held-out inputs: report the error before and after")
 
     p = sub.add_parser("report", help="one self-contained HTML page from the JSON of compress --report and profile --json")
     p.add_argument("run_dir", metavar="RUN_DIR")
@@ -143,7 +165,7 @@ def _compress(args) -> int:
         budget = {"ranks": {}}  # pruning or quantization alone: every layer stays dense
     config = FactorizeConfig(**budget)
     done = compress(args.model, args.output, config, calib=args.calib, report=args.report, progress=not args.quiet,
-                    quantize=args.quantize, prune=args.prune)
+                    quantize=args.quantize, prune=args.prune, float_output=args.float_output)
     if done.pruned:
         p = done.pruned
         print(f"pruned {p['groups_pruned']} of {p['groups'] + p['unprunable_groups']} channel groups: "
@@ -280,6 +302,22 @@ def _export(args) -> int:
     return 0
 
 
+def _distill(args) -> int:
+    from edgelr.distill import distill
+
+    done = distill(args.teacher, args.student, args.data, args.output, steps=args.steps, epochs=args.epochs,
+                   batch=args.batch, lr=args.lr, seed=args.seed, checkpoint=args.checkpoint, resume=args.resume,
+                   preprocess=args.preprocess, freeze=args.freeze, features=[(f, f) for f in args.feature] or None,
+                   time_limit=args.time_limit, eval_samples=args.eval, progress=not args.quiet)
+    print(f"{done['steps']} steps in {done['seconds']:.0f} s, final loss {done['final_loss']:.4g}"
+          + (" (stopped at the time limit)" if done.get("stopped_early") else ""))
+    if done.get("error_before"):
+        print(f"held-out relative output error: {done['error_before']['all']:.4f} before, "
+              f"{done['error_after']['all']:.4f} after")
+    print(f"wrote {done['output']} (parity with torch: {max(done['parity'].values()):.1e})")
+    return 0
+
+
 def _report(args) -> int:
     from edgelr.html_report import write_html_report
 
@@ -294,8 +332,8 @@ def _demo(args) -> int:
     return run_demo(progress=not args.quiet)
 
 
-_COMMANDS = {"inspect": _inspect, "compress": _compress, "profile": _profile, "export": _export, "report": _report,
-             "demo": _demo}
+_COMMANDS = {"inspect": _inspect, "compress": _compress, "profile": _profile, "export": _export, "distill": _distill,
+             "report": _report, "demo": _demo}
 
 
 if __name__ == "__main__":

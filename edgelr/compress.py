@@ -67,12 +67,14 @@ def compress(
     progress: bool = True,
     quantize: str | None = None,
     prune: float | None = None,
+    float_output: str | os.PathLike | None = None,
 ) -> CompressReport:
     """Factorize SOURCE into OUTPUT; with CALIB the SVD is data-aware and the result is verified on it.
     `prune` (a fraction of channels) first removes that fraction of every prunable channel group
     (edgelr.prune; FactorizeConfig(ranks={}) then keeps every layer dense). `quantize` ("int8": static,
     calibrated on CALIB; "int8-lowrank"; "int8-dynamic") then quantizes the factorized model with
-    ONNX Runtime's tools (edgelr.quantize). The reported error is against the original."""
+    ONNX Runtime's tools (edgelr.quantize); `float_output` keeps the factorized model before quantization
+    (what edgelr distill trains). The reported error is against the original."""
     start = time.perf_counter()
     source = Path(source)
     output = model_io.check_output_path(output, source, calib)
@@ -85,12 +87,19 @@ def compress(
     if quantize in ("int8", "int8-lowrank") and calib is None:
         raise EdgelrError(f"--quantize {quantize} calibrates activation ranges: pass --calib DATA.npz, "
                           "or use --quantize int8-dynamic, which needs none")
+    if float_output is not None:
+        if quantize is None:
+            raise EdgelrError("--float-output keeps the model before quantization: it needs --quantize")
+        float_output = model_io.check_output_path(float_output, source, calib)
+        if float_output.resolve() == output.resolve():
+            raise EdgelrError(f"{float_output}: the float model and the output cannot be the same file")
     if prune is None:
-        return _compress(source, output, config, calib, report, progress, quantize, start)
+        return _compress(source, output, config, calib, report, progress, quantize, start, float_output=float_output)
     pruned = output.with_name(f".{output.stem}.pruned{output.suffix}")
     try:
         pruning = _prune(source, pruned, prune, calib, progress)
-        done = _compress(pruned, output, config, calib, report, progress, quantize, start, original=source)
+        done = _compress(pruned, output, config, calib, report, progress, quantize, start, original=source,
+                         float_output=float_output)
     finally:
         _remove_model(pruned)
     done.source, done.pruned = source, pruning
@@ -112,7 +121,7 @@ def _prune(source: Path, out: Path, ratio: float, calib, progress: bool) -> dict
 
 
 def _compress(source: Path, output: Path, config: FactorizeConfig, calib, report, progress: bool, quantize,
-              start: float, original: Path | None = None) -> CompressReport:
+              start: float, original: Path | None = None, float_output: Path | None = None) -> CompressReport:
     """compress() on SOURCE; `original` (when SOURCE is an intermediate model) is what the errors are
     measured against."""
     model = model_io.load(source)
@@ -145,11 +154,11 @@ def _compress(source: Path, output: Path, config: FactorizeConfig, calib, report
     latency = None
     if config.metric == "latency":
         result, latency, quantized = _latency_rounds(source, output, model, layers, grams, config, samples, progress,
-                                                     analysis, key, quantize)
+                                                     analysis, key, quantize, float_output)
     else:
         result = factorize(model, config, grams, layers=layers, progress=progress, **analysis)
         model_io.save(model, output)
-        quantized = _quantize(output, quantize, samples, progress) if quantize else None
+        quantized = _quantize(output, quantize, samples, progress, float_output) if quantize else None
     if key is not None and (len(spectra), sensitivity is not None) != cached:  # something new to keep
         ArrayCache("spectra").put(_spectra_key(key, config), _pack_analysis(spectra, sensitivity, layers))
     result.skipped = skipped
@@ -179,12 +188,16 @@ def _quantized_floor(source: Path, scheme: str, samples, feed: dict) -> float:
     return times["quantized"] / times["original"]
 
 
-def _quantize(output: Path, scheme: str, samples, progress: bool) -> dict:
-    """Quantize the factorized OUTPUT in place (through a file beside it; nothing half-written)."""
+def _quantize(output: Path, scheme: str, samples, progress: bool, keep: Path | None = None) -> dict:
+    """Quantize the factorized OUTPUT in place (through a file beside it; nothing half-written); with
+    `keep`, the float model moves there afterwards."""
     float_model = output.with_name(f".{output.stem}.float{output.suffix}")
     os.replace(output, float_model)
     try:
-        return quantize_model(float_model, output, scheme, samples, progress=progress)
+        done = quantize_model(float_model, output, scheme, samples, progress=progress)
+        if keep is not None:
+            model_io.save(model_io.load(float_model), keep)
+        return done
     finally:
         _remove_model(float_model)
 
@@ -227,7 +240,8 @@ def _pack_analysis(spectra: dict, sensitivity: dict | None, layers: list) -> dic
     return arrays
 
 
-def _latency_rounds(source, output, model, layers, grams, config, samples, progress, analysis, key, quantize):
+def _latency_rounds(source, output, model, layers, grams, config, samples, progress, analysis, key, quantize,
+                    float_output=None):
     """Search against measured latency: factorize, measure the whole model, correct, again.
 
     The layer tables predict what factorizing saves; the graph around the layers (fusions, memory
@@ -264,7 +278,7 @@ def _latency_rounds(source, output, model, layers, grams, config, samples, progr
                            **analysis)
         table.save()
         model_io.save(model, output)
-        quantized = _quantize(output, quantize, samples, False) if quantize else None
+        quantized = _quantize(output, quantize, samples, False, float_output) if quantize else None
         predicted = sum(r.latency_before - r.latency_after for r in result.layers)
         measured = interleaved_latency({"original": source, "compressed": output}, feed, rounds=MEASURE_ROUNDS)
         ratio = measured["compressed"] / measured["original"]
@@ -283,7 +297,7 @@ def _latency_rounds(source, output, model, layers, grams, config, samples, progr
         result = factorize(model, config, grams, layers=layers, progress=progress, latency=LatencyBudget(table, saving),
                            **analysis)
         model_io.save(model, output)
-        quantized = _quantize(output, quantize, samples, False) if quantize else None
+        quantized = _quantize(output, quantize, samples, False, float_output) if quantize else None
     table.entries[memo] = saving
     table.save()
     t_original = measured["original"]
