@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from edgelr import lowrank
 from edgelr.calibrate import Samples, _layer_inputs, observe_shapes, samples_from_arrays
+from edgelr.errors import EdgelrError
 from edgelr.factorize import _drop_weight, _initializer, _pair
 from edgelr.latency import _single_layer_model
 from edgelr.layers import Layer, find_layers
@@ -63,6 +64,9 @@ class LayerPlan:
 def plan(model: ir.Model, samples: Samples, *, rank: int = RANK, alphas=ALPHAS, min_gain: float = MIN_GAIN,
          activations: str = "uint8", progress: bool = True) -> list[LayerPlan]:
     """Measure, layer by layer, whether a low-rank float branch beats plain INT8 (see the module doc)."""
+    if len(samples) < 2:
+        raise EdgelrError("--quantize int8-lowrank measures each layer on held-back samples: give at least 2 "
+                          f"calibration samples (got {len(samples)})")
     layers = [layer for layer in find_layers(model)[0] if _eligible(layer, rank)]
     observe_shapes(model, layers, samples)
     inputs: dict[str, list[np.ndarray]] = {}
@@ -73,8 +77,6 @@ def plan(model: ir.Model, samples: Samples, *, rank: int = RANK, alphas=ALPHAS, 
     rows = []
     for layer in tqdm(layers, desc="low-rank branches", unit="layer", disable=not progress, leave=False):
         xs = inputs[layer.uses[0].input.name]
-        if len(xs) < 2:
-            raise ValueError("the low-rank branch needs at least 2 calibration samples")
         absmax = _channel_absmax(np.concatenate(xs), layer)
         half = len(xs) // 2
         calib, judge = np.concatenate(xs[:half]), xs[half:]

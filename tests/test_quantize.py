@@ -313,3 +313,11 @@ def test_int8_lowrank_beats_plain_int8_on_a_layer_with_outliers(tmp_path):
     assert "QuantizeLinear" in {n.op_type for n in graph.node}  # the residual conv is still INT8
     check = Samples({"x": samples.arrays["x"][::-1].copy()}, {"x": True})
     assert output_error(path, tmp_path / "branched.onnx", check)["all"] < output_error(path, tmp_path / "plain.onnx", check)["all"]
+
+
+def test_int8_lowrank_needs_two_samples(tmp_path):
+    path, samples = outlier_conv(tmp_path)
+    one = Samples({"x": samples.arrays["x"][:1]}, {"x": True})
+    with pytest.raises(EdgelrError, match="at least 2 calibration samples"):
+        quantize(path, tmp_path / "out.onnx", "int8-lowrank", one, progress=False)
+    assert not (tmp_path / "out.onnx").exists()
