@@ -51,8 +51,8 @@ SCHEMES = ("int8", "int8-lowrank", "int8-dynamic")
 ACTIVATIONS = ("uint8", "int8", "int8-symmetric")
 # The ops that carry weights: where TensorRT wants its Q/DQ pairs (and where INT8 pays on any runtime).
 _WEIGHTED_OPS = ["Conv", "ConvTranspose", "MatMul", "Gemm"]
-_DYNAMIC_OPS = ["MatMul", "Gemm"]
-FLOAT_BRANCH = "/float_branch"  # in a node's name: keep the node in float, on float inputs  # ORT's CPU kernels have no ConvInteger for INT8 weights
+_DYNAMIC_OPS = ["MatMul", "Gemm"]  # ORT's CPU kernels have no ConvInteger for INT8 weights
+FLOAT_BRANCH = "/float_branch"  # in a node's name: keep the node in float, on float inputs
 # Models this large go through ONNX external data (protobuf cannot hold 2 GB in one message).
 _EXTERNAL_DATA_BYTES = 1 << 30
 
@@ -212,23 +212,16 @@ def _float_nodes(source: Path, tmp: Path) -> tuple[Path, list[str], list[str]]:
     (ORT excludes nodes by name)."""
     import onnx
 
-    proto = onnx.load(str(source), load_external_data=False)
-    graph = proto.graph
+    from edgelr.layers import _name_nodes
+    from edgelr.model_io import save
+
+    graph = onnx.load(str(source), load_external_data=False).graph
     if any(not node.name for node in graph.node):
-        taken = {node.name for node in graph.node}
-        for index, node in enumerate(graph.node):
-            if not node.name:
-                node.name = f"{node.op_type}_{index}"
-                while node.name in taken:
-                    node.name += "_"
-                taken.add(node.name)
-        named = tmp / "named.onnx"
-        if any(t.external_data for t in graph.initializer):
-            onnx.load_external_data_for_model(proto, str(source.parent))
-            onnx.save(proto, str(named), save_as_external_data=True, location="named.onnx.data")
-        else:
-            onnx.save(proto, str(named))
-        source = named
+        model = load(source)
+        _name_nodes(model.graph)
+        source = tmp / "named.onnx"
+        save(model, source)
+        graph = onnx.load(str(source), load_external_data=False).graph
     producer = {output: node for node in graph.node for output in node.output}
     tail, seen, stack = [], set(), [value.name for value in graph.output]
     while stack:

@@ -48,7 +48,18 @@ CONV_FORMS = ("channel", "spatial")
 
 
 # --- modules ------------------------------------------------------------------------------------
-class LowRankLinear(nn.Module):
+class _LowRankPair(nn.Module):
+    """down, then up (which carries the bias)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.up.bias
+
+
+class LowRankLinear(_LowRankPair):
     """Linear(in -> rank, no bias) then Linear(rank -> out, bias): the ONNX pass's 'svd' form."""
 
     form = "svd"
@@ -61,13 +72,6 @@ class LowRankLinear(nn.Module):
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x))
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.up.bias
 
     def dense(self) -> torch.Tensor:
         """The equivalent (out x in) dense weight."""
@@ -90,7 +94,7 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
-class LowRankConv2d(nn.Module):
+class LowRankConv2d(_LowRankPair):
     """A Conv2d as two thinner convs, in one of the ONNX pass's forms:
 
     channel: Conv2d(kh x kw, C -> rank, the layer's stride/padding/dilation, no bias), Conv2d(1 x 1, rank -> N, bias)
@@ -126,13 +130,6 @@ class LowRankConv2d(nn.Module):
             first_pad, second_pad = (ph, 0), (0, pw)
         self.down = nn.Conv2d(in_channels, rank, (kh, 1), (sh, 1), first_pad, (dh, 1), bias=False, **kw_args)
         self.up = nn.Conv2d(rank, out_channels, (1, kw), (1, sw), second_pad, (1, dw), bias=bias, **kw_args)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x))
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.up.bias
 
     def dense(self) -> torch.Tensor:
         """The equivalent dense weight (N, C, kh, kw)."""
