@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from edgelr import model_io
 from edgelr.cache import ArrayCache, content_key
@@ -32,6 +33,7 @@ LATENCY_ROUNDS = 3
 SENSITIVITY_MAX_BYTES = 256 << 20  # larger models are allocated without measured layer sensitivities
 MEASURE_ROUNDS = 20  # x 3 runs of each model, interleaved, per measurement
 LATENCY_SLACK = 0.01  # the search aims this far below the target (timing noise on shared machines)
+FLOAT_CANDIDATES = 6  # with --quantize int8 --latency: layers measured for staying in float
 
 
 @dataclass
@@ -188,13 +190,14 @@ def _quantized_floor(source: Path, scheme: str, samples, feed: dict) -> float:
     return times["quantized"] / times["original"]
 
 
-def _quantize(output: Path, scheme: str, samples, progress: bool, keep: Path | None = None) -> dict:
+def _quantize(output: Path, scheme: str, samples, progress: bool, keep: Path | None = None,
+              keep_float: list[str] = ()) -> dict:
     """Quantize the factorized OUTPUT in place (through a file beside it; nothing half-written); with
-    `keep`, the float model moves there afterwards."""
+    `keep`, the float model moves there afterwards. `keep_float`: nodes to leave in float."""
     float_model = output.with_name(f".{output.stem}.float{output.suffix}")
     os.replace(output, float_model)
     try:
-        done = quantize_model(float_model, output, scheme, samples, progress=progress)
+        done = quantize_model(float_model, output, scheme, samples, progress=progress, keep_float=keep_float)
         if keep is not None:
             model_io.save(model_io.load(float_model), keep)
         return done
@@ -258,6 +261,10 @@ def _latency_rounds(source, output, model, layers, grams, config, samples, progr
     target = config.latency
     # the saving an earlier identical run settled on: its correction rounds need not be repeated
     memo = f"saving|{key}|{target}|{config.max_error}|{config.damping}|{config.conv_form}|{config.sensitivity}|{quantize}"
+    float_layers = None
+    if quantize == "int8" and len(samples) >= 2:  # which layers to quantize is part of the search (LatencyBudget)
+        float_layers = _float_layers(source, model, layers, samples, key, analysis["sensitivity"], table, progress)
+        memo += "|float-choice"
     aim = target - LATENCY_SLACK
     # the latency ratio with no layer factorized, as the model will run: quantization alone gets this far
     floor = 1.0
@@ -274,11 +281,11 @@ def _latency_rounds(source, output, model, layers, grams, config, samples, progr
     for i in range(LATENCY_ROUNDS):
         if i:  # factorize works in place: start again from the original
             model, layers = _reload(source, layers)
-        result = factorize(model, config, grams, layers=layers, progress=progress, latency=LatencyBudget(table, saving),
+        result = factorize(model, config, grams, layers=layers, progress=progress, latency=LatencyBudget(table, saving, float_layers),
                            **analysis)
         table.save()
         model_io.save(model, output)
-        quantized = _quantize(output, quantize, samples, False, float_output) if quantize else None
+        quantized = _quantize(output, quantize, samples, False, float_output, result.keep_float) if quantize else None
         predicted = sum(r.latency_before - r.latency_after for r in result.layers)
         measured = interleaved_latency({"original": source, "compressed": output}, feed, rounds=MEASURE_ROUNDS)
         ratio = measured["compressed"] / measured["original"]
@@ -294,10 +301,10 @@ def _latency_rounds(source, output, model, layers, grams, config, samples, progr
     within, _, _, best, saving, result = min(kept, key=lambda k: (not k[0], k[1] if k[0] else k[2]))
     if best != len(rounds) - 1:  # the output holds the last round: redo the kept one (deterministic)
         model, layers = _reload(source, layers)
-        result = factorize(model, config, grams, layers=layers, progress=progress, latency=LatencyBudget(table, saving),
+        result = factorize(model, config, grams, layers=layers, progress=progress, latency=LatencyBudget(table, saving, float_layers),
                            **analysis)
         model_io.save(model, output)
-        quantized = _quantize(output, quantize, samples, False, float_output) if quantize else None
+        quantized = _quantize(output, quantize, samples, False, float_output, result.keep_float) if quantize else None
     table.entries[memo] = saving
     table.save()
     t_original = measured["original"]
@@ -306,6 +313,39 @@ def _latency_rounds(source, output, model, layers, grams, config, samples, progr
     info = {"target": table.target, "front": front, "quantized_only_ratio": floor if quantize else None, "table": str(table.path), "layer_timings": table.measured, "rounds": rounds,
             "kept_round": best + 1, "within_budget": within}
     return result, info, quantized
+
+
+def _float_layers(source: Path, model, layers: list, samples, key: str, sensitivity: dict | None,
+                  table: LatencyTable, progress: bool) -> dict[str, tuple[float, float]]:
+    """Layer name -> (seconds added, error^2 removed) by leaving that layer in float in the INT8 model,
+    for the FLOAT_CANDIDATES layers whose INT8 error, measured alone and weighed by sensitivity, is
+    largest; each measured on the whole model (quantized without it, its error on the calibration
+    samples, its time interleaved with the all-INT8 model's). Cached with the latency tables."""
+    from edgelr.svdquant import int8_errors
+
+    memo = f"float|{key}|"
+    known = {layer.name: table.entries.get(memo + layer.name) for layer in layers}
+    if not any(known.values()):
+        own = int8_errors(model, layers, samples, progress=progress)
+        weight = sensitivity or {}
+        score = {name: e * weight.get(name, 1.0) for name, e in own.items() if e > 0}
+        chosen = sorted(score, key=score.get, reverse=True)[:FLOAT_CANDIDATES]
+        known = _measure_float_layers(source, [layer for layer in layers if layer.name in chosen], samples, progress)
+        table.entries.update({memo + name: list(v) for name, v in known.items()})
+        table.save()
+    return {name: tuple(v) for name, v in known.items() if v and v[1] > 0}
+
+
+def _measure_float_layers(source: Path, layers: list, samples, progress: bool) -> dict[str, tuple[float, float]]:
+    with tempfile.TemporaryDirectory(prefix="edgelr-float-") as tmp:
+        models = {}
+        bar = tqdm(layers, desc="float layers", unit="model", disable=not progress, leave=False)
+        for name, keep in [("", [])] + [(layer.name, [use.node.name for use in layer.uses]) for layer in bar]:
+            models[name] = Path(tmp) / f"{len(models)}.onnx"
+            quantize_model(source, models[name], "int8", samples, progress=False, keep_float=keep)
+        error2 = {name: output_error(source, path, samples)["all"] ** 2 for name, path in models.items()}
+        times = interleaved_latency(models, samples.feed(0), rounds=MEASURE_ROUNDS)
+    return {layer.name: (times[layer.name] - times[""], error2[""] - error2[layer.name]) for layer in layers}
 
 
 def _reload(source: Path, layers: list) -> tuple:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx_ir as ir
@@ -30,6 +30,7 @@ from edgelr.ranks import (
     Allocation,
     Choice,
     Cost,
+    pareto,
     allocate,
     front,
     layer_choices,
@@ -137,6 +138,8 @@ class FactorizeResult:
     # else the sum of the layers' own errors^2
     predicted_error2: float = 0.0
     weighted: bool = False
+    # on a quantized target (LatencyBudget.float_layers): the nodes the search left in float
+    keep_float: list[str] = field(default_factory=list)
 
     def total(self, key: str) -> int | None:
         values = [getattr(r, key) for r in self.layers]
@@ -216,6 +219,9 @@ def _weights(layers: list[Layer], sensitivity: Mapping[str, float] | None) -> di
 def _factorize(model, config, grams, layers, skipped, progress, cost: Cost, latency, spectra, weights) -> FactorizeResult:
     bar = tqdm(layers, desc="analysing", unit="layer", disable=not progress, leave=False)
     options = [_options(layer, config, grams.get(layer.name), cost, spectra, weights.get(layer.name, 1.0)) for layer in bar]
+    if latency is not None and latency.float_layers and config.ranks is None:
+        options = [_quantized_options(layer, opts, latency) if layer.name in latency.float_layers else opts
+                   for layer, opts in zip(layers, options)]
     allocation = _allocate(layers, options, config, cost, latency)
     # costs before _apply: the latency tables' signatures read the nodes it replaces
     dense_cost = sum(cost(layer, None, 0) for layer in layers)
@@ -226,16 +232,20 @@ def _factorize(model, config, grams, layers, skipped, progress, cost: Cost, late
         why = "the --max-error gate" if config.max_error is not None else "break-even"
         warnings.append(f"budget not reached: {why} keeps {kept:.2f} of the {config.metric}, not {config.fraction}")
 
-    results = []
+    results, keep_float = [], []
     bar = tqdm(total=len(layers), desc="factorizing", unit="layer", disable=not progress, leave=False)
     for layer, choice, opts in zip(layers, allocation.choices, options):
+        if choice.keep_float:
+            keep_float += [use.node.name for use in layer.uses]
         if config.metric == "latency":  # before _apply: the signature reads the node, which it replaces
             before, after = cost(layer, None, 0), cost(layer, choice.form, choice.rank)
         results.append(_apply(model.graph, layer, choice, config, grams.get(layer.name), weights.get(layer.name, 1.0)))
         if config.metric == "latency":
             row = results[-1]
-            row.latency_before, row.latency_after = before, after if row.rank else before
-        if choice.form is None and len(opts) == 1 and config.ranks is None:
+            row.latency_before, row.latency_after = before, choice.cost if choice.keep_float else after if row.rank else before
+        if choice.keep_float:
+            results[-1].note = "kept in float: INT8 error"
+        elif choice.form is None and sum(not c.keep_float for c in opts) == 1 and config.ranks is None:
             results[-1].note = "over the error gate" if _pays(layer, config, cost) else "below break-even"
         bar.update()
     bar.close()
@@ -251,6 +261,7 @@ def _factorize(model, config, grams, layers, skipped, progress, cost: Cost, late
         predicted_error2=sum(c.error2 for c in allocation.choices),
         weighted=bool(weights),
         dense_cost=dense_cost,
+        keep_float=keep_float,
     )
 
 
@@ -293,6 +304,17 @@ def _options(layer: Layer, config: FactorizeConfig, gram: np.ndarray | None, cos
         form = min(fits, key=lambda f: residuals[f][rank])
         return [Choice(form, rank, 0.0, weight * float(residuals[form][rank]))]
     return layer_choices(layer, residuals, cost, config.cost_ratio, config.max_error, weight)
+
+
+def _quantized_options(layer: Layer, options: list[Choice], latency: LatencyBudget) -> list[Choice]:
+    """On a quantized target, a layer in LatencyBudget.float_layers may also stay dense in float: at the
+    seconds that adds, without the error^2 its INT8 kernel adds to the model (which every quantized
+    choice then carries: factors quantize about as their dense layer does, the two errors adding in
+    squares, measured on YOLOv8n)."""
+    seconds, error2 = latency.float_layers[layer.name]
+    quantized = [replace(c, error2=c.error2 + error2) for c in options]
+    dense = next(c for c in options if c.form is None)
+    return pareto(quantized + [Choice(None, 0, dense.cost + seconds, 0.0, keep_float=True)])
 
 
 def spectrum(layer: Layer, form: str, gram: np.ndarray | None, damping: float, memo: dict) -> np.ndarray:

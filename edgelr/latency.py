@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,10 +31,17 @@ def cache_dir() -> Path:
 
 @dataclass
 class LatencyBudget:
-    """What FactorizeConfig(latency=F) needs: the tables, and how many seconds the layers must save."""
+    """What FactorizeConfig(latency=F) needs: the tables, and how many seconds the layers must save.
+
+    For a quantized target, `table` times the layers' INT8 kernels; `float_layers` (layer name ->
+    (seconds, error^2)) are layers that may stay in float instead: what that adds to the quantized
+    model's time and takes off its error^2, both measured on the whole model (a float layer between
+    INT8 neighbours breaks their fused layout, which a layer timed alone does not show). Which layers to
+    quantize is then chosen on the same budget as the ranks."""
 
     table: LatencyTable
     seconds: float
+    float_layers: Mapping[str, tuple[float, float]] | None = None
 
 
 def _read_cache(path: Path) -> dict[str, float]:

@@ -22,9 +22,10 @@ and it would put unrelated values under one scale. YOLOv8's output concatenates 
 with class scores (0..1): quantized as one tensor, the scores flatten to a few levels and the top class
 agreed with the float model's nowhere (docs/benchmarks.md).
 
-Nodes whose names contain FLOAT_BRANCH (edgelr.svdquant's low-rank branches) stay in float and read
-float inputs: ORT would feed them the dequantized copy of a shared activation, so they are rewired to
-the float tensor after quantization.
+Nodes whose names contain FLOAT_BRANCH (edgelr.svdquant's low-rank branches), and the nodes named in
+`keep_float` (layers whose INT8 error costs more than their INT8 speed is worth, chosen by
+edgelr.factorize's latency search), stay in float and read float inputs: ORT would feed them the
+dequantized copy of a shared activation, so they are rewired to the float tensor after quantization.
 
 Dynamic ("int8-dynamic"): weights of MatMul and Gemm stored as INT8, activations quantized at run
 time; no calibration. For transformer-style models, where the time goes into MatMul.
@@ -73,12 +74,14 @@ def quantize(
     activations: str = "uint8",
     progress: bool = True,
     prepare: bool = True,
+    keep_float: tuple[str, ...] | list[str] = (),
 ) -> dict:
     """Quantize the model at MODEL_PATH to OUT_PATH (written atomically: the whole file or nothing).
 
     Returns {"scheme", "activations", "nodes_quantized", "by_op" (op type -> nodes with INT8 weights),
-    "samples", "preprocess", "seconds"}. `prepare=False` skips ORT's pre-processing (for tiny models
-    that need none, timed by the latency tables).
+    "samples", "preprocess", "seconds"}, and "kept_float" (those of `keep_float`, node names, that were
+    found and left in float; static schemes only). `prepare=False` skips ORT's pre-processing (for tiny
+    models that need none, timed by the latency tables).
     """
     started = time.perf_counter()
     model_path, out_path = Path(model_path), Path(out_path)
@@ -103,9 +106,9 @@ def quantize(
             if scheme != "int8-dynamic":
                 source = tmp / "branched.onnx" if (tmp / "branched.onnx").exists() else model_path
                 source, preprocess = _preprocess(source, tmp, external) if prepare else (source, "skipped")
-                _static(source, staged, samples, activations, external, progress, model_path)
+                floated = _static(source, staged, samples, activations, external, progress, model_path, list(keep_float))
             else:
-                preprocess = "not needed"
+                preprocess, floated = "not needed", []
                 _dynamic(model_path, staged, external, model_path)
         by_op = _quantized_nodes(staged)
         if not by_op:
@@ -126,6 +129,8 @@ def quantize(
         "preprocess": preprocess,
         "seconds": round(time.perf_counter() - started, 3),
     }
+    if keep_float:
+        done["kept_float"] = [name for name in keep_float if name in floated]
     if branches is not None:
         done["low_rank_branches"] = [row.to_json() for row in branches]
     return done
@@ -167,7 +172,8 @@ def _preprocess(model_path: Path, tmp: Path, external: bool) -> tuple[Path, str]
 
 
 def _static(source: Path, staged: Path, samples: Samples, activations: str, external: bool, progress: bool,
-            model_path: Path) -> None:
+            model_path: Path, keep_float: list[str]) -> list[str]:
+    """ORT's static quantization; returns the names of the nodes kept in float on float inputs."""
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -181,7 +187,7 @@ def _static(source: Path, staged: Path, samples: Samples, activations: str, exte
     extra = {"WeightSymmetric": True}
     if tensorrt:
         extra |= {"ActivationSymmetric": True, "QuantizeBias": False}
-    source, tail, branch = _float_nodes(source, staged.parent)
+    source, tail, branch = _float_nodes(source, staged.parent, keep_float)
     reader = _Reader(samples, progress)
     try:
         quantize_static(
@@ -203,13 +209,14 @@ def _static(source: Path, staged: Path, samples: Samples, activations: str, exte
     finally:
         reader.bar.close()
     if branch:
-        _float_inputs(staged, set(branch), external)
+        _float_inputs(staged, set(branch), external, source)
+    return branch
 
 
-def _float_nodes(source: Path, tmp: Path) -> tuple[Path, list[str], list[str]]:
+def _float_nodes(source: Path, tmp: Path, keep_float: list[str]) -> tuple[Path, list[str], list[str]]:
     """The nodes that stay in float, by name: the output tail (those that reach a graph output without
-    passing through a weighted op) and the float branches. Unnamed nodes get names first, in a copy
-    (ORT excludes nodes by name)."""
+    passing through a weighted op), and the float branches with the nodes in `keep_float`, which read
+    float inputs. Unnamed nodes get names first, in a copy (ORT excludes nodes by name)."""
     import onnx
 
     from edgelr.layers import _name_nodes
@@ -231,14 +238,19 @@ def _float_nodes(source: Path, tmp: Path) -> tuple[Path, list[str], list[str]]:
         seen.add(node.name)
         tail.append(node.name)
         stack.extend(node.input)
-    return source, tail, [node.name for node in graph.node if FLOAT_BRANCH in node.name]
+    keep = set(keep_float)
+    return source, tail, [node.name for node in graph.node if FLOAT_BRANCH in node.name or node.name in keep]
 
 
-def _float_inputs(path: Path, branch: set[str], external: bool) -> None:
+def _float_inputs(path: Path, branch: set[str], external: bool, source: Path) -> None:
     """Feed the float-branch nodes the float tensors ORT quantized for their quantized neighbours
-    (X -> QuantizeLinear -> DequantizeLinear -> node becomes X -> node)."""
+    (X -> QuantizeLinear -> DequantizeLinear -> node becomes X -> node), where X is still what it was in
+    SOURCE: ORT drops a Relu after a quantized op (the quantization range clamps at 0 instead), and then
+    only the dequantized copy has the Relu's effect."""
     import onnx
 
+    before = {output: node.op_type for node in onnx.load(str(source), load_external_data=False).graph.node
+              for output in node.output}
     proto = onnx.load(str(path))
     producer = {output: node for node in proto.graph.node for output in node.output}
     for node in proto.graph.node:
@@ -247,8 +259,12 @@ def _float_inputs(path: Path, branch: set[str], external: bool) -> None:
         for i, name in enumerate(node.input):
             dq = producer.get(name)
             q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-            if q is not None and q.op_type == "QuantizeLinear":
-                node.input[i] = q.input[0]
+            if q is None or q.op_type != "QuantizeLinear":
+                continue
+            x = q.input[0]
+            if x in producer and before.get(x) != producer[x].op_type:  # its producer was folded away
+                continue
+            node.input[i] = x
     onnx.save(proto, str(path), save_as_external_data=external, location=path.name + ".data")
 
 

@@ -25,6 +25,7 @@ class Choice:
     rank: int
     cost: float
     error2: float  # predicted relative output error, squared
+    keep_float: bool = False  # on a quantized target: the layer stays dense and in float
 
 
 def rank_grid(full_rank: int, max_rank: int) -> list[int]:
@@ -65,10 +66,10 @@ def layer_choices(
             if max_error is not None and error2 > max_error**2:
                 continue
             choices.append(Choice(form, rank, float(cost(layer, form, rank)), weight * error2))
-    return _pareto(choices)
+    return pareto(choices)
 
 
-def _pareto(choices: list[Choice]) -> list[Choice]:
+def pareto(choices: list[Choice]) -> list[Choice]:
     """Drop choices that another beats on both cost and error (e.g. the worse form at each cost)."""
     front, best = [], math.inf
     for c in sorted(choices, key=lambda c: (c.cost, c.error2)):

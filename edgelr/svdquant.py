@@ -68,12 +68,7 @@ def plan(model: ir.Model, samples: Samples, *, rank: int = RANK, alphas=ALPHAS, 
         raise EdgelrError("--quantize int8-lowrank measures each layer on held-back samples: give at least 2 "
                           f"calibration samples (got {len(samples)})")
     layers = [layer for layer in find_layers(model)[0] if _eligible(layer, rank)]
-    observe_shapes(model, layers, samples)
-    inputs: dict[str, list[np.ndarray]] = {}
-    for values in _layer_inputs(model, layers, samples.split(MAX_SAMPLES)[0], progress=False):
-        for layer in layers:
-            name = layer.uses[0].input.name
-            inputs.setdefault(name, []).append(np.asarray(values[name], dtype=np.float32))
+    inputs = _activations(model, layers, samples)
     rows = []
     for layer in tqdm(layers, desc="low-rank branches", unit="layer", disable=not progress, leave=False):
         xs = inputs[layer.uses[0].input.name]
@@ -89,6 +84,36 @@ def plan(model: ir.Model, samples: Samples, *, rank: int = RANK, alphas=ALPHAS, 
             chosen=tried[alpha] <= (1 - min_gain) * plain, absmax=absmax,
         ))
     return rows
+
+
+def int8_errors(model: ir.Model, layers: list[Layer], samples: Samples, activations: str = "uint8",
+                progress: bool = True) -> dict[str, float]:
+    """Layer name -> what INT8 adds to the layer's relative output error^2, the layer alone with its real
+    weights and activations (ONNX Runtime quantizes it on half the samples, the other half judge): its
+    INT8 error^2 less that of only its output being quantized, which the next layer does in float too.
+    What edgelr.factorize weighs to leave a layer in float (see LatencyBudget)."""
+    if len(samples) < 2:
+        raise EdgelrError("measuring each layer's INT8 error needs at least 2 calibration samples "
+                          f"(got {len(samples)})")
+    inputs = _activations(model, layers, samples)
+    errors = {}
+    for layer in tqdm(layers, desc="INT8 errors", unit="layer", disable=not progress, leave=False):
+        xs = inputs[layer.uses[0].input.name]
+        half = max(1, len(xs) // 2)
+        calib, judge = np.concatenate(xs[:half]), xs[half:]
+        quantized, output_only = _quantized_error(layer, None, calib, judge, activations, both=True)
+        errors[layer.name] = max(quantized**2 - output_only**2, 0.0)
+    return errors
+
+
+def _activations(model: ir.Model, layers: list[Layer], samples: Samples) -> dict[str, list[np.ndarray]]:
+    """Input tensor name -> the layers' real inputs, one array per sample (at most MAX_SAMPLES)."""
+    observe_shapes(model, layers, samples)
+    inputs: dict[str, list[np.ndarray]] = {}
+    for values in _layer_inputs(model, layers, samples.split(MAX_SAMPLES)[0], progress=False):
+        for name in {layer.uses[0].input.name for layer in layers}:
+            inputs.setdefault(name, []).append(np.asarray(values[name], dtype=np.float32))
+    return inputs
 
 
 def apply(model: ir.Model, rows: list[LayerPlan]) -> int:
@@ -182,10 +207,12 @@ def _branch_weights(layer: Layer, factors: lowrank.Factors) -> tuple[np.ndarray,
     return _factor_weights(layer, "channel" if layer.is_conv else "svd", factors)
 
 
-def _quantized_error(layer: Layer, branch, calib: np.ndarray, judge: list[np.ndarray], activations: str) -> float:
+def _quantized_error(layer: Layer, branch, calib: np.ndarray, judge: list[np.ndarray], activations: str,
+                     both: bool = False):
     """Relative output error of the layer alone quantized by ONNX Runtime, plainly (branch None) or with
     the branch (rank, α, absmax). Outputs are fake-quantized to UINT8 on the float output's range in
-    both cases: in the model the next layer quantizes them either way."""
+    both cases: in the model the next layer quantizes them either way. `both`: also the error of that
+    output quantization alone (the float layer's)."""
     from edgelr.quantize import quantize
 
     use = layer.uses[0]
@@ -204,6 +231,11 @@ def _quantized_error(layer: Layer, branch, calib: np.ndarray, judge: list[np.nda
                  progress=False, prepare=False)
         with ort_session(Path(tmp) / "layer.q.onnx") as session:
             got = [_fake_quant(session.run(None, {"x": x})[0], low, high) for x in judge]
+    error = _relative(got, reference)
+    return (error, _relative([_fake_quant(r, low, high) for r in reference], reference)) if both else error
+
+
+def _relative(got: list[np.ndarray], reference: list[np.ndarray]) -> float:
     num = sum(float(np.sum((g - r) ** 2)) for g, r in zip(got, reference))
     den = sum(float(np.sum(r**2)) for r in reference)
     return math.sqrt(num / den) if den > 0 else 0.0

@@ -138,3 +138,29 @@ def test_latency_budget_with_quantize_measures_the_quantized_model(demo):
     assert all(r["measured_ratio"] > 0 for r in done.latency["rounds"])
     assert "QuantizeLinear" in {n.op_type for n in onnx.load(demo / "q.onnx").graph.node}
     assert sorted(p.name for p in demo.iterdir() if p.suffix == ".onnx") == ["m.onnx", "q.onnx"]  # no leftovers
+
+
+def test_the_search_leaves_a_layer_in_float_where_its_int8_error_costs_more_than_its_time(demo):
+    """LatencyBudget.float_layers: (seconds added, error^2 removed) per layer, measured on the whole model
+    by compress; the allocation weighs them against the ranks on one budget."""
+    from edgelr.factorize import factorize
+    from edgelr.latency import LatencyBudget, LatencyTable
+    from edgelr.layers import find_layers
+    from edgelr.model_io import load
+
+    def run(float_layers):
+        model = load(demo / "m.onnx")
+        layers, _ = find_layers(model)
+        from edgelr.calibrate import load_samples, observe_shapes
+
+        observe_shapes(model, layers, load_samples(demo / "calib.npz", model))
+        table = LatencyTable(cache=demo / "cache")
+        budget = LatencyBudget(table, 0.0, {layer.name: float_layers for layer in layers[:1]})
+        return layers[0], factorize(model, FactorizeConfig(latency=0.9), layers=layers, progress=False, latency=budget)
+
+    layer, worth_it = run((1e-6, 1.0))  # a microsecond for a whole relative error
+    assert worth_it.keep_float == [use.node.name for use in layer.uses]
+    row = next(r for r in worth_it.layers if r.name == layer.name)
+    assert row.form == "dense" and "float" in row.note and row.latency_after > row.latency_before
+    _, not_worth_it = run((1.0, 1e-9))  # a second for nothing
+    assert not_worth_it.keep_float == []

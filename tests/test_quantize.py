@@ -321,3 +321,26 @@ def test_int8_lowrank_needs_two_samples(tmp_path):
     with pytest.raises(EdgelrError, match="at least 2 calibration samples"):
         quantize(path, tmp_path / "out.onnx", "int8-lowrank", one, progress=False)
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_keep_float_leaves_the_named_layers_in_float_on_float_inputs(tmp_path):
+    """The layers the latency search leaves in float: excluded by name, with float weights, reading the
+    float tensor (not the dequantized copy ORT makes for their quantized neighbours) unless ORT folded
+    its producer into the quantization (a Relu: then only the dequantized copy is clamped); the rest INT8."""
+    built = G.convnet(np.random.default_rng(0), symbolic_batch=False)
+    path = save(built.proto, tmp_path)
+    out = tmp_path / "q.onnx"
+    result = quantize(path, out, "int8", stacked(built, 8), progress=False,
+                      keep_float=["conv1", "head", "no-such-node"])
+    assert result["kept_float"] == ["conv1", "head"]
+    graph = onnx.load(str(out)).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    node = {n.name: n for n in graph.node}
+    assert node["head"].input[0] == "f"  # the Flatten's float output
+    assert producers[node["conv1"].input[0]].op_type == "DequantizeLinear"  # the Relu before it was folded
+    assert all(n.input[1] not in producers or producers[n.input[1]].op_type != "DequantizeLinear"
+               for n in (node["conv1"], node["head"]))  # float weights
+    assert producers[node["conv0"].input[1]].op_type == "DequantizeLinear"  # still INT8
+    feed = built.inputs(np.random.default_rng(9))
+    reference, quantized = session(path).run(None, feed)[0], session(out).run(None, feed)[0]
+    assert np.linalg.norm(quantized - reference) / np.linalg.norm(reference) < 0.05
