@@ -94,6 +94,7 @@ def main() -> None:
         "speedup": {name: lat["original"] / t for name, t in lat.items() if name != "original"},
         "params_kept": whitened.result.total("params_after") / whitened.result.total("params_before"),
         "factorized_layers": len(whitened.result.factorized),
+        "kept_float": whitened.result.keep_float,  # with --latency --quantize int8: layers the search left in float
     }
     if args.latency:
         result["latency_search"] = {
