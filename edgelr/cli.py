@@ -182,7 +182,9 @@ def _compress(args) -> int:
         print(f"latency tables: {done.latency['layer_timings']} layer timings new, cached in {done.latency['table']}")
     if done.quantized:
         q = done.quantized
-        print(f"quantized {q['nodes_quantized']} nodes ({q['scheme']}, {q['activations']} activations)")
+        kept = q.get("kept_float") or []
+        print(f"quantized {q['nodes_quantized']} nodes ({q['scheme']}, {q['activations']} activations)"
+              + (f"; kept in float, where INT8's error cost more than its speed: {', '.join(kept)}" if kept else ""))
     if done.output_error:
         print(f"whole-model relative output error on the calibration set: {done.output_error['all']:.4f}")
     else:
