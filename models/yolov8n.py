@@ -48,7 +48,9 @@ def main() -> None:
     parser.add_argument("--quantize", choices=["int8"], help="quantize the distilled student (static INT8)")
     parser.add_argument("--minutes", type=float, default=25.0, help="distillation time limit")
     parser.add_argument("--steps", type=int, default=100_000, help="distillation steps (the time limit usually ends it first)")
-    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--train-all", action="store_true",
+                        help="train every weight (default: only the factorized pairs, which generalised better)")
     parser.add_argument("--out", type=Path, required=True, help="a new or empty folder for the models and recipe.json")
     parser.add_argument("--rounds", type=int, default=30, help="interleaved timing rounds")
     args = parser.parse_args()
@@ -77,9 +79,15 @@ def main() -> None:
     keep_float = done.result.keep_float
 
     # 2. distill
+    freeze = ["*dfl*"]  # the DFL conv's fixed arange weights
+    if not args.train_all:
+        import onnx
+
+        graph = onnx.load(str(student), load_external_data=False).graph
+        freeze += [t.name for t in graph.initializer if "lowrank" not in t.name]
     trained = distill(teacher, student, out / "train", out / "distilled.float.onnx", steps=args.steps, lr=args.lr,
-                      freeze=["*dfl*"], time_limit=args.minutes * 60, eval_samples=out / "heldout.npz",
-                      checkpoint=out / "distill.ckpt")
+                      freeze=freeze, augment="strong", precision="bf16", time_limit=args.minutes * 60,
+                      anneal_by_time=True, eval_samples=out / "heldout.npz", checkpoint=out / "distill.ckpt")
 
     # 3. quantize, as compress did
     models = {"original": teacher}

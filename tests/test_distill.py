@@ -329,6 +329,89 @@ def test_preprocess_spec_from_the_folder(pair):
     assert np.allclose(x, (200 / 255 - 0.5) / 0.25, atol=1e-5)
 
 
+def _photo_folder(pair, count: int = 4) -> Path:
+    rng = np.random.default_rng(11)
+    folder = pair / "photos"
+    folder.mkdir()
+    for i in range(count):
+        h, w = int(rng.integers(20, 60)), int(rng.integers(20, 60))
+        _save_png(folder / f"p{i}.png", rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    return folder
+
+
+def test_strong_augmentation_is_seeded_varied_and_in_range(pair):
+    from edgelr.distill import Augment, _hue_matrix, load_data
+    from edgelr.model_io import load
+
+    data = load_data(_photo_folder(pair), load(pair / "teacher.onnx"))
+    data.strong = Augment(mosaic=0.5, mixup=0.5)
+    idx = np.array([0, 1, 2, 3, 0, 1, 2, 3])
+    a = data.batch(idx, np.random.default_rng([0, 5, 1]))["x"]
+    b = data.batch(idx, np.random.default_rng([0, 5, 1]))["x"]
+    c = data.batch(idx, np.random.default_rng([0, 6, 1]))["x"]
+    assert a.shape == (8, 3, SIZE, SIZE) and a.dtype == np.float32
+    assert np.array_equal(a, b) and not np.array_equal(a, c)  # a pure function of the generator
+    assert a.min() >= 0 and a.max() <= 1
+    assert not np.array_equal(a[0], a[4])  # the same photo twice in a batch: two different views
+    plain = data.batch(np.array([0]), None)["x"]  # no generator: the plain letterboxed photo, as before
+    assert np.array_equal(plain, load_data(pair / "photos", load(pair / "teacher.onnx")).batch(np.array([0]), None)["x"])
+    hue = _hue_matrix(1.0)
+    assert np.allclose(hue @ np.ones(3), 1, atol=1e-5)  # a hue rotation keeps greys grey
+    with pytest.raises(EdgelrError, match="augment"):
+        _run(pair, data=pair / "photos", augment="heavy")
+
+
+def test_strong_augmentation_bf16_resume_bit_identical(pair):
+    class Interrupt(Exception):
+        pass
+
+    calls = {"n": 0, "stop_at": None}
+
+    def hook(outputs, indices):  # adds nothing; raises mid-run to play a crash
+        calls["n"] += 1
+        if calls["stop_at"] is not None and calls["n"] > calls["stop_at"]:
+            raise Interrupt
+        return outputs["logits"].sum() * 0.0
+
+    folder = _photo_folder(pair)
+    common = {"data": folder, "steps": 4, "checkpoint_every": 2, "augment": "strong", "precision": "bf16",
+              "lr": 1e-3, "task_loss": hook}
+    first = _run(pair, "a.onnx", checkpoint=pair / "a.ckpt", **common)
+    assert first["steps"] == 4 and all(v <= 1e-4 for v in first["parity"].values())  # saved float32, same outputs
+    state = torch.load(pair / "a.ckpt", weights_only=True)
+    assert state["meta"]["precision"] == "bf16" and "Augment(" in state["meta"]["augment"]
+    calls.update(n=0, stop_at=3)  # dies during step 4, after the checkpoint at step 2
+    with pytest.raises(Interrupt):
+        _run(pair, "b.onnx", checkpoint=pair / "b.ckpt", **common)
+    calls.update(n=0, stop_at=None)
+    resumed = _run(pair, "b.onnx", checkpoint=pair / "b.ckpt", resume=True, **common)
+    assert resumed["resumed_from"] == 2 and resumed["steps"] == 4
+    files = [_weights(pair / f"{k}.onnx") for k in "ab"]
+    assert all(np.array_equal(files[0][k], files[1][k]) for k in files[0])
+    assert not np.array_equal(files[0]["w2"], _weights(pair / "student.onnx")["w2"])
+    with pytest.raises(EdgelrError, match="another run"):  # a checkpoint made with another augmentation
+        _run(pair, "c.onnx", checkpoint=pair / "a.ckpt", resume=True, **{**common, "augment": True})
+    with pytest.raises(EdgelrError, match="precision"):
+        _run(pair, "d.onnx", **{**common, "precision": "fp16"})
+
+
+def test_anneal_by_time_decays_to_zero_at_the_limit():
+    from edgelr.distill import _schedule
+
+    spent = [0.0]
+    factor = _schedule(1000, 10, clock=lambda: spent[0])
+    assert factor(0) == pytest.approx(0.1) and factor(50) == pytest.approx(_schedule(1000, 10)(50))
+    spent[0] = 0.5
+    assert factor(50) == pytest.approx(0.5)  # half the time gone: the cosine's midpoint, whatever the step
+    spent[0] = 1.2
+    assert factor(60) == 0.0
+
+
+def test_time_limit_with_anneal_by_time_still_writes(pair):
+    result = _run(pair, steps=10_000, time_limit=1.0, anneal_by_time=True)
+    assert result["stopped_early"] and 0 < result["steps"] < 10_000 and (pair / "out.onnx").exists()
+
+
 # --- bad input ---------------------------------------------------------------------------------
 def _bad_student(tmp, change: str) -> None:
     model = _tiny(np.random.default_rng(0))

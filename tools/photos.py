@@ -79,6 +79,25 @@ def face_mosaics(faces: slice, grid: int, size: int) -> np.ndarray:
     return np.stack(out)
 
 
+def lfw_mosaics(images: slice, grid: int, size: int) -> np.ndarray:
+    """(S, 3, size, size) float32: grid x grid tiles of any of scikit-image's 200 LFW images (0..99 faces,
+    100..199 other 25x25 crops of the same photos), upscaled; as face_mosaics, over the whole set."""
+    import skimage.data
+    from PIL import Image
+
+    chosen = skimage.data.lfw_subset()[images]
+    cell = size // grid
+    out = []
+    for start in range(0, len(chosen) - grid * grid + 1, grid * grid):
+        canvas = np.full((size, size), 114, np.uint8)
+        for k, tile in enumerate(chosen[start : start + grid * grid]):
+            tile = Image.fromarray((tile * 255).astype(np.uint8)).resize((cell, cell), Image.BILINEAR)
+            row, col = divmod(k, grid)
+            canvas[row * cell : (row + 1) * cell, col * cell : (col + 1) * cell] = np.asarray(tile)
+        out.append(np.stack([canvas] * 3).astype(np.float32) / 255.0)
+    return np.stack(out)
+
+
 def detection_heldout(size: int = 320) -> np.ndarray:
     """Held-out images for detection agreement: the held-out photos (3 crops each) and mosaics of faces
     50..99 (faces 0..49 may be used for training)."""
