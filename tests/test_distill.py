@@ -395,6 +395,32 @@ def test_strong_augmentation_bf16_resume_bit_identical(pair):
         _run(pair, "d.onnx", **{**common, "precision": "fp16"})
 
 
+def test_scores_are_compared_by_binary_kl(pair):
+    from edgelr.distill import _binary_kl, _output_loss, _scales
+
+    logits = torch.tensor([-8.0, -2.0, 0.5, 3.0])
+    p = torch.sigmoid(logits)
+    q_logits = (logits + torch.tensor([1.0, -0.5, 0.2, 0.0])).requires_grad_()
+    kl = _binary_kl(p, torch.sigmoid(q_logits))
+    assert float(_binary_kl(p, p)) == pytest.approx(0.0, abs=1e-7) and float(kl.detach()) > 0
+    kl.backward()
+    assert torch.allclose(q_logits.grad, (torch.sigmoid(q_logits) - p).detach() / 4, atol=1e-6)  # the logit's distance
+
+    teacher = np.concatenate([np.full((2, 4, 5), 100.0), np.full((2, 2, 5), 0.01)], axis=1).astype(np.float32)
+    scale = _scales([[teacher]], per_channel=False, scores=(4, None))[0]
+    assert float(scale) == pytest.approx(100.0)  # the scores stay out of the boxes' scale
+    t = torch.from_numpy(teacher)
+    student = t.clone()
+    student[:, 4:] = 0.02
+    loss = _output_loss(student, t, torch.from_numpy(scale), (4, None), 25.0)
+    assert float(loss) == pytest.approx(25 * float(_binary_kl(t[:, 4:], student[:, 4:])), rel=1e-5)
+
+    result = _run(pair, steps=3, scores=(4, None), score_weight=25.0)
+    assert result["steps"] == 3 and np.isfinite(result["final_loss"])
+    with pytest.raises(EdgelrError, match="scores"):
+        _run(pair, "x.onnx", steps=3, scores=4)
+
+
 def test_anneal_by_time_decays_to_zero_at_the_limit():
     from edgelr.distill import _schedule
 

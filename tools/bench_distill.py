@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgelr import FactorizeConfig, compress  # noqa: E402
 from edgelr.distill import distill  # noqa: E402
-from tools.bench_yolo import yolo_path  # noqa: E402
+from tools.bench_yolo import _channel_errors, yolo_path  # noqa: E402
 from tools.photos import CALIBRATION, HELD_OUT, detection_heldout, face_mosaics, lfw_mosaics, photo, samples  # noqa: E402
 
 # scikit-image photos in neither CALIBRATION nor HELD_OUT (files inside the package)
@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--only-lowrank", action="store_true", help="train only the factorized pairs' weights")
     parser.add_argument("--per-channel", action="store_true", help="normalise the loss per output channel")
     parser.add_argument("--features", action="store_true", help="also align YOLO's head logits")
+    parser.add_argument("--score-weight", type=float, default=0.0,
+                        help="compare the class scores (channels 4..) by binary KL with this weight (0: squared error)")
     parser.add_argument("--no-extra", action="store_true", help="train on the calibration photos and faces only")
     parser.add_argument("--nonfaces", action="store_true", help="also LFW's non-face images 100..199, as mosaics")
     parser.add_argument("--augment", choices=["strong", "light", "none"], default="light",
@@ -107,15 +109,20 @@ def main() -> None:
         done = distill(source, tmp / "student.onnx", tmp / "train", tmp / "tuned.onnx", steps=args.steps, lr=args.lr,
                        batch=args.batch, seed=args.seed, freeze=freeze, per_channel=args.per_channel,
                        features=[(f, f) for f in HEAD] if args.features else None, augment=augment,
+                       scores=(4, None) if args.score_weight else None, score_weight=args.score_weight or 1.0,
                        precision=args.precision, time_limit=args.time_limit, anneal_by_time=args.time_limit is not None,
                        device="cpu",
                        eval_samples=tmp / "heldout.npz", progress=False)
         load_after = os.getloadavg()
+        from edgelr.calibrate import load_samples
+        from edgelr.model_io import load
+
+        heldout = load_samples(tmp / "heldout.npz", load(source))
+        channels = {name: _channel_errors(source, tmp / f"{name}.onnx", heldout) for name in ("student", "tuned")}
         detection = None
         if args.map:
             from edgelr.calibrate import samples_from_arrays
             from edgelr.detection import detection_agreement
-            from edgelr.model_io import load
 
             scenes = samples_from_arrays({"images": detection_heldout()}, load(source))
             found = {name: detection_agreement(source, tmp / f"{name}.onnx", scenes) for name in ("student", "tuned")}
@@ -130,7 +137,8 @@ def main() -> None:
               "data_seconds_per_step": done["data_seconds_per_step"],
               "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
               "first_loss": done["losses"][0][1] if done["losses"] else None, "final_loss": done["final_loss"],
-              "heldout_error_before": done["error_before"]["all"], "heldout_error_after": done["error_after"]["all"]}
+              "heldout_error_before": done["error_before"]["all"], "heldout_error_after": done["error_after"]["all"],
+              "heldout_by_channel_before": channels["student"], "heldout_by_channel_after": channels["tuned"]}
     if detection is not None:
         result.update(detection)
     print(json.dumps(result, indent=2))
