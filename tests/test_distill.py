@@ -229,23 +229,31 @@ def test_distill_a_factorized_student(tmp_path):
     assert result["error_after"]["all"] < result["error_before"]["all"]
 
 
-def test_deterministic_and_resume_is_bit_identical(pair):
-    class Interrupt(Exception):
-        pass
+class _Interrupt(Exception):
+    pass
 
+
+def _crash_hook():
+    """A task_loss that adds nothing and raises _Interrupt after calls["stop_at"] forwards (a crash)."""
     calls = {"n": 0, "stop_at": None}
 
-    def hook(outputs, indices):  # adds nothing; raises mid-run to play a crash
+    def hook(outputs, indices):
         calls["n"] += 1
         if calls["stop_at"] is not None and calls["n"] > calls["stop_at"]:
-            raise Interrupt
+            raise _Interrupt
         return outputs["logits"].sum() * 0.0
+
+    return calls, hook
+
+
+def test_deterministic_and_resume_is_bit_identical(pair):
+    calls, hook = _crash_hook()
 
     common = {"steps": 6, "checkpoint_every": 3, "task_loss": hook, "lr": 1e-3}
     _run(pair, "a.onnx", checkpoint=pair / "a.ckpt", **common)
     _run(pair, "b.onnx", checkpoint=pair / "b.ckpt", **common)
     calls.update(n=0, stop_at=4)  # one forward per step: dies during step 5, after the checkpoint at step 3
-    with pytest.raises(Interrupt):
+    with pytest.raises(_Interrupt):
         _run(pair, "c.onnx", checkpoint=pair / "c.ckpt", **common)
     assert not (pair / "c.onnx").exists()
     assert torch.load(pair / "c.ckpt", weights_only=True)["step"] == 3
@@ -362,16 +370,7 @@ def test_strong_augmentation_is_seeded_varied_and_in_range(pair):
 
 
 def test_strong_augmentation_bf16_resume_bit_identical(pair):
-    class Interrupt(Exception):
-        pass
-
-    calls = {"n": 0, "stop_at": None}
-
-    def hook(outputs, indices):  # adds nothing; raises mid-run to play a crash
-        calls["n"] += 1
-        if calls["stop_at"] is not None and calls["n"] > calls["stop_at"]:
-            raise Interrupt
-        return outputs["logits"].sum() * 0.0
+    calls, hook = _crash_hook()
 
     folder = _photo_folder(pair)
     common = {"data": folder, "steps": 4, "checkpoint_every": 2, "augment": "strong", "precision": "bf16",
@@ -381,7 +380,7 @@ def test_strong_augmentation_bf16_resume_bit_identical(pair):
     state = torch.load(pair / "a.ckpt", weights_only=True)
     assert state["meta"]["precision"] == "bf16" and "Augment(" in state["meta"]["augment"]
     calls.update(n=0, stop_at=3)  # dies during step 4, after the checkpoint at step 2
-    with pytest.raises(Interrupt):
+    with pytest.raises(_Interrupt):
         _run(pair, "b.onnx", checkpoint=pair / "b.ckpt", **common)
     calls.update(n=0, stop_at=None)
     resumed = _run(pair, "b.onnx", checkpoint=pair / "b.ckpt", resume=True, **common)

@@ -63,20 +63,7 @@ def samples(names: list[str], size: int, crops: int = 3, seed: int = 0) -> np.nd
 def face_mosaics(faces: slice, grid: int, size: int) -> np.ndarray:
     """(S, 3, size, size) float32: grid x grid tiles of scikit-image's LFW faces (real 25x25 face photos,
     grey), upscaled; a detector trained on people finds a face in most tiles."""
-    import skimage.data
-    from PIL import Image
-
-    chosen = skimage.data.lfw_subset()[:100][faces]  # the first 100 of lfw_subset are faces
-    cell = size // grid
-    out = []
-    for start in range(0, len(chosen) - grid * grid + 1, grid * grid):
-        canvas = np.full((size, size), 114, np.uint8)
-        for k, face in enumerate(chosen[start : start + grid * grid]):
-            tile = Image.fromarray((face * 255).astype(np.uint8)).resize((cell, cell), Image.BILINEAR)
-            row, col = divmod(k, grid)
-            canvas[row * cell : (row + 1) * cell, col * cell : (col + 1) * cell] = np.asarray(tile)
-        out.append(np.stack([canvas] * 3).astype(np.float32) / 255.0)
-    return np.stack(out)
+    return lfw_mosaics(slice(*faces.indices(100)), grid, size)  # the first 100 of lfw_subset are faces
 
 
 def lfw_mosaics(images: slice, grid: int, size: int) -> np.ndarray:
