@@ -219,14 +219,20 @@ def _record_shapes(layers: list[Layer], values: dict[str, np.ndarray]) -> None:
 
 def _layer_inputs(model: ir.Model, layers: list[Layer], samples: Samples, progress: bool):
     """Yield, per sample, every layer input by name (the graph gets extra outputs meanwhile)."""
+    return values_by_sample(model, _unique_values(layers), samples, progress)
+
+
+def values_by_sample(model: ir.Model, values: list[ir.Value], samples: Samples, progress: bool,
+                     desc: str = "calibrating"):
+    """Yield, per sample, these values of the model's graph (and its outputs and feed) by name."""
     graph = model.graph
     original_outputs = list(graph.outputs)
     fed = {v.name for v in model_inputs(model)}
-    graph.outputs.extend(v for v in _unique_values(layers) if v.name not in fed and v not in original_outputs)
+    graph.outputs.extend(v for v in values if v.name not in fed and v not in original_outputs)
     try:
         with ort_session(model) as session:
             names = [o.name for o in session.get_outputs()]
-            for i in tqdm(range(len(samples)), desc="calibrating", unit="sample", disable=not progress, leave=False):
+            for i in tqdm(range(len(samples)), desc=desc, unit="sample", disable=not progress, leave=False):
                 feed = samples.feed(i)
                 try:
                     values = dict(zip(names, session.run(None, feed)))
@@ -255,16 +261,30 @@ def _unique_values(layers: list[Layer]) -> list[ir.Value]:
     return list(seen.values())
 
 
-def _gram(x: np.ndarray, use: Use) -> np.ndarray:
+def _gram(x: np.ndarray, use: Use, y: np.ndarray | None = None) -> np.ndarray:
+    """X^T X over the use's input rows; with `y` (the same layer's input in another model), X^T Y."""
     x = x.astype(np.float32, copy=False)
+    y = x if y is None else y.astype(np.float32, copy=False)
     if use.geometry is not None:
-        return _conv_gram(x, use.geometry)
-    rows = x.T if use.transpose_input else x.reshape(-1, x.shape[-1])
-    return rows.T @ rows
+        return _conv_gram(x, use.geometry, y)
+    if use.transpose_input:
+        return x @ y.T
+    return x.reshape(-1, x.shape[-1]).T @ y.reshape(-1, y.shape[-1])
 
 
-def _conv_gram(x: np.ndarray, geom: ConvGeometry) -> np.ndarray:
-    """Gram of the im2col patches of a conv input (b, C, *spatial), columns ordered (c, *kernel)."""
+def _conv_gram(x: np.ndarray, geom: ConvGeometry, y: np.ndarray | None = None) -> np.ndarray:
+    """Gram of the im2col patches of a conv input (b, C, *spatial), columns ordered (c, *kernel); with
+    `y`, the cross Gram X^T Y of the two inputs' patches."""
+    k = x.shape[1] * math.prod(geom.kernel)
+    gram = np.zeros((k, k), dtype=np.float32)
+    pairs = zip(_patches(x, geom), _patches(y, geom)) if y is not None and y is not x else ((p, p) for p in _patches(x, geom))
+    for p, q in pairs:
+        gram += p.T @ q
+    return gram
+
+
+def _patches(x: np.ndarray, geom: ConvGeometry):
+    """The im2col rows of a conv input, (rows, C * prod(kernel)), in chunks of bounded size."""
     nd = len(geom.kernel)
     pads = geom.explicit_pads(tuple(x.shape[2:]))
     x = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)])
@@ -276,10 +296,7 @@ def _conv_gram(x: np.ndarray, geom: ConvGeometry) -> np.ndarray:
     perm = (0,) + tuple(range(2, 2 + nd)) + (1,) + tuple(range(2 + nd, 2 + 2 * nd))
     windows = windows.transpose(perm)  # (b, *out, C, *kernel)
     k = x.shape[1] * math.prod(geom.kernel)
-    gram = np.zeros((k, k), dtype=np.float32)
     row_bytes = 4 * k * math.prod(windows.shape[2 : 1 + nd]) * windows.shape[0]
     step = max(1, _CHUNK_BYTES // max(row_bytes, 1))
     for start in range(0, windows.shape[1], step):
-        patches = np.ascontiguousarray(windows[:, start : start + step]).reshape(-1, k)
-        gram += patches.T @ patches
-    return gram
+        yield np.ascontiguousarray(windows[:, start : start + step]).reshape(-1, k)

@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--latency", type=_fraction, metavar="F",
                         help="keep this fraction of the model's latency, measured on this machine (ONNX Runtime CPU, 1 thread)")
     p.add_argument("--max-error", type=_positive, metavar="E", help="per-layer relative output error gate")
+    p.add_argument("--no-refit", action="store_true", help="keep each factorized pair as fitted on the original's "
+                   "inputs (default, with --calib: refit it on the inputs the compressed model feeds it)")
     p.add_argument("--calib", metavar="DATA.npz", help="one array per model input, first axis = samples")
     p.add_argument("--report", metavar="REPORT.json", help="write the per-layer results as JSON")
     p.add_argument("--float-output", metavar="FLOAT.onnx", help="with --quantize: also keep the model before quantization")
@@ -163,7 +165,7 @@ def _compress(args) -> int:
     budget = {"params": args.params, "flops": args.flops, "latency": args.latency, "max_error": args.max_error}
     if all(v is None for v in budget.values()) and (args.prune is not None or args.quantize):
         budget = {"ranks": {}}  # pruning or quantization alone: every layer stays dense
-    config = FactorizeConfig(**budget)
+    config = FactorizeConfig(**budget, refit=not args.no_refit)
     done = compress(args.model, args.output, config, calib=args.calib, report=args.report, progress=not args.quiet,
                     quantize=args.quantize, prune=args.prune, float_output=args.float_output)
     if done.pruned:
@@ -171,6 +173,9 @@ def _compress(args) -> int:
         print(f"pruned {p['groups_pruned']} of {p['groups'] + p['unprunable_groups']} channel groups: "
               f"{p['params_before']:,} -> {p['params_after']:,} parameters")
     print(compression_table(done.result))
+    if done.result.refit:
+        print(f"refit {len(done.result.refit)} of {len(done.result.factorized)} factorized pairs on the inputs the "
+              "compressed model feeds them")
     for warning in done.result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if done.latency:

@@ -30,7 +30,7 @@ from edgelr.sensitivity import layer_sensitivity
 from edgelr.verify import output_error
 
 LATENCY_ROUNDS = 3
-SENSITIVITY_MAX_BYTES = 256 << 20  # larger models are allocated without measured layer sensitivities
+SENSITIVITY_MAX_BYTES = 256 << 20  # larger models: no measured layer sensitivities, no refit
 MEASURE_ROUNDS = 20  # x 3 runs of each model, interleaved, per measurement
 LATENCY_SLACK = 0.01  # the search aims this far below the target (timing noise on shared machines)
 FLOAT_CANDIDATES = 6  # with --quantize int8 --latency: layers measured for staying in float
@@ -159,6 +159,7 @@ def _compress(source: Path, output: Path, config: FactorizeConfig, calib, report
                                                      analysis, key, quantize, float_output)
     else:
         result = factorize(model, config, grams, layers=layers, progress=progress, **analysis)
+        _refit(source, model, layers, result, samples, config, progress, grams)
         model_io.save(model, output)
         quantized = _quantize(output, quantize, samples, progress, float_output) if quantize else None
     if key is not None and (len(spectra), sensitivity is not None) != cached:  # something new to keep
@@ -303,6 +304,8 @@ def _latency_rounds(source, output, model, layers, grams, config, samples, progr
         model, layers = _reload(source, layers)
         result = factorize(model, config, grams, layers=layers, progress=progress, latency=LatencyBudget(table, saving, float_layers),
                            **analysis)
+    if best != len(rounds) - 1 or config.refit:  # refitting moves no latency: only the kept round's model
+        _refit(source, model, layers, result, samples, config, progress, grams)
         model_io.save(model, output)
         quantized = _quantize(output, quantize, samples, False, float_output, result.keep_float) if quantize else None
     table.entries[memo] = saving
@@ -313,6 +316,19 @@ def _latency_rounds(source, output, model, layers, grams, config, samples, progr
     info = {"target": table.target, "front": front, "quantized_only_ratio": floor if quantize else None, "table": str(table.path), "layer_timings": table.measured, "rounds": rounds,
             "kept_round": best + 1, "within_budget": within}
     return result, info, quantized
+
+
+def _refit(source: Path, model, layers: list, result: FactorizeResult, samples, config: FactorizeConfig,
+           progress: bool, grams: dict) -> None:
+    """With calibration samples and config.refit, refit the factorized pairs (edgelr.refit)."""
+    if samples is None or not config.refit or not result.factorized:
+        return
+    if model_io.model_bytes(model) > SENSITIVITY_MAX_BYTES:  # a run of both models per level: too slow here
+        result.warnings.append(f"factorized pairs not refit (the model is over {SENSITIVITY_MAX_BYTES >> 20} MB)")
+        return
+    from edgelr.refit import refit
+
+    result.refit = refit(model_io.load(source), model, layers, result, samples, config.damping, progress, grams)
 
 
 def _float_layers(source: Path, model, layers: list, samples, key: str, sensitivity: dict | None,

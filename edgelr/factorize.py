@@ -56,6 +56,8 @@ class FactorizeConfig:
         (default 0.75 of params or FLOPs; 0.95 of measured latency, which is the real thing).
     sensitivity: with calibration data, weigh each layer's error by how much of it reaches the model's
         outputs, measured end to end (edgelr.sensitivity); False: all layers alike.
+    refit: with calibration data, refit the factorized pairs on the inputs the compressed model feeds
+        them (edgelr.refit; compress runs it); False: keep the factors fitted on the original's inputs.
     """
 
     params: float | None = None
@@ -67,6 +69,7 @@ class FactorizeConfig:
     damping: float = 0.1
     max_cost_ratio: float | None = None
     sensitivity: bool = True
+    refit: bool = True
 
     def __post_init__(self):
         for flag in ("params", "flops", "latency"):
@@ -140,6 +143,8 @@ class FactorizeResult:
     weighted: bool = False
     # on a quantized target (LatencyBudget.float_layers): the nodes the search left in float
     keep_float: list[str] = field(default_factory=list)
+    # the layers edgelr.refit refit on the compressed model's own inputs
+    refit: list[str] = field(default_factory=list)
 
     def total(self, key: str) -> int | None:
         values = [getattr(r, key) for r in self.layers]

@@ -97,6 +97,7 @@ def result_json(result: FactorizeResult) -> dict:
         "search_front": [{"cost": c, "predicted_error": math.sqrt(e2)} for c, e2 in result.front],
         "dense_cost": result.dense_cost,
         "kept_float": result.keep_float,
+        "refit": result.refit,
         "totals": {
             key: result.total(key) for key in ("params_before", "params_after", "flops_before", "flops_after")
         },

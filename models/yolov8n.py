@@ -5,7 +5,7 @@
 1. compress: factorize against the budget (with --quantize, the latency search times INT8 kernels and
    picks which layers stay in float); the float model before quantization is kept for training.
 2. distill: the float student learns the original's outputs on unlabeled, augmented real photos
-   (scikit-image's, and LFW faces 0..49; never the held-out ones).
+   (scikit-image's, LFW faces 0..49 and LFW non-face crops; never the held-out ones).
 3. quantize: the distilled student, calibrated on the same photos as step 1, with the same layers
    left in float.
 4. verify, on held-out photos: relative output error and detection mAP@0.5 against the original, for
@@ -66,7 +66,7 @@ def main() -> None:
     np.savez(out / "calib.npz", images=samples(CALIBRATION, 320, 3, seed=0))
     np.savez(out / "heldout.npz", images=samples(HELD_OUT, 320, 3, seed=1))
     (out / "train").mkdir()
-    training_folder(out / "train", True)
+    training_folder(out / "train", True, nonfaces=True)
 
     # 1. compress (the float model is what distillation trains)
     config = FactorizeConfig(params=args.params) if args.params is not None else FactorizeConfig(latency=args.latency)

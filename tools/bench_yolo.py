@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--damping", type=float, default=FactorizeConfig.damping, help="Gram damping (fraction of mean diag)")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--no-sensitivity", action="store_true", help="weigh all layers' errors alike")
+    parser.add_argument("--no-refit", action="store_true",
+                        help="keep the factors fitted on the original's inputs (edgelr.refit off)")
     parser.add_argument("--quantize", choices=["int8", "int8-dynamic"],
                         help="quantize the compressed model too, and time ONNX Runtime's INT8 of the original beside it")
     parser.add_argument("--json", help="write the numbers here")
@@ -58,7 +60,7 @@ def main() -> None:
         np.savez(tmp / "heldout.npz", images=samples(HELD_OUT, 320, args.crops, seed=1))
         os.environ["EDGELR_CACHE"] = str(tmp / "cache")  # a cold latency cache, for first vs second run
         budget = {"flops": args.flops} if args.flops else {"latency": args.latency} if args.latency else {"params": args.params}
-        config = FactorizeConfig(**budget, damping=args.damping, sensitivity=not args.no_sensitivity)
+        config = FactorizeConfig(**budget, damping=args.damping, sensitivity=not args.no_sensitivity, refit=not args.no_refit)
         whitened = compress(source, tmp / "whitened.onnx", config, calib=tmp / "calib.npz", progress=False,
                             quantize=args.quantize)
         models = {"original": source, "whitened": tmp / "whitened.onnx"}
@@ -87,6 +89,7 @@ def main() -> None:
         "calibration_error": {"whitened": whitened.output_error["all"]},
         "predicted_error": whitened.result.predicted_error2 ** 0.5,  # the allocation's own estimate
         "sensitivity": not args.no_sensitivity,
+        "refit_layers": len(whitened.result.refit),  # refit on the compressed model's own inputs
         "quantize": args.quantize,
         "whitened_by_channel": channels,
         "detection_map50": detection,  # mAP@0.5 against the original's detections (tools/photos.detection_heldout)

@@ -1,0 +1,161 @@
+"""Refit of the factorized layers on the inputs the compressed model really feeds them.
+
+Factorization fits each layer on the original model's activations. Inside the compressed model a layer
+sees its upstream layers' errors too, and errors compound. Refitting each pair to the original layer's
+output on the compressed model's own inputs stops that (SVD-LLM's sequential update, in closed form).
+
+With X the original's input rows to a layer, Z the compressed model's, W the dense weight and
+H = Z^T Z, the rank-r A minimising ||Z A^T - X W^T||^2 + d ||A - W||^2 is a reduced-rank regression:
+with L L^T = H + d I and A* = W (X^T Z + d I) (H + d I)^-1 the (ridge) least-squares solution, the
+objective is ||(A - A*) L||^2 + const, so the whitened truncation lowrank.decompose(A*, L, r) gives it
+exactly. d is factorize's damping: where Z = X the result is factorize's own factors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import onnx_ir as ir
+import scipy.linalg
+from threadpoolctl import threadpool_limits
+from tqdm.auto import tqdm
+
+from edgelr import lowrank
+from edgelr.calibrate import Samples, _gram, values_by_sample
+from edgelr.factorize import FactorizeResult, _factor_weights
+from edgelr.layers import Layer
+
+def refit(original: ir.Model, compressed: ir.Model, layers: list[Layer], result: FactorizeResult,
+          samples: Samples, damping: float, progress: bool = True, grams: Mapping[str, np.ndarray] | None = None
+          ) -> list[str]:
+    """Refit the factorized pairs of COMPRESSED (factorize's output, in place) towards ORIGINAL's layers
+    on the calibration samples; `layers` and `result` are factorize's. Returns the names refit (a layer
+    keeps its factors where the refit ones would not fit its statistics better). With `grams` (the
+    original's, as factorize had them), a refit layer's `error` in `result` is measured again: its own
+    error on the original's inputs, which a refit raises while it lowers the whole model's.
+
+    Sequential, as SVD-LLM and GPTQ are: a layer is refit on inputs that its upstream layers' refits
+    already shaped. Refitting all at once overcorrects (each layer compensates an upstream error that
+    the upstream refit then removes) and made YOLOv8n's error worse, pass after pass. Layers with the
+    same number of factorized layers upstream cannot feed each other and share one run of the models.
+    One pass is a fixed point: again, every layer would see the same inputs and keep its factors."""
+    rows = {row.name: row for row in result.layers}
+    chosen = [layer for layer in layers if rows[layer.name].form != "dense" and rows[layer.name].rank]
+    levels = _levels(original.graph, chosen)
+    changed = set()
+    for level in tqdm(levels, desc="refitting", unit="level", disable=not progress, leave=False):
+        stats = _statistics(original, compressed, level, samples)
+        nodes = {node.name: node for node in compressed.graph}
+        with threadpool_limits(limits=1, user_api="blas"):  # small matrices: see factorize()
+            for layer in level:
+                approx = _refit_layer(nodes, layer, rows[layer.name], *stats[layer.name], damping)
+                if approx is None:
+                    continue
+                changed.add(layer.name)
+                if grams and layer.name in grams:
+                    w = layer.matrix("channel" if layer.is_conv else "svd")
+                    rows[layer.name].error = lowrank.relative_error(w, approx, grams[layer.name])
+    return [layer.name for layer in chosen if layer.name in changed]
+
+
+def _refit_layer(nodes: dict, layer: Layer, row, gram: np.ndarray, cross: np.ndarray, damping: float):
+    """Give the layer's pair the best factors for these statistics if they fit better than its own, and
+    return their product (in the dense layout); None where it keeps its own."""
+    form, rank = row.form, row.rank
+    if form == "spatial":  # as factorize whitens it: columns of the kernel taken as uncorrelated
+        shape = layer.in_channels, layer.kernel
+        factors = best_factors(layer.matrix(form), lowrank.spatial_gram(gram, *shape),
+                               lowrank.spatial_gram(cross, *shape), rank, damping)
+    else:
+        factors = best_factors(layer.matrix(form), gram, cross, rank, damping)
+    w = layer.matrix("channel" if layer.is_conv else "svd")
+    approx = _dense(layer, form, *_factor_weights(layer, form, factors))
+    if _loss(w, approx, gram, cross) >= _loss(w, _dense(layer, form, *_weights(nodes, layer)), gram, cross):
+        return None
+    _set_factors(nodes, layer, form, factors)
+    return approx
+
+
+def _levels(graph: ir.Graph, layers: list[Layer]) -> list[list[Layer]]:
+    """The layers grouped by how many of them lie upstream (longest path), in order: one group's layers
+    never feed each other."""
+    nodes = {use.node.name for layer in layers for use in layer.uses}
+    depth: dict[str, int] = {}  # value name -> layers upstream
+    for node in graph:  # ONNX graphs are topologically sorted
+        d = max((depth.get(v.name, 0) for v in node.inputs if v is not None), default=0) + (node.name in nodes)
+        depth.update((v.name, d) for v in node.outputs)
+    level = {layer.name: max(depth.get(use.input.name, 0) for use in layer.uses) for layer in layers}
+    return [[layer for layer in layers if level[layer.name] == d] for d in sorted(set(level.values()))]
+
+
+def best_factors(w: np.ndarray, gram: np.ndarray, cross: np.ndarray, rank: int, damping: float) -> lowrank.Factors:
+    """The rank-r factors minimising ||Z A^T - X W^T||^2 + d ||A - W||^2, from H = Z^T Z and the cross
+    Gram X^T Z, with d the damping factorize whitens with: the damping pulls towards W, not towards 0,
+    so where Z = X this is factorize's own whitened truncation."""
+    chol = lowrank.cholesky_factor(gram, damping)  # L L^T = H + d I
+    d = (np.sum(chol * chol) - np.trace(gram)) / len(gram)
+    least_squares = scipy.linalg.cho_solve((chol, True), (w @ cross + d * w).T, check_finite=False).T
+    return lowrank.decompose(least_squares, chol, rank)[1]
+
+
+def _loss(w: np.ndarray, approx: np.ndarray, gram: np.ndarray, cross: np.ndarray) -> float:
+    """||Z A^T - X W^T||^2 up to a constant, A = approx (both in the dense layout)."""
+    return float(np.sum((approx @ gram) * approx) - 2 * np.sum((w @ cross) * approx))
+
+
+def _statistics(original: ir.Model, compressed: ir.Model, layers: list[Layer],
+                samples: Samples) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Layer name -> (Z^T Z, X^T Z) summed over samples and uses (X: ORIGINAL's input, Z: COMPRESSED's)."""
+    names = list(dict.fromkeys(use.input.name for layer in layers for use in layer.uses))
+    teacher = values_by_sample(original, _values(original.graph, names), samples, False)
+    student = values_by_sample(compressed, _values(compressed.graph, names), samples, False)
+    stats: dict[str, list[np.ndarray]] = {}
+    for x, z in zip(teacher, student):
+        for layer in layers:
+            for use in layer.uses:
+                a, b = np.asarray(x[use.input.name]), np.asarray(z[use.input.name])
+                pair = (_gram(b, use), _gram(a, use, b))
+                if layer.name in stats:
+                    stats[layer.name][0] += pair[0]
+                    stats[layer.name][1] += pair[1]
+                else:
+                    stats[layer.name] = list(pair)
+    return {name: (gram, cross) for name, (gram, cross) in stats.items()}
+
+
+def _values(graph: ir.Graph, names: list[str]) -> list[ir.Value]:
+    """The graph's values with these names (factorization keeps the names of the values it replaces)."""
+    found = {v.name: v for v in graph.inputs}
+    for node in graph:
+        found.update((v.name, v) for v in node.outputs)
+    return [found[name] for name in names if name in found]
+
+
+def _weights(nodes: dict, layer: Layer) -> list[np.ndarray]:
+    """The current (first, second) weights of the layer's pair (factorize names its nodes NODE/lowrank_*)."""
+    name = layer.uses[0].node.name
+    return [nodes[f"{name}/lowrank_{part}"].inputs[1].const_value.numpy().astype(np.float64) for part in ("down", "up")]
+
+
+def _dense(layer: Layer, form: str, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """The pair's product in the dense layer's (out x in) layout: factorize._factor_weights undone."""
+    if not layer.is_conv:
+        return (first @ second).T
+    rank, n = first.shape[0], layer.out_features
+    if form == "channel":
+        return second.reshape(n, rank) @ first.reshape(rank, -1)
+    kw = layer.kernel[1]
+    up = second.reshape(n, rank, kw).transpose(0, 2, 1).reshape(n * kw, rank)
+    product = up @ first.reshape(rank, -1)  # rows (n, j), columns (c, i)
+    return product.reshape(n, kw, layer.in_channels, -1).transpose(0, 2, 3, 1).reshape(n, -1)
+
+
+def _set_factors(nodes: dict, layer: Layer, form: str, factors: lowrank.Factors) -> None:
+    """Replace the weights of the layer's factorized pair, in every node using it."""
+    first, second = _factor_weights(layer, form, factors)
+    for use in layer.uses:
+        for part, array in (("down", first), ("up", second)):
+            weight = nodes[f"{use.node.name}/lowrank_{part}"].inputs[1]
+            dtype = weight.const_value.dtype.numpy()
+            weight.const_value = ir.tensor(array.astype(dtype), name=weight.name)

@@ -1,0 +1,99 @@
+"""Refit of factorized pairs on the compressed model's own inputs (edgelr.refit)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import graphs
+from edgelr import FactorizeConfig, compress, lowrank
+from edgelr.calibrate import load_samples
+from edgelr.model_io import load
+from edgelr.refit import best_factors
+from edgelr.verify import output_error
+
+
+def _loss(z: np.ndarray, x: np.ndarray, w: np.ndarray, f: lowrank.Factors) -> float:
+    return float(np.sum((z @ (f.up @ f.down).T - x @ w.T) ** 2))
+
+
+def test_best_factors_solve_the_reduced_rank_regression():
+    """Z = X: the whitened SVD of W itself. Z a distorted X: no worse than it, and no perturbation helps."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, 12)) @ rng.standard_normal((12, 12))
+    w = rng.standard_normal((9, 12))
+    same = best_factors(w, x.T @ x, x.T @ x, 4, 0.0)
+    svd = lowrank.decompose(w, lowrank.cholesky_factor(x.T @ x, 0.0), 4)[1]
+    np.testing.assert_allclose(same.up @ same.down, svd.up @ svd.down, rtol=1e-6, atol=1e-8)
+
+    z = x + 0.3 * rng.standard_normal(x.shape) + 0.5 * x[:, ::-1]
+    fit = best_factors(w, z.T @ z, x.T @ z, 4, 0.0)
+    assert _loss(z, x, w, fit) < 0.9 * _loss(z, x, w, svd)
+    for _ in range(20):
+        moved = lowrank.Factors(fit.up + 1e-3 * rng.standard_normal(fit.up.shape),
+                                fit.down + 1e-3 * rng.standard_normal(fit.down.shape))
+        assert _loss(z, x, w, moved) >= _loss(z, x, w, fit)
+
+
+@pytest.mark.parametrize("build, form", [(graphs.mlp, "auto"), (graphs.convnet, "channel"), (graphs.convnet, "spatial")],
+                         ids=["mlp", "convnet-channel", "convnet-spatial"])
+def test_refit_lowers_the_whole_model_error(tmp_path, build, form):
+    """Same ranks, same interface; the calibration error drops (each pair is re-solved on what it sees)."""
+    rng = np.random.default_rng(1)
+    built = build(rng)
+    source = tmp_path / "model.onnx"
+    onnx.save(built.proto, source)
+    np.savez(tmp_path / "calib.npz", **built.inputs(rng, count=24))
+    errors, ranks = {}, {}
+    for on in (False, True):
+        out = tmp_path / f"refit{on}.onnx"
+        done = compress(source, out, FactorizeConfig(params=0.5, refit=on, conv_form=form), calib=tmp_path / "calib.npz",
+                        progress=False)
+        errors[on] = done.output_error["all"]
+        ranks[on] = [(r.name, r.form, r.rank) for r in done.result.layers]
+        assert graphs.interface(onnx.load(out)) == graphs.interface(built.proto)
+        refit = done.result.refit
+    assert ranks[False] == ranks[True]
+    assert refit and errors[True] < errors[False]
+
+
+def test_one_sequential_pass_is_a_fixed_point():
+    """Upstream first: a second pass sees the inputs the first left and changes nothing. (Refitting all
+    layers at once is no fixed point: each overcorrects for upstream errors the others then remove.)"""
+    from edgelr.calibrate import collect_grams, samples_from_arrays
+    from edgelr.factorize import factorize
+    from edgelr.layers import find_layers
+    from edgelr.refit import _levels, refit
+
+    rng = np.random.default_rng(2)
+    built = graphs.mlp(rng, width=12)
+    model = built.ir()
+    samples = samples_from_arrays(built.inputs(rng, count=32), model)
+    layers, _ = find_layers(model)
+    assert [[layer.name for layer in level] for level in _levels(model.graph, layers)] == [["fc0"], ["fc1"], ["fc2"]]
+    grams = collect_grams(model, layers, samples, progress=False)
+    result = factorize(model, FactorizeConfig(params=0.4), grams, layers=layers, progress=False)
+    assert len(result.factorized) >= 2
+    first = refit(built.ir(), model, layers, result, samples, 0.1, progress=False)
+    assert first
+    assert refit(built.ir(), model, layers, result, samples, 0.1, progress=False) == []
+
+
+def test_cli_refits_by_default_and_not_with_no_refit(tmp_path, capsys):
+    import json
+
+    from edgelr.cli import main
+
+    rng = np.random.default_rng(3)
+    built = graphs.mlp(rng, width=12)
+    onnx.save(built.proto, tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", **built.inputs(rng, count=16))
+    found = {}
+    for flag in ([], ["--no-refit"]):
+        report = tmp_path / f"r{len(flag)}.json"
+        assert main(["-q", "compress", str(tmp_path / "m.onnx"), "-o", str(tmp_path / f"o{len(flag)}.onnx"),
+                     "--params", "0.4", "--calib", str(tmp_path / "calib.npz"), "--report", str(report), *flag]) == 0
+        found[bool(flag)] = json.loads(report.read_text())["refit"]
+    assert found[False] and found[True] == []
+    assert "factorized pairs on the inputs the compressed model feeds them" in capsys.readouterr().out
