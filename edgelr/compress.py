@@ -328,7 +328,8 @@ def _refit(source: Path, model, layers: list, result: FactorizeResult, samples, 
         return
     from edgelr.refit import refit
 
-    result.refit = refit(model_io.load(source), model, layers, result, samples, config.damping, progress, grams)
+    result.refit = refit(model_io.load(source), model, layers, result, samples, config.damping, progress, grams,
+                         config.max_error)
 
 
 def _float_layers(source: Path, model, layers: list, samples, key: str, sensitivity: dict | None,

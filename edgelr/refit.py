@@ -27,13 +27,14 @@ from edgelr.factorize import FactorizeResult, _factor_weights
 from edgelr.layers import Layer
 
 def refit(original: ir.Model, compressed: ir.Model, layers: list[Layer], result: FactorizeResult,
-          samples: Samples, damping: float, progress: bool = True, grams: Mapping[str, np.ndarray] | None = None
-          ) -> list[str]:
+          samples: Samples, damping: float, progress: bool = True, grams: Mapping[str, np.ndarray] | None = None,
+          max_error: float | None = None) -> list[str]:
     """Refit the factorized pairs of COMPRESSED (factorize's output, in place) towards ORIGINAL's layers
     on the calibration samples; `layers` and `result` are factorize's. Returns the names refit (a layer
     keeps its factors where the refit ones would not fit its statistics better). With `grams` (the
     original's, as factorize had them), a refit layer's `error` in `result` is measured again: its own
-    error on the original's inputs, which a refit raises while it lowers the whole model's.
+    error on the original's inputs, which a refit raises while it lowers the whole model's; with
+    `max_error` too (FactorizeConfig's gate), a refit that would take it over the gate is not made.
 
     Sequential, as SVD-LLM and GPTQ are: a layer is refit on inputs that its upstream layers' refits
     already shaped. Refitting all at once overcorrects (each layer compensates an upstream error that
@@ -49,19 +50,24 @@ def refit(original: ir.Model, compressed: ir.Model, layers: list[Layer], result:
         nodes = {node.name: node for node in compressed.graph}
         with threadpool_limits(limits=1, user_api="blas"):  # small matrices: see factorize()
             for layer in level:
-                approx = _refit_layer(nodes, layer, rows[layer.name], *stats[layer.name], damping)
-                if approx is None:
+                row = rows[layer.name]
+                found = _better_factors(nodes, layer, row, *stats[layer.name], damping)
+                if found is None:
                     continue
-                changed.add(layer.name)
+                factors, approx = found
                 if grams and layer.name in grams:
-                    w = layer.matrix("channel" if layer.is_conv else "svd")
-                    rows[layer.name].error = lowrank.relative_error(w, approx, grams[layer.name])
+                    error = lowrank.relative_error(layer.matrix("channel" if layer.is_conv else "svd"), approx, grams[layer.name])
+                    if max_error is not None and error > max_error:
+                        continue
+                    row.error = error
+                _set_factors(nodes, layer, row.form, factors)
+                changed.add(layer.name)
     return [layer.name for layer in chosen if layer.name in changed]
 
 
-def _refit_layer(nodes: dict, layer: Layer, row, gram: np.ndarray, cross: np.ndarray, damping: float):
-    """Give the layer's pair the best factors for these statistics if they fit better than its own, and
-    return their product (in the dense layout); None where it keeps its own."""
+def _better_factors(nodes: dict, layer: Layer, row, gram: np.ndarray, cross: np.ndarray, damping: float):
+    """The best factors for these statistics and their product (in the dense layout), if they fit them
+    better than the layer's own; else None."""
     form, rank = row.form, row.rank
     if form == "spatial":  # as factorize whitens it: columns of the kernel taken as uncorrelated
         shape = layer.in_channels, layer.kernel
@@ -73,8 +79,7 @@ def _refit_layer(nodes: dict, layer: Layer, row, gram: np.ndarray, cross: np.nda
     approx = _dense(layer, form, *_factor_weights(layer, form, factors))
     if _loss(w, approx, gram, cross) >= _loss(w, _dense(layer, form, *_weights(nodes, layer)), gram, cross):
         return None
-    _set_factors(nodes, layer, form, factors)
-    return approx
+    return factors, approx
 
 
 def _levels(graph: ir.Graph, layers: list[Layer]) -> list[list[Layer]]:
