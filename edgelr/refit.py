@@ -31,7 +31,8 @@ def refit(original: ir.Model, compressed: ir.Model, layers: list[Layer], result:
           max_error: float | None = None) -> list[str]:
     """Refit the factorized pairs of COMPRESSED (factorize's output, in place) towards ORIGINAL's layers
     on the calibration samples; `layers` and `result` are factorize's. Returns the names refit (a layer
-    keeps its factors where the refit ones would not fit its statistics better). With `grams` (the
+    keeps its factors where refit ones, fitted on half the samples, do not fit the other half better).
+    With `grams` (the
     original's, as factorize had them), a refit layer's `error` in `result` is measured again: its own
     error on the original's inputs, which a refit raises while it lowers the whole model's; with
     `max_error` too (FactorizeConfig's gate), a refit that would take it over the gate is not made.
@@ -51,7 +52,7 @@ def refit(original: ir.Model, compressed: ir.Model, layers: list[Layer], result:
         with threadpool_limits(limits=1, user_api="blas"):  # small matrices: see factorize()
             for layer in level:
                 row = rows[layer.name]
-                found = _better_factors(nodes, layer, row, *stats[layer.name], damping)
+                found = _better_factors(nodes, layer, row, stats[layer.name], damping)
                 if found is None:
                     continue
                 factors, approx = found
@@ -65,21 +66,31 @@ def refit(original: ir.Model, compressed: ir.Model, layers: list[Layer], result:
     return [layer.name for layer in chosen if layer.name in changed]
 
 
-def _better_factors(nodes: dict, layer: Layer, row, gram: np.ndarray, cross: np.ndarray, damping: float):
-    """The best factors for these statistics and their product (in the dense layout), if they fit them
-    better than the layer's own; else None."""
-    form, rank = row.form, row.rank
-    if form == "spatial":  # as factorize whitens it: columns of the kernel taken as uncorrelated
-        shape = layer.in_channels, layer.kernel
-        factors = best_factors(layer.matrix(form), lowrank.spatial_gram(gram, *shape),
-                               lowrank.spatial_gram(cross, *shape), rank, damping)
-    else:
-        factors = best_factors(layer.matrix(form), gram, cross, rank, damping)
+def _better_factors(nodes: dict, layer: Layer, row, halves: list[tuple[np.ndarray, np.ndarray]], damping: float):
+    """The best factors for all the samples' statistics and their product (in the dense layout), if
+    they fit better than the layer's own; else None. "Better" is judged out of sample where there are
+    two halves: fitted on each half, tested on the other (with few samples per input dimension, a
+    regression fits its samples and nothing else: it made the demo's held-out error worse)."""
     w = layer.matrix("channel" if layer.is_conv else "svd")
-    approx = _dense(layer, form, *_factor_weights(layer, form, factors))
-    if _loss(w, approx, gram, cross) >= _loss(w, _dense(layer, form, *_weights(nodes, layer)), gram, cross):
+    now = _dense(layer, row.form, *_weights(nodes, layer))
+    full = (halves[0][0] + halves[1][0], halves[0][1] + halves[1][1]) if len(halves) == 2 else halves[0]
+    factors, approx = _solve(layer, row, *full, damping)
+    if len(halves) == 2:
+        tests = [(_solve(layer, row, *fit, damping)[1], test) for fit, test in (halves, halves[::-1])]
+    else:
+        tests = [(approx, full)]
+    if sum(_loss(w, fitted, *test) for fitted, test in tests) >= sum(_loss(w, now, *test) for _, test in tests):
         return None
     return factors, approx
+
+
+def _solve(layer: Layer, row, gram: np.ndarray, cross: np.ndarray, damping: float) -> tuple[lowrank.Factors, np.ndarray]:
+    """best_factors in the layer's form, and their product in the dense layout."""
+    if row.form == "spatial":  # as factorize whitens it: columns of the kernel taken as uncorrelated
+        shape = layer.in_channels, layer.kernel
+        gram, cross = lowrank.spatial_gram(gram, *shape), lowrank.spatial_gram(cross, *shape)
+    factors = best_factors(layer.matrix(row.form), gram, cross, row.rank, damping)
+    return factors, _dense(layer, row.form, *_factor_weights(layer, row.form, factors))
 
 
 def _levels(graph: ir.Graph, layers: list[Layer]) -> list[list[Layer]]:
@@ -110,23 +121,22 @@ def _loss(w: np.ndarray, approx: np.ndarray, gram: np.ndarray, cross: np.ndarray
 
 
 def _statistics(original: ir.Model, compressed: ir.Model, layers: list[Layer],
-                samples: Samples) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Layer name -> (Z^T Z, X^T Z) summed over samples and uses (X: ORIGINAL's input, Z: COMPRESSED's)."""
+                samples: Samples) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+    """Layer name -> (Z^T Z, X^T Z) summed over uses and the even samples, and over the odd ones
+    (X: ORIGINAL's input, Z: COMPRESSED's); one pair for a single sample."""
     names = list(dict.fromkeys(use.input.name for layer in layers for use in layer.uses))
     teacher = values_by_sample(original, _values(original.graph, names), samples, False)
     student = values_by_sample(compressed, _values(compressed.graph, names), samples, False)
-    stats: dict[str, list[np.ndarray]] = {}
-    for x, z in zip(teacher, student):
+    halves = min(len(samples), 2)
+    stats = {layer.name: [[0.0, 0.0] for _ in range(halves)] for layer in layers}
+    for i, (x, z) in enumerate(zip(teacher, student)):
         for layer in layers:
             for use in layer.uses:
                 a, b = np.asarray(x[use.input.name]), np.asarray(z[use.input.name])
-                pair = (_gram(b, use), _gram(a, use, b))
-                if layer.name in stats:
-                    stats[layer.name][0] += pair[0]
-                    stats[layer.name][1] += pair[1]
-                else:
-                    stats[layer.name] = list(pair)
-    return {name: (gram, cross) for name, (gram, cross) in stats.items()}
+                half = stats[layer.name][i % halves]
+                half[0] = half[0] + _gram(b, use)
+                half[1] = half[1] + _gram(a, use, b)
+    return {name: [tuple(half) for half in parts] for name, parts in stats.items()}
 
 
 def _values(graph: ir.Graph, names: list[str]) -> list[ir.Value]:
