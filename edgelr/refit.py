@@ -14,6 +14,7 @@ exactly. d is factorize's damping: where Z = X the result is factorize's own fac
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import closing
 
 import numpy as np
 import onnx_ir as ir
@@ -129,13 +130,14 @@ def _statistics(original: ir.Model, compressed: ir.Model, layers: list[Layer],
     student = values_by_sample(compressed, _values(compressed.graph, names), samples, False)
     halves = min(len(samples), 2)
     stats = {layer.name: [[0.0, 0.0] for _ in range(halves)] for layer in layers}
-    for i, (x, z) in enumerate(zip(teacher, student)):
-        for layer in layers:
-            for use in layer.uses:
-                a, b = np.asarray(x[use.input.name]), np.asarray(z[use.input.name])
-                half = stats[layer.name][i % halves]
-                half[0] = half[0] + _gram(b, use)
-                half[1] = half[1] + _gram(a, use, b)
+    with closing(teacher), closing(student):  # each restores its graph's outputs when closed
+        for i, (x, z) in enumerate(zip(teacher, student)):
+            for layer in layers:
+                for use in layer.uses:
+                    a, b = np.asarray(x[use.input.name]), np.asarray(z[use.input.name])
+                    half = stats[layer.name][i % halves]
+                    half[0] = half[0] + _gram(b, use)
+                    half[1] = half[1] + _gram(a, use, b)
     return {name: [tuple(half) for half in parts] for name, parts in stats.items()}
 
 
