@@ -162,6 +162,7 @@ def _compress(source: Path, output: Path, config: FactorizeConfig, calib, report
         _refit(source, model, layers, result, samples, config, progress, grams)
         model_io.save(model, output)
         quantized = _quantize(output, quantize, samples, progress, float_output) if quantize else None
+        _refit_quantized(source, model, layers, result, samples, config, progress, grams, quantize, output, float_output)
     if key is not None and (len(spectra), sensitivity is not None) != cached:  # something new to keep
         ArrayCache("spectra").put(_spectra_key(key, config), _pack_analysis(spectra, sensitivity, layers))
     result.skipped = skipped
@@ -308,6 +309,7 @@ def _latency_rounds(source, output, model, layers, grams, config, samples, progr
         _refit(source, model, layers, result, samples, config, progress, grams)
         model_io.save(model, output)
         quantized = _quantize(output, quantize, samples, False, float_output, result.keep_float) if quantize else None
+        _refit_quantized(source, model, layers, result, samples, config, progress, grams, quantize, output, float_output)
     table.entries[memo] = saving
     table.save()
     t_original = measured["original"]
@@ -330,6 +332,27 @@ def _refit(source: Path, model, layers: list, result: FactorizeResult, samples, 
 
     result.refit = refit(model_io.load(source), model, layers, result, samples, config.damping, progress, grams,
                          config.max_error)
+
+
+def _refit_quantized(source: Path, model, layers: list, result: FactorizeResult, samples, config: FactorizeConfig,
+                     progress: bool, grams: dict, scheme: str | None, output: Path, float_output: Path | None) -> None:
+    """After static INT8, refit again on the quantized model's own inputs (edgelr.refit's `quantized`):
+    the pairs then also make up for the quantization error upstream. OUTPUT (and FLOAT_OUTPUT, the
+    float model before quantization) are rewritten with the new weights."""
+    if scheme != "int8" or samples is None or not config.refit or not result.factorized:
+        return
+    if model_io.model_bytes(model) > SENSITIVITY_MAX_BYTES:
+        return  # _refit said why
+    from edgelr.refit import refit
+
+    quantized = model_io.load(output)
+    done = refit(model_io.load(source), model, layers, result, samples, config.damping, progress, grams,
+                 config.max_error, quantized=quantized)
+    if done:
+        result.refit = sorted(set(result.refit) | set(done), key=[r.name for r in result.layers].index)
+        model_io.save(quantized, output)
+        if float_output is not None:
+            model_io.save(model, float_output)
 
 
 def _float_layers(source: Path, model, layers: list, samples, key: str, sensitivity: dict | None,

@@ -29,7 +29,7 @@ from edgelr.layers import Layer
 
 def refit(original: ir.Model, compressed: ir.Model, layers: list[Layer], result: FactorizeResult,
           samples: Samples, damping: float, progress: bool = True, grams: Mapping[str, np.ndarray] | None = None,
-          max_error: float | None = None) -> list[str]:
+          max_error: float | None = None, quantized: ir.Model | None = None) -> list[str]:
     """Refit the factorized pairs of COMPRESSED (factorize's output, in place) towards ORIGINAL's layers
     on the calibration samples; `layers` and `result` are factorize's. Returns the names refit (a layer
     keeps its factors where refit ones, fitted on half the samples, do not fit the other half better).
@@ -38,6 +38,10 @@ def refit(original: ir.Model, compressed: ir.Model, layers: list[Layer], result:
     error on the original's inputs, which a refit raises while it lowers the whole model's; with
     `max_error` too (FactorizeConfig's gate), a refit that would take it over the gate is not made.
 
+    `quantized`: COMPRESSED after static INT8 (QDQ, symmetric int8 weights). The inputs are then read
+    from it, so a refit also makes up for the quantization upstream, and each refit pair's int8
+    weights are quantized again in it, in place; COMPRESSED's float factors change alike.
+
     Sequential, as SVD-LLM and GPTQ are: a layer is refit on inputs that its upstream layers' refits
     already shaped. Refitting all at once overcorrects (each layer compensates an upstream error that
     the upstream refit then removes) and made YOLOv8n's error worse, pass after pass. Layers with the
@@ -45,10 +49,14 @@ def refit(original: ir.Model, compressed: ir.Model, layers: list[Layer], result:
     One pass is a fixed point: again, every layer would see the same inputs and keep its factors."""
     rows = {row.name: row for row in result.layers}
     chosen = [layer for layer in layers if rows[layer.name].form != "dense" and rows[layer.name].rank]
+    student, inputs = compressed, None
+    if quantized is not None:
+        usable, inputs = _quantized_inputs(quantized, chosen)
+        student, chosen = quantized, [layer for layer in chosen if layer.name in usable]
     levels = _levels(original.graph, chosen)
     changed = set()
     for level in tqdm(levels, desc="refitting", unit="level", disable=not progress, leave=False):
-        stats = _statistics(original, compressed, level, samples)
+        stats = _statistics(original, student, level, samples, inputs)
         nodes = {node.name: node for node in compressed.graph}
         with threadpool_limits(limits=1, user_api="blas"):  # small matrices: see factorize()
             for layer in level:
@@ -63,6 +71,8 @@ def refit(original: ir.Model, compressed: ir.Model, layers: list[Layer], result:
                         continue
                     row.error = error
                 _set_factors(nodes, layer, row.form, factors)
+                if quantized is not None:
+                    _set_quantized(quantized, layer, row.form, factors)
                 changed.add(layer.name)
     return [layer.name for layer in chosen if layer.name in changed]
 
@@ -121,24 +131,71 @@ def _loss(w: np.ndarray, approx: np.ndarray, gram: np.ndarray, cross: np.ndarray
     return float(np.sum((approx @ gram) * approx) - 2 * np.sum((w @ cross) * approx))
 
 
-def _statistics(original: ir.Model, compressed: ir.Model, layers: list[Layer],
-                samples: Samples) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+def _statistics(original: ir.Model, student: ir.Model, layers: list[Layer], samples: Samples,
+                inputs: dict[str, str] | None = None) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
     """Layer name -> (Z^T Z, X^T Z) summed over uses and the even samples, and over the odd ones
-    (X: ORIGINAL's input, Z: COMPRESSED's); one pair for a single sample."""
+    (X: ORIGINAL's input, Z: STUDENT's, named as in ORIGINAL or by `inputs`); one pair for one sample."""
     names = list(dict.fromkeys(use.input.name for layer in layers for use in layer.uses))
+    inputs = inputs or {name: name for name in names}
     teacher = values_by_sample(original, _values(original.graph, names), samples, False)
-    student = values_by_sample(compressed, _values(compressed.graph, names), samples, False)
+    student = values_by_sample(student, _values(student.graph, [inputs[n] for n in names]), samples, False)
     halves = min(len(samples), 2)
     stats = {layer.name: [[0.0, 0.0] for _ in range(halves)] for layer in layers}
     with closing(teacher), closing(student):  # each restores its graph's outputs when closed
         for i, (x, z) in enumerate(zip(teacher, student)):
             for layer in layers:
                 for use in layer.uses:
-                    a, b = np.asarray(x[use.input.name]), np.asarray(z[use.input.name])
+                    a, b = np.asarray(x[use.input.name]), np.asarray(z[inputs[use.input.name]])
                     half = stats[layer.name][i % halves]
                     half[0] = half[0] + _gram(b, use)
                     half[1] = half[1] + _gram(a, use, b)
     return {name: [tuple(half) for half in parts] for name, parts in stats.items()}
+
+
+def _quantized_inputs(quantized: ir.Model, layers: list[Layer]) -> tuple[set[str], dict[str, str]]:
+    """The layers whose pairs both have symmetric int8 weights in the QDQ model (the others are left),
+    and for those, original input name -> what the pair's first node reads there (a DequantizeLinear's
+    output)."""
+    nodes = {node.name: node for node in quantized.graph}
+    usable, inputs = set(), {}
+    for layer in layers:
+        pairs = [[nodes.get(f"{use.node.name}/lowrank_{part}") for part in ("down", "up")] for use in layer.uses]
+        if all(node is not None and _int8_weight(node) is not None for pair in pairs for node in pair):
+            usable.add(layer.name)
+            inputs.update((use.input.name, pair[0].inputs[0].name) for use, pair in zip(layer.uses, pairs))
+    return usable, inputs
+
+
+def _int8_weight(node: ir.Node) -> ir.Node | None:
+    """The DequantizeLinear giving the node its weight, if it holds symmetric int8 constants."""
+    dq = node.inputs[1].producer() if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    if dq is None or dq.op_type != "DequantizeLinear" or len(dq.inputs) < 2:
+        return None
+    q, zero = dq.inputs[0].const_value, dq.inputs[2].const_value if len(dq.inputs) > 2 and dq.inputs[2] else None
+    if q is None or dq.inputs[1].const_value is None or q.dtype != ir.DataType.INT8:
+        return None
+    return dq if zero is None or not np.any(zero.numpy()) else None
+
+
+def _set_quantized(quantized: ir.Model, layer: Layer, form: str, factors: lowrank.Factors) -> None:
+    """Quantize the factors into the QDQ model's int8 weights as ONNX Runtime's symmetric scheme does
+    (scale = max|w| / 127 per channel on the DequantizeLinear's axis, or per tensor)."""
+    nodes = {node.name: node for node in quantized.graph}
+    for use in layer.uses:
+        for part, array in zip(("down", "up"), _factor_weights(layer, form, factors)):
+            dq = _int8_weight(nodes[f"{use.node.name}/lowrank_{part}"])
+            q, scale = dq.inputs[0], dq.inputs[1]
+            if scale.const_value.numpy().ndim == 0:
+                step = np.abs(array).max() / 127.0
+            else:
+                axis = dq.attributes.get_int("axis", 1) % array.ndim
+                other = tuple(i for i in range(array.ndim) if i != axis)
+                step = np.expand_dims(np.abs(array).max(axis=other) / 127.0, other)
+            step = np.where(step == 0, 1.0, step)
+            values = np.clip(np.round(array / step), -127, 127).astype(np.int8)
+            dtype = scale.const_value.dtype.numpy()
+            q.const_value = ir.tensor(values, name=q.name)
+            scale.const_value = ir.tensor(np.asarray(step, dtype).reshape(scale.const_value.numpy().shape), name=scale.name)
 
 
 def _values(graph: ir.Graph, names: list[str]) -> list[ir.Value]:
