@@ -159,7 +159,7 @@ def _compress(source: Path, output: Path, config: FactorizeConfig, calib, report
                                                      analysis, key, quantize, float_output)
     else:
         result = factorize(model, config, grams, layers=layers, progress=progress, **analysis)
-        _refit(source, model, layers, result, samples, config, progress, grams)
+        _refit(source, model, layers, result, samples, config, progress, grams, quantize)
         model_io.save(model, output)
         quantized = _quantize(output, quantize, samples, progress, float_output) if quantize else None
         _refit_quantized(source, model, layers, result, samples, config, progress, grams, quantize, output, float_output)
@@ -306,7 +306,7 @@ def _latency_rounds(source, output, model, layers, grams, config, samples, progr
         result = factorize(model, config, grams, layers=layers, progress=progress, latency=LatencyBudget(table, saving, float_layers),
                            **analysis)
     if best != len(rounds) - 1 or config.refit:  # refitting moves no latency: only the kept round's model
-        _refit(source, model, layers, result, samples, config, progress, grams)
+        _refit(source, model, layers, result, samples, config, progress, grams, quantize)
         model_io.save(model, output)
         quantized = _quantize(output, quantize, samples, False, float_output, result.keep_float) if quantize else None
         _refit_quantized(source, model, layers, result, samples, config, progress, grams, quantize, output, float_output)
@@ -321,12 +321,11 @@ def _latency_rounds(source, output, model, layers, grams, config, samples, progr
 
 
 def _refit(source: Path, model, layers: list, result: FactorizeResult, samples, config: FactorizeConfig,
-           progress: bool, grams: dict) -> None:
-    """With calibration samples and config.refit, refit the factorized pairs (edgelr.refit)."""
-    if samples is None or not config.refit or not result.factorized:
-        return
-    if model_io.model_bytes(model) > SENSITIVITY_MAX_BYTES:  # a run of both models per level: too slow here
-        result.warnings.append(f"factorized pairs not refit (the model is over {SENSITIVITY_MAX_BYTES >> 20} MB)")
+           progress: bool, grams: dict, scheme: str | None) -> None:
+    """Refit the factorized pairs (edgelr.refit) on the float model's inputs; with static INT8 that
+    waits for the quantized model (_refit_quantized): refit on float inputs alone made a small
+    convnet's INT8 error worse (tests/test_refit.py)."""
+    if scheme == "int8" or not _can_refit(model, result, samples, config):
         return
     from edgelr.refit import refit
 
@@ -336,23 +335,29 @@ def _refit(source: Path, model, layers: list, result: FactorizeResult, samples, 
 
 def _refit_quantized(source: Path, model, layers: list, result: FactorizeResult, samples, config: FactorizeConfig,
                      progress: bool, grams: dict, scheme: str | None, output: Path, float_output: Path | None) -> None:
-    """After static INT8, refit again on the quantized model's own inputs (edgelr.refit's `quantized`):
-    the pairs then also make up for the quantization error upstream. OUTPUT (and FLOAT_OUTPUT, the
-    float model before quantization) are rewritten with the new weights."""
-    if scheme != "int8" or samples is None or not config.refit or not result.factorized:
+    """After static INT8, refit on the quantized model's own inputs (edgelr.refit's `quantized`): the pairs
+    then also make up for the quantization error upstream. OUTPUT (and FLOAT_OUTPUT, the float model
+    before quantization) are rewritten with the new weights."""
+    if scheme != "int8" or not _can_refit(model, result, samples, config):
         return
-    if model_io.model_bytes(model) > SENSITIVITY_MAX_BYTES:
-        return  # _refit said why
     from edgelr.refit import refit
 
     quantized = model_io.load(output)
-    done = refit(model_io.load(source), model, layers, result, samples, config.damping, progress, grams,
-                 config.max_error, quantized=quantized)
-    if done:
-        result.refit = sorted(set(result.refit) | set(done), key=[r.name for r in result.layers].index)
+    result.refit = refit(model_io.load(source), model, layers, result, samples, config.damping, progress, grams,
+                         config.max_error, quantized=quantized)
+    if result.refit:
         model_io.save(quantized, output)
         if float_output is not None:
             model_io.save(model, float_output)
+
+
+def _can_refit(model, result: FactorizeResult, samples, config: FactorizeConfig) -> bool:
+    if samples is None or not config.refit or not result.factorized:
+        return False
+    if model_io.model_bytes(model) > SENSITIVITY_MAX_BYTES:  # a run of both models per level: too slow here
+        result.warnings.append(f"factorized pairs not refit (the model is over {SENSITIVITY_MAX_BYTES >> 20} MB)")
+        return False
+    return True
 
 
 def _float_layers(source: Path, model, layers: list, samples, key: str, sensitivity: dict | None,

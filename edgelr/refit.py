@@ -26,6 +26,7 @@ from edgelr import lowrank
 from edgelr.calibrate import Samples, _gram, values_by_sample
 from edgelr.factorize import FactorizeResult, _factor_weights
 from edgelr.layers import Layer
+from edgelr.verify import output_error
 
 def refit(original: ir.Model, compressed: ir.Model, layers: list[Layer], result: FactorizeResult,
           samples: Samples, damping: float, progress: bool = True, grams: Mapping[str, np.ndarray] | None = None,
@@ -37,6 +38,8 @@ def refit(original: ir.Model, compressed: ir.Model, layers: list[Layer], result:
     original's, as factorize had them), a refit layer's `error` in `result` is measured again: its own
     error on the original's inputs, which a refit raises while it lowers the whole model's; with
     `max_error` too (FactorizeConfig's gate), a refit that would take it over the gate is not made.
+
+    Nothing changes unless the whole model's error on the samples drops too.
 
     `quantized`: COMPRESSED after static INT8 (QDQ, symmetric int8 weights). The inputs are then read
     from it, so a refit also makes up for the quantization upstream, and each refit pair's int8
@@ -54,6 +57,8 @@ def refit(original: ir.Model, compressed: ir.Model, layers: list[Layer], result:
         usable, inputs = _quantized_inputs(quantized, chosen)
         student, chosen = quantized, [layer for layer in chosen if layer.name in usable]
     levels = _levels(original.graph, chosen)
+    before = output_error(original, student, samples).get("all", 0.0) if chosen else 0.0
+    saved = _snapshot(compressed, quantized, chosen, rows)
     changed = set()
     for level in tqdm(levels, desc="refitting", unit="level", disable=not progress, leave=False):
         stats = _statistics(original, student, level, samples, inputs)
@@ -74,7 +79,35 @@ def refit(original: ir.Model, compressed: ir.Model, layers: list[Layer], result:
                 if quantized is not None:
                     _set_quantized(quantized, layer, row.form, factors)
                 changed.add(layer.name)
+    if changed and output_error(original, student, samples).get("all", 0.0) >= before:
+        _restore(saved)  # better layer by layer, worse end to end (a small random convnet did this)
+        return []
     return [layer.name for layer in chosen if layer.name in changed]
+
+
+def _snapshot(compressed: ir.Model, quantized: ir.Model | None, layers: list[Layer], rows: dict) -> list:
+    """What refit may change: the pairs' weight tensors (float, and int8 with scales) and layer errors."""
+    found = []
+    for model in (compressed, quantized):
+        if model is None:
+            continue
+        nodes = {node.name: node for node in model.graph}
+        for layer in layers:
+            for use in layer.uses:
+                for part in ("down", "up"):
+                    weight = nodes[f"{use.node.name}/lowrank_{part}"].inputs[1]
+                    dq = weight.producer()
+                    values = [dq.inputs[0], dq.inputs[1]] if dq is not None and dq.op_type == "DequantizeLinear" else [weight]
+                    found += [(value, value.const_value) for value in values]
+    return found + [(rows[layer.name], rows[layer.name].error) for layer in layers]
+
+
+def _restore(saved: list) -> None:
+    for owner, value in saved:
+        if isinstance(owner, ir.Value):
+            owner.const_value = value
+        else:
+            owner.error = value
 
 
 def _better_factors(nodes: dict, layer: Layer, row, halves: list[tuple[np.ndarray, np.ndarray]], damping: float):

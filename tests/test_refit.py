@@ -97,3 +97,28 @@ def test_cli_refits_by_default_and_not_with_no_refit(tmp_path, capsys):
         found[bool(flag)] = json.loads(report.read_text())["refit"]
     assert found[False] and found[True] == []
     assert "factorized pairs on the inputs the compressed model feeds them" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("build, form, helps", [(graphs.mlp, "auto", True), (graphs.convnet, "channel", False)],
+                         ids=["mlp", "convnet"])
+def test_refit_after_int8_reads_the_quantized_model(tmp_path, build, form, helps):
+    """With --quantize int8 the pairs are refit on the INT8 model's inputs and their int8 weights
+    requantized in place: the quantized model's error drops, its weights stay int8 Q/DQ. On this
+    convnet the refit fits conv1's output better but the pooled output worse: the whole-model check
+    undoes it, and nothing changes."""
+    rng = np.random.default_rng(4)
+    built = build(rng)
+    source = tmp_path / "model.onnx"
+    onnx.save(built.proto, source)
+    np.savez(tmp_path / "calib.npz", **built.inputs(rng, count=24))
+    errors = {}
+    for on in (False, True):
+        out = tmp_path / f"q{on}.onnx"
+        done = compress(source, out, FactorizeConfig(params=0.5, refit=on, conv_form=form), calib=tmp_path / "calib.npz",
+                        quantize="int8", float_output=tmp_path / f"f{on}.onnx", progress=False)
+        errors[on] = done.output_error["all"]
+        model = onnx.load(out)
+        lowrank_weights = [t for t in model.graph.initializer if "lowrank" in t.name and t.name.endswith("_quantized")]
+        assert lowrank_weights and all(t.data_type == onnx.TensorProto.INT8 for t in lowrank_weights)
+    assert bool(done.result.refit) == helps
+    assert errors[True] < errors[False] if helps else errors[True] == errors[False]
