@@ -229,6 +229,25 @@ def _set_quantized(quantized: ir.Model, layer: Layer, form: str, factors: lowran
             dtype = scale.const_value.dtype.numpy()
             q.const_value = ir.tensor(values, name=q.name)
             scale.const_value = ir.tensor(np.asarray(step, dtype).reshape(scale.const_value.numpy().shape), name=scale.name)
+            _requantize_bias(nodes[f"{use.node.name}/lowrank_{part}"], scale.const_value.numpy())
+
+
+def _requantize_bias(node: ir.Node, weight_scale: np.ndarray) -> None:
+    """An int32 bias is quantized with scale input_scale * weight_scale; ONNX Runtime fuses the node into
+    an integer kernel only while that holds (a stale bias scale left YOLOv8n 1.3x slower)."""
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    dq = bias.producer() if bias is not None else None
+    source = node.inputs[0].producer()
+    if dq is None or dq.op_type != "DequantizeLinear" or source is None or source.op_type != "DequantizeLinear":
+        return
+    q, scale = dq.inputs[0], dq.inputs[1]
+    if q.const_value is None or scale.const_value is None or q.const_value.dtype != ir.DataType.INT32:
+        return
+    values = q.const_value.numpy().astype(np.float64) * scale.const_value.numpy().astype(np.float64)
+    step = (np.float32(source.inputs[1].const_value.numpy()) * weight_scale.astype(np.float32)).astype(np.float32)
+    step = np.where(step == 0, 1.0, step).astype(np.float32)
+    q.const_value = ir.tensor(np.round(values / step).astype(np.int32), name=q.name)
+    scale.const_value = ir.tensor(step.reshape(scale.const_value.numpy().shape), name=scale.name)
 
 
 def _values(graph: ir.Graph, names: list[str]) -> list[ir.Value]:
