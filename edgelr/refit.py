@@ -28,18 +28,18 @@ from edgelr.factorize import FactorizeResult, _factor_weights
 from edgelr.layers import Layer
 from edgelr.verify import output_error
 
+
 def refit(original: ir.Model, compressed: ir.Model, layers: list[Layer], result: FactorizeResult,
           samples: Samples, damping: float, progress: bool = True, grams: Mapping[str, np.ndarray] | None = None,
           max_error: float | None = None, quantized: ir.Model | None = None) -> list[str]:
     """Refit the factorized pairs of COMPRESSED (factorize's output, in place) towards ORIGINAL's layers
     on the calibration samples; `layers` and `result` are factorize's. Returns the names refit (a layer
-    keeps its factors where refit ones, fitted on half the samples, do not fit the other half better).
-    With `grams` (the
-    original's, as factorize had them), a refit layer's `error` in `result` is measured again: its own
-    error on the original's inputs, which a refit raises while it lowers the whole model's; with
-    `max_error` too (FactorizeConfig's gate), a refit that would take it over the gate is not made.
+    keeps its factors where refit ones, fitted on half the samples, do not fit the other half better;
+    nothing changes unless the whole model's error on the samples drops too).
 
-    Nothing changes unless the whole model's error on the samples drops too.
+    With `grams` (the original's, as factorize had them), a refit layer's `error` in `result` is
+    measured again: its own error on the original's inputs, which a refit raises while it lowers the
+    whole model's; with `max_error` too (FactorizeConfig's gate), a refit over the gate is not made.
 
     `quantized`: COMPRESSED after static INT8 (QDQ, symmetric int8 weights). The inputs are then read
     from it, so a refit also makes up for the quantization upstream, and each refit pair's int8
