@@ -25,6 +25,7 @@ from edgelr.layers import find_layers
 from edgelr.profile import compare_models, layer_aliases, layer_times, sample_feed
 from edgelr.quantize import SCHEMES
 from edgelr.quantize import quantize as quantize_model
+from edgelr.refit import refit
 from edgelr.report import result_json, write_json
 from edgelr.sensitivity import layer_sensitivity
 from edgelr.verify import output_error
@@ -159,10 +160,8 @@ def _compress(source: Path, output: Path, config: FactorizeConfig, calib, report
                                                      analysis, key, quantize, float_output)
     else:
         result = factorize(model, config, grams, layers=layers, progress=progress, **analysis)
-        _refit(source, model, layers, result, samples, config, progress, grams, quantize)
-        model_io.save(model, output)
-        quantized = _quantize(output, quantize, samples, progress, float_output) if quantize else None
-        _refit_quantized(source, model, layers, result, samples, config, progress, grams, quantize, output, float_output)
+        quantized = _write(source, output, model, layers, result, samples, config, grams, quantize, float_output,
+                           progress, progress)
     if key is not None and (len(spectra), sensitivity is not None) != cached:  # something new to keep
         ArrayCache("spectra").put(_spectra_key(key, config), _pack_analysis(spectra, sensitivity, layers))
     result.skipped = skipped
@@ -306,10 +305,8 @@ def _latency_rounds(source, output, model, layers, grams, config, samples, progr
         result = factorize(model, config, grams, layers=layers, progress=progress, latency=LatencyBudget(table, saving, float_layers),
                            **analysis)
     if best != len(rounds) - 1 or config.refit:  # refitting moves no latency: only the kept round's model
-        _refit(source, model, layers, result, samples, config, progress, grams, quantize)
-        model_io.save(model, output)
-        quantized = _quantize(output, quantize, samples, False, float_output, result.keep_float) if quantize else None
-        _refit_quantized(source, model, layers, result, samples, config, progress, grams, quantize, output, float_output)
+        quantized = _write(source, output, model, layers, result, samples, config, grams, quantize, float_output,
+                           progress, False)
     table.entries[memo] = saving
     table.save()
     t_original = measured["original"]
@@ -320,35 +317,27 @@ def _latency_rounds(source, output, model, layers, grams, config, samples, progr
     return result, info, quantized
 
 
-def _refit(source: Path, model, layers: list, result: FactorizeResult, samples, config: FactorizeConfig,
-           progress: bool, grams: dict, scheme: str | None) -> None:
-    """Refit the factorized pairs (edgelr.refit) on the float model's inputs; with static INT8 that
-    waits for the quantized model (_refit_quantized): refit on float inputs alone made a small
-    convnet's INT8 error worse (tests/test_refit.py)."""
-    if scheme == "int8" or not _can_refit(model, result, samples, config):
-        return
-    from edgelr.refit import refit
-
-    result.refit = refit(model_io.load(source), model, layers, result, samples, config.damping, progress, grams,
-                         config.max_error)
-
-
-def _refit_quantized(source: Path, model, layers: list, result: FactorizeResult, samples, config: FactorizeConfig,
-                     progress: bool, grams: dict, scheme: str | None, output: Path, float_output: Path | None) -> None:
-    """After static INT8, refit on the quantized model's own inputs (edgelr.refit's `quantized`): the pairs
-    then also make up for the quantization error upstream. OUTPUT (and FLOAT_OUTPUT, the float model
-    before quantization) are rewritten with the new weights."""
-    if scheme != "int8" or not _can_refit(model, result, samples, config):
-        return
-    from edgelr.refit import refit
-
-    quantized = model_io.load(output)
-    result.refit = refit(model_io.load(source), model, layers, result, samples, config.damping, progress, grams,
-                         config.max_error, quantized=quantized)
-    if result.refit:
-        model_io.save(quantized, output)
-        if float_output is not None:
-            model_io.save(model, float_output)
+def _write(source: Path, output: Path, model, layers: list, result: FactorizeResult, samples, config: FactorizeConfig,
+           grams: dict, scheme: str | None, float_output: Path | None, progress: bool, quantize_progress: bool) -> dict | None:
+    """Refit the factorized pairs (edgelr.refit), save OUTPUT, and quantize it with SCHEME. With static
+    INT8 the refit waits for the quantized model and reads its inputs, so it also makes up for the
+    quantization error upstream (a refit on float inputs alone made a small convnet's INT8 error worse,
+    tests/test_refit.py); OUTPUT and FLOAT_OUTPUT are then rewritten with the new weights."""
+    refitting = _can_refit(model, result, samples, config)
+    if refitting and scheme != "int8":
+        result.refit = refit(model_io.load(source), model, layers, result, samples, config.damping, progress, grams,
+                             config.max_error)
+    model_io.save(model, output)
+    quantized = _quantize(output, scheme, samples, quantize_progress, float_output, result.keep_float) if scheme else None
+    if refitting and scheme == "int8":
+        int8 = model_io.load(output)
+        result.refit = refit(model_io.load(source), model, layers, result, samples, config.damping, progress, grams,
+                             config.max_error, quantized=int8)
+        if result.refit:
+            model_io.save(int8, output)
+            if float_output is not None:
+                model_io.save(model, float_output)
+    return quantized
 
 
 def _can_refit(model, result: FactorizeResult, samples, config: FactorizeConfig) -> bool:
