@@ -27,7 +27,7 @@ from edgelr.quantize import SCHEMES
 from edgelr.quantize import quantize as quantize_model
 from edgelr.refit import refit
 from edgelr.report import result_json, write_json
-from edgelr.sensitivity import layer_sensitivity
+from edgelr.sensitivity import PROBE_SAMPLES, layer_sensitivity
 from edgelr.verify import output_error
 
 LATENCY_ROUNDS = 4
@@ -224,7 +224,7 @@ def _cached_analysis(key: str | None, layers: list, config: FactorizeConfig) -> 
 
 
 def _spectra_key(key: str, config: FactorizeConfig) -> str:
-    return f"{key}-damping{config.damping:g}"
+    return f"{key}-damping{config.damping:g}-probe{PROBE_SAMPLES}"  # sensitivities probed otherwise are not reused
 
 
 def _pack_analysis(spectra: dict, sensitivity: dict | None, layers: list) -> dict:
@@ -244,8 +244,10 @@ def _latency_rounds(source, output, model, layers, grams, config, samples, progr
     how much of the predicted saving the last round really delivered: up when it fell short, down
     when it overshot (overshooting spends accuracy nobody asked for). The budget is a ceiling, and the
     same model measures up to about one LATENCY_SLACK apart at different times (docs/benchmarks.md), so
-    the search aims one slack below it and a round is a hit only within half a slack of that aim; a round
-    measured just under the budget would be over it as often as not when measured again. The kept
+    the search aims one slack below it and a round is a hit only up to half a slack above that aim (a
+    round measured just under the budget would be over it as often as not when measured again), or one
+    slack below it. The correction pools the rounds (what they delivered over what they asked), so it
+    does not chase the noise of the last measurement. The kept
     round is the one with the least predicted error among the hits or rounds below them (the fastest if
     none is). With `quantize`, each round's model is quantized before it is measured, and the original
     quantized alone (the floor: how far quantization alone gets) is timed in the same interleaved runs:
@@ -274,7 +276,7 @@ def _latency_rounds(source, output, model, layers, grams, config, samples, progr
             start = interleaved_latency(timed, feed, rounds=MEASURE_ROUNDS)
             floors += [start["quantized"] / start["original"]] if quantize else []
             saving = max((floors[0] if quantize else 1.0) - aim, 0.0) * start["original"]
-        rounds, kept = [], []
+        rounds, kept, asked = [], [], []
         for i in range(LATENCY_ROUNDS):
             if i:  # factorize works in place: start again from the original
                 model, layers = _reload(source, layers)
@@ -295,10 +297,14 @@ def _latency_rounds(source, output, model, layers, grams, config, samples, progr
                            "predicted_error2": error})
             high = aim + LATENCY_SLACK / 2
             kept.append((ratio <= high, ratio <= target, error, ratio, i, saving, result))
-            low = 0.0 if remembered and i == 0 else aim - LATENCY_SLACK / 2
-            if low <= ratio <= high or not result.budget_reached or floor - ratio <= 0 or saving <= 0:
+            low = 0.0 if remembered and i == 0 else aim - LATENCY_SLACK
+            asked.append(saving / measured["original"])
+            if low <= ratio <= high or not result.budget_reached or saving <= 0:
                 break
-            saving = saving * (floor - aim) / (floor - ratio)
+            delivered = sum(floor - r["measured_ratio"] for r in rounds) / sum(asked)  # of what was asked, all rounds
+            if delivered <= 0:
+                break
+            saving = (floor - aim) / delivered * measured["original"]
     _, within, _, _, best, saving, result = min(kept, key=lambda k: (not k[0], k[2] if k[0] else k[3]))
     if best != len(rounds) - 1:  # the output holds the last round: redo the kept one (deterministic)
         model, layers = _reload(source, layers)

@@ -26,7 +26,7 @@ from edgelr.calibrate import Samples
 from edgelr.layers import Layer, find_layers
 
 PROBE_ERROR2 = 0.01  # the truncation each layer is probed at: a relative error of 0.1
-PROBE_SAMPLES = 4
+PROBE_SAMPLES = 8  # spread over the calibration set: samples often come a few crops per photo
 GROUP_BYTES = 64 << 20  # residual weights added to one probing model (more go in further groups)
 
 
@@ -45,9 +45,9 @@ def layer_sensitivity(source, layers: list[Layer], grams: Mapping[str, np.ndarra
         rank = _probe_rank(residual, layer.max_rank(form))
         if rank and residual[rank] > 0:
             probes[layer.name] = (form, rank, float(residual[rank]))
-    count = min(PROBE_SAMPLES, len(samples))
+    picked = sorted(set(np.linspace(0, len(samples) - 1, min(PROBE_SAMPLES, len(samples))).round().astype(int)))
     result: dict[str, float] = {}
-    bar = tqdm(total=len(probes) * count, desc="sensitivity", unit="run", disable=not progress, leave=False)
+    bar = tqdm(total=len(probes) * len(picked), desc="sensitivity", unit="run", disable=not progress, leave=False)
     for group in _groups([layer for layer in layers if layer.name in probes]):
         model = model_io.load(source)
         fresh = {layer.name: layer for layer in find_layers(model)[0]}
@@ -61,8 +61,8 @@ def layer_sensitivity(source, layers: list[Layer], grams: Mapping[str, np.ndarra
         with model_io.ort_session(model) as session:
             names = [o.name for o in session.get_outputs()]
             closed = {g: np.zeros((), dtype=np.float32) for g in gates}
-            for i in range(count):
-                feed = samples.feed(i)
+            for i in picked:
+                feed = samples.feed(int(i))
                 base = _float_outputs(session.run(names, feed | closed))  # the error counts float outputs only
                 den += sum(float(np.sum(b**2)) for b in base)
                 for gate in gates:
