@@ -180,8 +180,9 @@ def _compress(args) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     if done.latency:
         for r in done.latency["rounds"]:
+            alone = r.get("quantized_only_ratio")
             print(f"latency round {r['round']}: predicted {r['predicted_ratio']:.3f}, measured {r['measured_ratio']:.3f} "
-                  "of the original")
+                  "of the original" + (f" (quantized alone, timed beside it: {alone:.3f})" if alone else ""))
         kept = done.latency["kept_round"]
         print(f"kept round {kept}" + ("" if done.latency["within_budget"] else ", the fastest: no round met the budget"))
         print(f"latency tables: {done.latency['layer_timings']} layer timings new, cached in {done.latency['table']}")
