@@ -86,7 +86,8 @@ def refit(original: ir.Model, compressed: ir.Model, layers: list[Layer], result:
 
 
 def _snapshot(compressed: ir.Model, quantized: ir.Model | None, layers: list[Layer], rows: dict) -> list:
-    """What refit may change: the pairs' weight tensors (float, and int8 with scales) and layer errors."""
+    """What refit may change: the pairs' weight tensors (float, and int8 with scales, and int32 biases
+    with theirs: _requantize_bias) and layer errors."""
     found = []
     for model in (compressed, quantized):
         if model is None:
@@ -95,10 +96,12 @@ def _snapshot(compressed: ir.Model, quantized: ir.Model | None, layers: list[Lay
         for layer in layers:
             for use in layer.uses:
                 for part in ("down", "up"):
-                    weight = nodes[f"{use.node.name}/lowrank_{part}"].inputs[1]
-                    dq = weight.producer()
-                    values = [dq.inputs[0], dq.inputs[1]] if dq is not None and dq.op_type == "DequantizeLinear" else [weight]
-                    found += [(value, value.const_value) for value in values]
+                    node = nodes[f"{use.node.name}/lowrank_{part}"]
+                    for value in node.inputs[1:3]:
+                        dq = value.producer() if value is not None else None
+                        quantized_value = dq is not None and dq.op_type == "DequantizeLinear"
+                        values = [dq.inputs[0], dq.inputs[1]] if quantized_value else [value] if value is not None else []
+                        found += [(v, v.const_value) for v in values if v.const_value is not None]
     return found + [(rows[layer.name], rows[layer.name].error) for layer in layers]
 
 

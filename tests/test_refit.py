@@ -122,3 +122,33 @@ def test_refit_after_int8_reads_the_quantized_model(tmp_path, build, form, helps
         assert lowrank_weights and all(t.data_type == onnx.TensorProto.INT8 for t in lowrank_weights)
     assert bool(done.result.refit) == helps
     assert errors[True] < errors[False] if helps else errors[True] == errors[False]
+
+
+def test_an_undone_int8_refit_restores_weights_scales_and_int32_biases(tmp_path):
+    """The undo path (whole-model error did not drop): requantized int8 weights, their scales and the
+    int32 biases requantized with them all go back; a bias left at the refit's scale would stop ONNX
+    Runtime fusing the QDQ conv (slower, and no longer what was measured)."""
+    from edgelr.layers import find_layers
+    from edgelr.refit import _restore, _set_quantized, _snapshot
+
+    rng = np.random.default_rng(4)
+    built = graphs.convnet(rng)
+    onnx.save(built.proto, tmp_path / "model.onnx")
+    np.savez(tmp_path / "calib.npz", **built.inputs(rng, count=24))
+    done = compress(tmp_path / "model.onnx", tmp_path / "q.onnx", FactorizeConfig(params=0.5, refit=False, conv_form="channel"),
+                    calib=tmp_path / "calib.npz", quantize="int8", float_output=tmp_path / "f.onnx", progress=False)
+    quantized, compressed = load(tmp_path / "q.onnx"), load(tmp_path / "f.onnx")
+    rows = {row.name: row for row in done.result.layers}
+    layers = [layer for layer in find_layers(load(tmp_path / "model.onnx"))[0] if rows[layer.name].rank]
+    before = {name: v.const_value.numpy().copy() for name, v in quantized.graph.initializers.items()}
+    assert any(v.dtype == np.int32 for v in before.values())  # the pairs carry int32 biases
+    saved = _snapshot(compressed, quantized, layers, rows)
+    for layer in layers:
+        row = rows[layer.name]
+        n = layer.in_features
+        _set_quantized(quantized, layer, row.form, lowrank.Factors(up=rng.normal(size=(layer.out_features, row.rank)),
+                                                                  down=rng.normal(size=(row.rank, n))))
+    changed = {name for name, v in quantized.graph.initializers.items() if not np.array_equal(v.const_value.numpy(), before[name])}
+    assert any(before[name].dtype == np.int32 for name in changed)  # a bias was requantized
+    _restore(saved)
+    assert all(np.array_equal(v.const_value.numpy(), before[name]) for name, v in quantized.graph.initializers.items())
