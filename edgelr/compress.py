@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import tempfile
@@ -25,7 +26,7 @@ from edgelr.layers import find_layers
 from edgelr.profile import compare_models, layer_aliases, layer_times, sample_feed
 from edgelr.quantize import SCHEMES
 from edgelr.quantize import quantize as quantize_model
-from edgelr.refit import refit
+from edgelr.refit import apply_state, refit, refit_state
 from edgelr.report import result_json, write_json
 from edgelr.sensitivity import PROBE_SAMPLES, layer_sensitivity
 from edgelr.verify import output_error
@@ -161,7 +162,7 @@ def _compress(source: Path, output: Path, config: FactorizeConfig, calib, report
     else:
         result = factorize(model, config, grams, layers=layers, progress=progress, **analysis)
         quantized = _write(source, output, model, layers, result, samples, config, grams, quantize, float_output,
-                           progress, progress)
+                           progress, progress, key)
     if key is not None and (len(spectra), sensitivity is not None) != cached:  # something new to keep
         ArrayCache("spectra").put(_spectra_key(key, config), _pack_analysis(spectra, sensitivity, layers))
     result.skipped = skipped
@@ -312,7 +313,7 @@ def _latency_rounds(source, output, model, layers, grams, config, samples, progr
                            **analysis)
     if best != len(rounds) - 1 or config.refit:  # refitting moves no latency: only the kept round's model
         quantized = _write(source, output, model, layers, result, samples, config, grams, quantize, float_output,
-                           progress, False)
+                           progress, False, key)
     table.entries[memo] = saving
     table.save()
     t_original = measured["original"]
@@ -325,26 +326,50 @@ def _latency_rounds(source, output, model, layers, grams, config, samples, progr
 
 
 def _write(source: Path, output: Path, model, layers: list, result: FactorizeResult, samples, config: FactorizeConfig,
-           grams: dict, scheme: str | None, float_output: Path | None, progress: bool, quantize_progress: bool) -> dict | None:
+           grams: dict, scheme: str | None, float_output: Path | None, progress: bool, quantize_progress: bool,
+           key: str | None = None) -> dict | None:
     """Refit the factorized pairs (edgelr.refit), save OUTPUT, and quantize it with SCHEME. With static
     INT8 the refit waits for the quantized model and reads its inputs, so it also makes up for the
     quantization error upstream (a refit on float inputs alone made a small convnet's INT8 error worse,
-    tests/test_refit.py); OUTPUT and FLOAT_OUTPUT are then rewritten with the new weights."""
+    tests/test_refit.py); OUTPUT and FLOAT_OUTPUT are then rewritten with the new weights. With `key`
+    (the model's and samples' content) the refit is cached by the allocation it refit."""
     refitting = _can_refit(model, result, samples, config)
     if refitting and scheme != "int8":
-        result.refit = refit(model_io.load(source), model, layers, result, samples, config.damping, progress, grams,
-                             config.max_error)
+        result.refit = _cached_refit(key, config, scheme, model, None, layers, result, lambda: refit(
+            model_io.load(source), model, layers, result, samples, config.damping, progress, grams, config.max_error))
     model_io.save(model, output)
     quantized = _quantize(output, scheme, samples, quantize_progress, float_output, result.keep_float) if scheme else None
     if refitting and scheme == "int8":
         int8 = model_io.load(output)
-        result.refit = refit(model_io.load(source), model, layers, result, samples, config.damping, progress, grams,
-                             config.max_error, quantized=int8)
+        result.refit = _cached_refit(key, config, scheme, model, int8, layers, result, lambda: refit(
+            model_io.load(source), model, layers, result, samples, config.damping, progress, grams, config.max_error,
+            quantized=int8))
         if result.refit:
             model_io.save(int8, output)
             if float_output is not None:
                 model_io.save(model, float_output)
     return quantized
+
+
+def _cached_refit(key: str | None, config: FactorizeConfig, scheme: str | None, model, int8, layers: list,
+                  result: FactorizeResult, run) -> list[str]:
+    """`run()` (the refit), or what it left the last time on the same model, samples and allocation:
+    the refit is most of a second run on the same model (about 70 s of YOLOv8n's 95 s on 2 cores)."""
+    if key is None:
+        return run()
+    allocation = sorted((row.name, row.form, row.rank) for row in result.layers if row.rank)
+    what = repr((key, allocation, result.keep_float, config.damping, config.max_error, scheme))
+    name = hashlib.sha256(what.encode()).hexdigest()[:32]
+    cache = ArrayCache("refit")
+    state = cache.get(name)
+    if state is not None and "refit" in state:
+        try:
+            return apply_state(model, int8, result, state)
+        except (KeyError, ValueError):  # an entry that does not fit these models: refit again
+            pass
+    names = run()
+    cache.put(name, refit_state(model, int8, layers, result, names))
+    return names
 
 
 def _can_refit(model, result: FactorizeResult, samples, config: FactorizeConfig) -> bool:

@@ -85,23 +85,27 @@ def refit(original: ir.Model, compressed: ir.Model, layers: list[Layer], result:
     return [layer.name for layer in chosen if layer.name in changed]
 
 
-def _snapshot(compressed: ir.Model, quantized: ir.Model | None, layers: list[Layer], rows: dict) -> list:
-    """What refit may change: the pairs' weight tensors (float, and int8 with scales, and int32 biases
-    with theirs: _requantize_bias) and layer errors."""
-    found = []
-    for model in (compressed, quantized):
+def _changeable(compressed: ir.Model, quantized: ir.Model | None, layers: list[Layer]):
+    """(model tag, value) for every tensor refit may change: the pairs' weights (float, and int8 with
+    scales) and their int32 biases with scales (_requantize_bias)."""
+    for tag, model in (("float", compressed), ("int8", quantized)):
         if model is None:
             continue
         nodes = {node.name: node for node in model.graph}
         for layer in layers:
             for use in layer.uses:
                 for part in ("down", "up"):
-                    node = nodes[f"{use.node.name}/lowrank_{part}"]
-                    for value in node.inputs[1:3]:
+                    for value in nodes[f"{use.node.name}/lowrank_{part}"].inputs[1:3]:
                         dq = value.producer() if value is not None else None
-                        quantized_value = dq is not None and dq.op_type == "DequantizeLinear"
-                        values = [dq.inputs[0], dq.inputs[1]] if quantized_value else [value] if value is not None else []
-                        found += [(v, v.const_value) for v in values if v.const_value is not None]
+                        if dq is not None and dq.op_type == "DequantizeLinear":
+                            yield from ((tag, v) for v in dq.inputs[:2] if v.const_value is not None)
+                        elif value is not None and value.const_value is not None:
+                            yield tag, value
+
+
+def _snapshot(compressed: ir.Model, quantized: ir.Model | None, layers: list[Layer], rows: dict) -> list:
+    """What refit may change, to put back: those tensors and the layers' errors."""
+    found = [(value, value.const_value) for _, value in _changeable(compressed, quantized, layers)]
     return found + [(rows[layer.name], rows[layer.name].error) for layer in layers]
 
 
@@ -111,6 +115,32 @@ def _restore(saved: list) -> None:
             owner.const_value = value
         else:
             owner.error = value
+
+
+def refit_state(compressed: ir.Model, quantized: ir.Model | None, layers: list[Layer], result: FactorizeResult,
+                refit_names: list[str]) -> dict[str, np.ndarray]:
+    """What a refit left, as arrays (for a cache): the tensors it may change, the layers' errors, the names."""
+    rows = {row.name: row for row in result.layers}
+    chosen = [layer for layer in layers if layer.name in refit_names]
+    state = {f"{tag}/{value.name}": value.const_value.numpy() for tag, value in _changeable(compressed, quantized, chosen)}
+    state.update({f"error/{name}": np.float64(rows[name].error) for name in refit_names if rows[name].error is not None})
+    return state | {"refit": np.array(refit_names, dtype=str)}
+
+
+def apply_state(compressed: ir.Model, quantized: ir.Model | None, result: FactorizeResult,
+                state: dict[str, np.ndarray]) -> list[str]:
+    """Put a refit_state back into the same models (as factorize and quantize rebuild them); returns the
+    names refit."""
+    rows = {row.name: row for row in result.layers}
+    models = {"float": compressed, "int8": quantized}
+    for key, array in state.items():
+        kind, name = key.split("/", 1) if "/" in key else (key, "")
+        if kind == "error":
+            rows[name].error = float(array)
+        elif kind in models and models[kind] is not None:
+            value = models[kind].graph.initializers[name]
+            value.const_value = ir.tensor(array, name=name)
+    return [str(name) for name in state["refit"]]
 
 
 def _better_factors(nodes: dict, layer: Layer, row, halves: list[tuple[np.ndarray, np.ndarray]], damping: float):

@@ -152,3 +152,29 @@ def test_an_undone_int8_refit_restores_weights_scales_and_int32_biases(tmp_path)
     assert any(before[name].dtype == np.int32 for name in changed)  # a bias was requantized
     _restore(saved)
     assert all(np.array_equal(v.const_value.numpy(), before[name]) for name, v in quantized.graph.initializers.items())
+
+
+@pytest.mark.parametrize("build, form, scheme", [(graphs.mlp, "auto", None), (graphs.convnet, "channel", "int8")],
+                         ids=["mlp-float", "convnet-int8"])
+def test_a_second_run_reuses_the_refit(tmp_path, monkeypatch, build, form, scheme):
+    """The same model, samples and allocation again: the refit comes from the cache (refit is not run)
+    and the written models, the names refit and the layers' errors are the first run's."""
+    import sys
+
+    monkeypatch.setenv("EDGELR_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(3)
+    built = build(rng)
+    onnx.save(built.proto, tmp_path / "model.onnx")
+    np.savez(tmp_path / "calib.npz", **built.inputs(rng, count=24))
+    runs = []
+    for i in range(2):
+        if i:
+            def fail(*args, **kwargs):
+                raise AssertionError("refit ran again")
+            monkeypatch.setattr(sys.modules["edgelr.compress"], "refit", fail)
+        out = tmp_path / f"o{i}.onnx"
+        done = compress(tmp_path / "model.onnx", out, FactorizeConfig(params=0.5, conv_form=form), calib=tmp_path / "calib.npz",
+                        quantize=scheme, progress=False)
+        runs.append((out.read_bytes(), done.result.refit, [(r.name, r.error) for r in done.result.layers]))
+    assert runs[0][1]  # something was refit (else there is nothing to reuse)
+    assert runs[0] == runs[1]
