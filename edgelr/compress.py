@@ -248,9 +248,8 @@ def _latency_rounds(source, output, model, layers, grams, config, samples, progr
     the search aims one slack below it and a round is a hit only up to half a slack above that aim (a
     round measured just under the budget would be over it as often as not when measured again), or one
     slack below it. The correction pools the rounds (what they delivered over what they asked), so it
-    does not chase the noise of the last measurement. The kept
-    round is the one with the least predicted error among the hits or rounds below them (the fastest if
-    none is). With `quantize`, each round's model is quantized before it is measured, and the original
+    does not chase the noise of the last measurement. The kept round is the one with the least
+    predicted error among the hits or rounds below them (the fastest if none is). With `quantize`, each round's model is quantized before it is measured, and the original
     quantized alone (the floor: how far quantization alone gets) is timed in the same interleaved runs:
     the floor is the median of every such measurement, and the budget holds beside it, for what will run.
     """

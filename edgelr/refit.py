@@ -133,13 +133,19 @@ def apply_state(compressed: ir.Model, quantized: ir.Model | None, result: Factor
     names refit."""
     rows = {row.name: row for row in result.layers}
     models = {"float": compressed, "int8": quantized}
+    errors, tensors = [], []  # all looked up before anything changes: a KeyError leaves the models as they were
     for key, array in state.items():
         kind, name = key.split("/", 1) if "/" in key else (key, "")
         if kind == "error":
-            rows[name].error = float(array)
-        elif kind in models and models[kind] is not None:
-            value = models[kind].graph.initializers[name]
-            value.const_value = ir.tensor(array, name=name)
+            errors.append((rows[name], float(array)))
+        elif kind in models:
+            if models[kind] is None:
+                raise KeyError(key)
+            tensors.append((models[kind].graph.initializers[name], array))
+    for value, array in tensors:
+        value.const_value = ir.tensor(array, name=value.name)
+    for row, error in errors:
+        row.error = error
     return [str(name) for name in state["refit"]]
 
 
