@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 from tqdm.auto import tqdm
 
 from edgelr import model_io
@@ -357,7 +358,8 @@ def _cached_refit(key: str | None, config: FactorizeConfig, scheme: str | None, 
     if key is None:
         return run()
     allocation = sorted((row.name, row.form, row.rank) for row in result.layers if row.rank)
-    what = repr((key, allocation, result.keep_float, config.damping, config.max_error, scheme))
+    # the INT8 state holds scales from ONNX Runtime's quantizer: another version may calibrate differently
+    what = repr((key, allocation, result.keep_float, config.damping, config.max_error, scheme, ort.__version__))
     name = hashlib.sha256(what.encode()).hexdigest()[:32]
     cache = ArrayCache("refit")
     state = cache.get(name)
