@@ -642,8 +642,10 @@ class Augment:
     place, grey around it, as the model sees a whole photo; else a crop filling the canvas. A crop covers
     `scale` (a fraction of the photo's area, drawn log-uniform) with an aspect ratio within `ratio` of the
     target's. Then: a horizontal flip (p `flip`); brightness, contrast and saturation each x(1 +- `jitter`);
-    a hue rotation of up to +-`hue` turns; greyscale with probability `grey`; and with probability `mixup`
-    a blend (weight 0.3..0.7) with a second such sample. Only image folders take it; an .npz is flipped."""
+    a hue rotation of up to +-`hue` turns; a colour cast (each channel's gain x e^(+-`tint`): the only
+    change here that gives a grey photo colour, and photo sets are often mostly grey); greyscale with
+    probability `grey`; and with probability `mixup` a blend (weight 0.3..0.7) with a second such sample.
+    Only image folders take it; an .npz is flipped."""
 
     scale: tuple[float, float] = (0.05, 1.0)
     ratio: tuple[float, float] = (0.75, 1.333)
@@ -653,6 +655,7 @@ class Augment:
     flip: float = 0.5
     jitter: float = 0.4
     hue: float = 0.5
+    tint: float = 0.3
     grey: float = 0.1
     mixup: float = 0.1
 
@@ -693,8 +696,8 @@ def _resize(image: np.ndarray, h: int, w: int) -> np.ndarray:
 
 
 def _colour(x: np.ndarray, rng: np.random.Generator, aug: Augment) -> np.ndarray:
-    """float HxWx3 in 0..255 -> float 3xHxW in 0..255: brightness, contrast, saturation, hue or greyscale,
-    clipped. All of them are one affine map of the colour, applied in one pass."""
+    """float HxWx3 in 0..255 -> float 3xHxW in 0..255: brightness, contrast, saturation, hue and tint, or
+    greyscale, clipped. All of them are one affine map of the colour, applied in one pass."""
     b, c, s = rng.uniform(1 - aug.jitter, 1 + aug.jitter, size=3)
     luma = np.array([0.299, 0.587, 0.114])
     if rng.random() < aug.grey:
@@ -703,6 +706,8 @@ def _colour(x: np.ndarray, rng: np.random.Generator, aug: Augment) -> np.ndarray
         colour = (1 - s) * np.outer(np.ones(3), luma) + s * np.eye(3)
         if aug.hue:
             colour = _hue_matrix(rng.uniform(-aug.hue, aug.hue) * 2 * math.pi) @ colour
+        if aug.tint:
+            colour = np.exp(rng.uniform(-aug.tint, aug.tint, size=(3, 1))) * colour
     matrix = (c * b * colour).astype(np.float32)  # contrast about the (brightened) mean, which grey maps keep
     offset = np.float32((1 - c) * b * float(x.mean()))
     planes = np.ascontiguousarray(x.transpose(2, 0, 1))  # 3xHxW

@@ -369,6 +369,18 @@ def test_strong_augmentation_is_seeded_varied_and_in_range(pair):
         _run(pair, data=pair / "photos", augment="heavy")
 
 
+def test_strong_augmentation_gives_grey_photos_colour():
+    from edgelr.distill import Augment, _colour
+
+    grey = np.repeat(np.linspace(0, 255, 64, dtype=np.float32).reshape(8, 8, 1), 3, axis=2)
+    rng = np.random.default_rng(3)
+    casts = [_colour(grey, rng, Augment(grey=0.0)) for _ in range(8)]
+    assert all(x.shape == (3, 8, 8) and x.min() >= 0 and x.max() <= 255 for x in casts)
+    assert all(np.abs(x[0] - x[2]).max() > 1 for x in casts)  # a colour cast: the channels part
+    untinted = _colour(grey, rng, Augment(grey=0.0, tint=0.0))
+    assert np.abs(untinted[0] - untinted[2]).max() < 1e-3  # brightness, contrast, saturation, hue keep grey grey
+
+
 def test_strong_augmentation_bf16_resume_bit_identical(pair):
     calls, hook = _crash_hook()
 

@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgelr import FactorizeConfig, compress  # noqa: E402
-from edgelr.distill import distill  # noqa: E402
+from edgelr.distill import Augment, distill  # noqa: E402
 from tools.bench_yolo import _channel_errors, yolo_path  # noqa: E402
 from tools.photos import CALIBRATION, HELD_OUT, detection_heldout, face_mosaics, lfw_mosaics, photo, samples  # noqa: E402
 
@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--nonfaces", action="store_true", help="also LFW's non-face images 100..199, as mosaics")
     parser.add_argument("--augment", choices=["strong", "light", "none"], default="light",
                         help="edgelr.distill's augmentation: strong (crops, mosaics, colour, mixup), light, none")
+    parser.add_argument("--tint", type=float, help="--augment strong's colour cast (edgelr.distill.Augment.tint; 0: none)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="the student's forward pass")
     parser.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime threads")
     parser.add_argument("--time-limit", type=float, help="seconds for the whole distill call: it stops past this, "
@@ -106,6 +107,8 @@ def main() -> None:
             student = onnx.load(str(tmp / "student.onnx"), load_external_data=False)
             freeze += [t.name for t in student.graph.initializer if "lowrank" not in t.name]
         augment = {"strong": "strong", "light": True, "none": False}[args.augment]
+        if args.augment == "strong" and args.tint is not None:
+            augment = Augment(tint=args.tint)
         done = distill(source, tmp / "student.onnx", tmp / "train", tmp / "tuned.onnx", steps=args.steps, lr=args.lr,
                        batch=args.batch, seed=args.seed, freeze=freeze, per_channel=args.per_channel,
                        features=[(f, f) for f in HEAD] if args.features else None, augment=augment,

@@ -76,6 +76,7 @@ def main() -> None:
         heldout = load_samples(tmp / "heldout.npz", load(source))
         err = {name: output_error(source, path, heldout)["all"] for name, path in models.items() if name != "original"}
         channels = _channel_errors(source, tmp / "whitened.onnx", heldout)
+        by_photo = _photo_errors(source, models, heldout, 1 + args.crops)
         scenes = samples_from_arrays({"images": detection_heldout()}, load(source))
         detection = {name: detection_agreement(source, path, scenes)["map50"] for name, path in models.items()
                      if name != "original"}
@@ -92,6 +93,7 @@ def main() -> None:
         "refit_layers": len(whitened.result.refit),  # refit on the compressed model's own inputs
         "quantize": args.quantize,
         "whitened_by_channel": channels,
+        "heldout_error_by_photo": by_photo,  # each photo's views alone: which photos the error comes from
         "detection_map50": detection,  # mAP@0.5 against the original's detections (tools/photos.detection_heldout)
         "latency_ms": {k: v * 1e3 for k, v in lat.items()},
         "speedup": {name: lat["original"] / t for name, t in lat.items() if name != "original"},
@@ -107,6 +109,26 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _photo_errors(source: Path, models: dict, heldout, views: int) -> dict:
+    """Model -> held-out photo -> relative output error over that photo's VIEWS samples (whole + crops)."""
+    import onnxruntime as ort
+
+    def outputs(path):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return np.stack([session.run(None, heldout.feed(i))[0] for i in range(len(heldout))])
+
+    ref = outputs(source)
+    found = {}
+    for name, path in models.items():
+        if name == "original":
+            continue
+        new = outputs(path)
+        found[name] = {photo: round(float(np.linalg.norm(new[i * views : (i + 1) * views] - ref[i * views : (i + 1) * views])
+                                          / np.linalg.norm(ref[i * views : (i + 1) * views])), 4)
+                       for i, photo in enumerate(HELD_OUT)}
+    return found
 
 
 def _channel_errors(source: Path, compressed: Path, heldout) -> dict:
