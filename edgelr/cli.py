@@ -109,8 +109,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--preprocess", metavar="SPEC.json", help="image size, letterbox, mean, std, scale (images only)")
     p.add_argument("--freeze", action="append", default=[], metavar="PATTERN", help="keep matching weights fixed")
-    p.add_argument("--feature", action="append", default=[], metavar="TENSOR",
-                   help="also align this intermediate tensor (same name in both models)")
+    aligned = p.add_mutually_exclusive_group()
+    aligned.add_argument("--feature", action="append", default=[], metavar="TENSOR",
+                         help="also align this intermediate tensor (same name in both models)")
+    aligned.add_argument("--align-factorized", action="store_true",
+                         help="also align every factorized pair's output with the layer it replaced")
+    p.add_argument("--feature-weight", type=_positive, metavar="W",
+                   help="each aligned tensor's weight in the loss (default 1; with --align-factorized a "
+                        "small one, edgelr.distill.FACTORIZED_FEATURE_WEIGHT)")
+    p.add_argument("--augment", choices=["light", "strong", "none"], default="light",
+                   help="image augmentation: light (crop, flip, colour; default), strong (crops of 5-100%%, "
+                        "mosaics, colour casts, mixup: for a few dozen photos), none")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="the student's forward pass (bf16: faster on CPUs with AMX or AVX-512 BF16; saved in fp32)")
     p.add_argument("--time-limit", type=_positive, metavar="S", help="stop after this many seconds, writing the output")
     p.add_argument("--eval", metavar="DATA.npz", help="held-out inputs: report the error before and after")
 
@@ -315,7 +326,10 @@ def _distill(args) -> int:
 
     done = distill(args.teacher, args.student, args.data, args.output, steps=args.steps, epochs=args.epochs,
                    batch=args.batch, lr=args.lr, seed=args.seed, checkpoint=args.checkpoint, resume=args.resume,
-                   preprocess=args.preprocess, freeze=args.freeze, features=[(f, f) for f in args.feature] or None,
+                   preprocess=args.preprocess, freeze=args.freeze,
+                   features="factorized" if args.align_factorized else [(f, f) for f in args.feature] or None,
+                   feature_weight=args.feature_weight,
+                   augment={"light": True, "strong": "strong", "none": False}[args.augment], precision=args.precision,
                    time_limit=args.time_limit, eval_samples=args.eval, progress=not args.quiet)
     print(f"{done['steps']} steps in {done['seconds']:.0f} s, final loss {done['final_loss']:.4g}"
           + (" (stopped at the time limit)" if done.get("stopped_early") else ""))

@@ -22,6 +22,7 @@ Loss. For each float output, the squared error is normalised by the teacher's ow
 The loss is the mean of these over the outputs: about the squared relative error of the student.
 Feature alignment (PELA-style, `features=[(teacher_tensor, student_tensor), ...]`): MSE between
 the two intermediate tensors divided by the teacher tensor's variance, added with `feature_weight`.
+`features="factorized"` aligns every factorized pair with the layer it replaced (DLRMamba-style).
 
 Data. An image folder is decoded once and kept in memory (up to IMAGE_CACHE_BYTES). With a few
 dozen photos, `augment="strong"` (Augment: crops from 5% to all of a photo, letterboxed views, 2x2
@@ -77,6 +78,10 @@ except ImportError:  # torch is only needed here; the rest of edgelr runs withou
 
 CHANNEL_FLOOR = 1.0  # a channel's scale is at least this fraction of the median channel's RMS
 CHECKPOINT_EVERY = 50  # steps
+# features="factorized": each pair's weight. Its normalised error starts near its relative error^2 (0.01-0.1),
+# the outputs' near the model's (0.002 on YOLOv8n), so the pairs lead: on YOLOv8n 0.01 did better than
+# 0.002 (held-out error 0.0344 against 0.0361 after 20 minutes, docs/benchmarks.md); larger is untried.
+FACTORIZED_FEATURE_WEIGHT = 0.01
 LOG_EVERY = 5  # the returned loss history: the mean loss of each window of this many steps
 PARITY_TOLERANCE = 1e-4  # relative max error, saved ONNX (ORT) vs the torch student
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
@@ -986,6 +991,16 @@ def _binary_kl(p, q, eps: float = 1e-6):
     return torch.mean(p * (torch.log(p) - torch.log(q)) + (1 - p) * (torch.log1p(-p) - torch.log1p(-q)))
 
 
+def _factorized_features(s_model: ir.Model, student, features: str) -> list[tuple[str, str]]:
+    if features != "factorized":
+        raise EdgelrError(f"features must be pairs of tensor names or 'factorized', not {features!r}")
+    pairs = [(n.outputs[0].name, n.outputs[0].name) for n in s_model.graph if n.name.endswith("/lowrank_up")]
+    if not pairs:
+        raise EdgelrError(f"{student}: no factorized pairs to align (features='factorized' wants a student from "
+                          "edgelr compress); name the tensors instead")
+    return pairs
+
+
 def _feature_loss(student, teacher):
     return torch.mean((student - teacher) ** 2) / (teacher.var(unbiased=False) + 1e-12)
 
@@ -1121,8 +1136,8 @@ def distill(
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
     checkpoint_every: int = CHECKPOINT_EVERY,
-    features: Sequence[tuple[str, str]] | None = None,
-    feature_weight: float = 1.0,
+    features: Sequence[tuple[str, str]] | str | None = None,
+    feature_weight: float | None = None,
     task_loss: Callable | None = None,
     task_weight: float = 1.0,
     per_channel: bool = True,
@@ -1159,7 +1174,12 @@ def distill(
     checkpoint / resume / checkpoint_every: see the module docstring; resume=True with no checkpoint
         file starts from the beginning.
     features: pairs (teacher tensor, student tensor) of intermediate ONNX values aligned with an MSE
-        normalised by the teacher tensor's variance, weighted by feature_weight.
+        normalised by the teacher tensor's variance, each weighted by feature_weight; or "factorized":
+        the output of every factorized pair of an `edgelr compress` student, aligned with the layer it
+        replaced (the pair keeps that layer's output name), as DLRMamba's structure-aware distillation
+        aligns each low-rank block: a target inside the network for every pair, on every augmented
+        view, not only at the outputs. feature_weight: 1 by default; FACTORIZED_FEATURE_WEIGHT with
+        "factorized".
     task_loss: optional hook task_loss(student_outputs: dict[name, Tensor], indices: np.ndarray) ->
         scalar Tensor, called per forward with the data indices of its samples (to look up labels);
         added with task_weight. Augmentation moves and mirrors images: pass augment=False when the
@@ -1232,6 +1252,10 @@ def distill(
         dataset.strong = strong
     evaluation = _eval_samples(eval_samples, t_model, preprocess)
     total = int(steps) if steps is not None else max(1, math.ceil(epochs * len(dataset) / batch))
+    if isinstance(features, str):
+        features = _factorized_features(s_model, student, features)
+        feature_weight = FACTORIZED_FEATURE_WEIGHT if feature_weight is None else feature_weight
+    feature_weight = 1.0 if feature_weight is None else feature_weight
     features = [tuple(f) for f in features or []]
     t_values = {v.name for n in t_model.graph for v in n.outputs} | {v.name for v in t_model.graph.inputs}
     for t_name, _ in features:

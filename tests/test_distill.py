@@ -227,6 +227,18 @@ def test_distill_a_factorized_student(tmp_path):
     assert len(onnx.load(str(tmp_path / "student.onnx")).graph.node) > len(onnx.load(str(tmp_path / "teacher.onnx")).graph.node)
     result = _run(tmp_path, steps=30, batch=8, lr=3e-3, eval_samples=tmp_path / "data.npz")
     assert result["error_after"]["all"] < result["error_before"]["all"]
+    aligned = _run(tmp_path, "aligned.onnx", steps=30, batch=8, lr=3e-3, eval_samples=tmp_path / "data.npz",
+                   features="factorized", feature_weight=0.1)  # each pair towards the layer it replaced
+    assert aligned["error_after"]["all"] < aligned["error_before"]["all"]
+    assert aligned["final_loss"] > result["final_loss"]  # the pairs' terms are in the loss
+
+
+def test_factorized_features_need_a_factorized_student(pair):
+    with pytest.raises(EdgelrError, match="no factorized pairs"):
+        _run(pair, features="factorized")
+    with pytest.raises(EdgelrError, match="'factorized'"):
+        _run(pair, features="all")
+    assert not (pair / "out.onnx").exists()
 
 
 class _Interrupt(Exception):
@@ -581,3 +593,11 @@ def test_distill_from_the_command_line(pair):
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
     assert not (pair / "bad.onnx").exists()
     assert cli("--data", str(pair / "data.npz"), "-o", str(pair / "bad.onnx")).returncode == 2  # no --steps/--epochs
+    options = cli("--data", str(pair / "data.npz"), "-o", str(pair / "opts.onnx"), "--steps", "2", "--augment", "none",
+                  "--precision", "bf16")
+    assert options.returncode == 0, options.stderr
+    unfactorized = cli("--data", str(pair / "data.npz"), "-o", str(pair / "bad.onnx"), "--steps", "2", "--align-factorized")
+    assert unfactorized.returncode == 1 and "no factorized pairs" in unfactorized.stderr
+    both = cli("--data", str(pair / "data.npz"), "-o", str(pair / "bad.onnx"), "--steps", "2", "--align-factorized",
+               "--feature", "a2")
+    assert both.returncode == 2 and not (pair / "bad.onnx").exists()

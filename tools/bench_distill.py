@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--only-lowrank", action="store_true", help="train only the factorized pairs' weights")
     parser.add_argument("--per-channel", action="store_true", help="normalise the loss per output channel")
     parser.add_argument("--features", action="store_true", help="also align YOLO's head logits")
+    parser.add_argument("--align-factorized", type=float, metavar="W",
+                        help="also align every factorized pair's output with the original layer's (weight W each)")
     parser.add_argument("--score-weight", type=float, default=0.0,
                         help="compare the class scores (channels 4..) by binary KL with this weight (0: squared error)")
     parser.add_argument("--no-extra", action="store_true", help="train on the calibration photos and faces only")
@@ -106,12 +108,15 @@ def main() -> None:
 
             student = onnx.load(str(tmp / "student.onnx"), load_external_data=False)
             freeze += [t.name for t in student.graph.initializer if "lowrank" not in t.name]
+        features, feature_weight = ([(f, f) for f in HEAD], 1.0) if args.features else (None, None)
+        if args.align_factorized:  # every factorized pair towards the layer it replaced
+            features, feature_weight = "factorized", args.align_factorized
         augment = {"strong": "strong", "light": True, "none": False}[args.augment]
         if args.augment == "strong" and args.tint is not None:
             augment = Augment(tint=args.tint)
         done = distill(source, tmp / "student.onnx", tmp / "train", tmp / "tuned.onnx", steps=args.steps, lr=args.lr,
                        batch=args.batch, seed=args.seed, freeze=freeze, per_channel=args.per_channel,
-                       features=[(f, f) for f in HEAD] if args.features else None, augment=augment,
+                       features=features, feature_weight=feature_weight, augment=augment,
                        scores=(4, None) if args.score_weight else None, score_weight=args.score_weight or 1.0,
                        precision=args.precision, time_limit=args.time_limit, anneal_by_time=args.time_limit is not None,
                        device="cpu",
