@@ -111,41 +111,37 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
 
-def _photo_errors(source: Path, models: dict, heldout, views: int) -> dict:
-    """Model -> held-out photo -> relative output error over that photo's VIEWS samples (whole + crops)."""
+def _outputs(path: Path, heldout) -> np.ndarray:
+    """The model's first output on every held-out sample, stacked on the batch axis."""
     import onnxruntime as ort
 
-    def outputs(path):
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return np.stack([session.run(None, heldout.feed(i))[0] for i in range(len(heldout))])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run(None, heldout.feed(i))[0] for i in range(len(heldout))])
 
-    ref = outputs(source)
+
+def _relative(new: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.linalg.norm(new - ref) / np.linalg.norm(ref))
+
+
+def _photo_errors(source: Path, models: dict, heldout, views: int) -> dict:
+    """Model -> held-out photo -> relative output error over that photo's VIEWS samples (whole + crops)."""
+    ref = _outputs(source, heldout)
     found = {}
     for name, path in models.items():
-        if name == "original":
-            continue
-        new = outputs(path)
-        found[name] = {photo: round(float(np.linalg.norm(new[i * views : (i + 1) * views] - ref[i * views : (i + 1) * views])
-                                          / np.linalg.norm(ref[i * views : (i + 1) * views])), 4)
-                       for i, photo in enumerate(HELD_OUT)}
+        if name != "original":
+            new = _outputs(path, heldout)
+            found[name] = {photo: round(_relative(new[i * views : (i + 1) * views], ref[i * views : (i + 1) * views]), 4)
+                           for i, photo in enumerate(HELD_OUT)}
     return found
 
 
 def _channel_errors(source: Path, compressed: Path, heldout) -> dict:
     """The detector's output [N, 4 box + 18 classes, anchors], split: relative error of the box channels
     and of the class scores, and how often the top class agrees where the original is confident."""
-    import onnxruntime as ort
-
-    runs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (source, compressed)]
-    ref, new = ([s.run(None, heldout.feed(i))[0] for i in range(len(heldout))] for s in runs)
-    ref, new = np.concatenate(ref), np.concatenate(new)
-
-    def rel(a, b):
-        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
+    ref, new = _outputs(source, heldout), _outputs(compressed, heldout)
     confident = ref[:, 4:].max(axis=1) > 0.25
     agree = new[:, 4:].argmax(axis=1) == ref[:, 4:].argmax(axis=1)
-    return {"box_error": rel(new[:, :4], ref[:, :4]), "class_error": rel(new[:, 4:], ref[:, 4:]),
+    return {"box_error": _relative(new[:, :4], ref[:, :4]), "class_error": _relative(new[:, 4:], ref[:, 4:]),
             "top_class_agreement": float(agree[confident].mean()), "confident_anchors": int(confident.sum())}
 
 
