@@ -122,6 +122,9 @@ def _parser() -> argparse.ArgumentParser:
                         "mosaics, colour casts, mixup: for a few dozen photos), none")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="the student's forward pass (bf16: faster on CPUs with AMX or AVX-512 BF16; saved in fp32)")
+    p.add_argument("--quantization-aware", action="store_true",
+                   help="round Conv/Linear inputs to uint8 while training, for static INT8 after "
+                        "(`edgelr compress OUT.onnx --quantize int8 --calib ...`)")
     p.add_argument("--time-limit", type=_positive, metavar="S", help="stop after this many seconds, writing the output")
     p.add_argument("--eval", metavar="DATA.npz", help="held-out inputs: report the error before and after")
 
@@ -330,6 +333,7 @@ def _distill(args) -> int:
                    features="factorized" if args.align_factorized else [(f, f) for f in args.feature] or None,
                    feature_weight=args.feature_weight,
                    augment={"light": True, "strong": "strong", "none": False}[args.augment], precision=args.precision,
+                   quantization_aware=args.quantization_aware,
                    time_limit=args.time_limit, eval_samples=args.eval, progress=not args.quiet)
     print(f"{done['steps']} steps in {done['seconds']:.0f} s, final loss {done['final_loss']:.4g}"
           + (" (stopped at the time limit)" if done.get("stopped_early") else ""))

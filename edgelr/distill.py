@@ -55,7 +55,7 @@ import tempfile
 import time
 import types
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -1144,12 +1144,14 @@ def distill(
     augment: bool | str | Augment = True,
     preprocess: dict | str | os.PathLike | None = None,
     freeze: Sequence[str] = (),
+    lr_scale: Mapping[str, float] | None = None,
     clip: float = 1.0,
     device: str = "auto",
     progress: bool = True,
     time_limit: float | None = None,
     eval_samples=None,
     precision: str = "fp32",
+    quantization_aware: bool = False,
     anneal_by_time: bool = False,
     scores: tuple[int, int | None] | None = None,
     score_weight: float = 1.0,
@@ -1196,6 +1198,9 @@ def distill(
         their logits, which decide a detector's ranking. On YOLOv8n the mean KL is ~1/25 of the
         boxes' relative squared error: score_weight 25 weighs them alike.
     freeze: fnmatch patterns of ONNX weight or node names to keep fixed.
+    lr_scale: {fnmatch pattern of ONNX weight names (or of the Constant node holding one): factor on lr},
+        the first matching pattern wins, other weights train at lr. E.g. the factorized pairs at lr and
+        everything else at a tenth: the pairs have most to learn, the rest only needs to follow.
     clip: max gradient norm. device: "auto" (CUDA if torch sees one), "cpu", "cuda", ...
     time_limit: seconds (counted from the call); training stops cleanly when the next step would
         start past it, and the output is still written (and the checkpoint, if any).
@@ -1207,6 +1212,10 @@ def distill(
     precision: "bf16" runs the student's forward pass under torch.autocast in bfloat16 (weights,
         gradients, the optimizer and the loss stay float32): about 1.6x faster on CPUs with AMX or
         AVX512-BF16, outputs within ~0.2% of float32 on YOLOv8n. The saved model is float32 either way.
+    quantization_aware: train for static INT8 (edgelr.quantize) after: the input of every Conv and
+        Linear is rounded to 256 levels over the min..max it has reached so far in training (as ONNX
+        Runtime's MinMax calibration sets its uint8 range), with straight-through gradients, so the
+        student learns weights whose activations survive that rounding. The saved model is float.
 
     Returns a dict: steps (taken in all), planned_steps, stopped_early, seconds, final_loss, losses
     [(step, mean loss of the last LOG_EVERY steps)], parity (per output: relative max error of the
@@ -1234,6 +1243,9 @@ def distill(
         raise EdgelrError(f"lr must be positive, got {lr}")
     if not (isinstance(seed, int) and seed >= 0):
         raise EdgelrError(f"seed must be a non-negative integer, got {seed}")
+    bad = {k: v for k, v in (lr_scale or {}).items() if not (isinstance(v, (int, float)) and v >= 0)}
+    if bad:
+        raise EdgelrError(f"lr_scale: factors must be numbers >= 0 (0 freezes), got {bad}")
     if scores is not None:
         if not (isinstance(scores, (tuple, list)) and len(scores) == 2 and isinstance(scores[0], int)
                 and (scores[1] is None or isinstance(scores[1], int))):
@@ -1279,6 +1291,7 @@ def distill(
         probe = _chunks(dataset.batch(np.arange(min(len(dataset), 2)), None), dataset.batched)[0]
         _check_conversion(module, student, probe, input_names, out_names)
         module.to(device)
+        rounding = _fake_quantize_inputs(module) if quantization_aware else []
         t_out_names = out_names + [t for t, _ in features]
         del s_model
         with _teacher_session(t_model, [t for t, _ in features]) as session:
@@ -1290,9 +1303,12 @@ def distill(
                             per_channel=per_channel, augment=augment, clip=clip, device=device,
                             progress=progress, time_limit=time_limit, start=start, precision=precision,
                             anneal_by_time=anneal_by_time, scores=scores, score_weight=score_weight,
+                            lr_scale=dict(lr_scale or {}),
                             meta=_meta(teacher, student, seed, batch, total, lr, weight_decay, info,
                                        augment if strong is None else strong, precision, scores,
-                                       score_weight))
+                                       score_weight, lr_scale, quantization_aware))
+        for hook in rounding:  # the saved model and the parity check are float
+            hook.remove()
         module.to("cpu")
         write_back(module, student, out)
         try:
@@ -1313,6 +1329,32 @@ def distill(
     result["seconds"] = time.perf_counter() - start
     result["output"] = str(out)
     return result
+
+
+QUANT_LEVELS = 256  # uint8 activations, as edgelr.quantize's static INT8
+
+
+def _fake_quantize_inputs(module) -> list:
+    """Round each Conv/Linear input to QUANT_LEVELS steps over its running min..max (a buffer, so a
+    checkpoint keeps it), straight-through in the backward pass. Returns the hooks, to remove."""
+    hooks = []
+    for sub in module.modules():
+        if isinstance(sub, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            sub.register_buffer("edgelr_input_range", torch.tensor([0.0, 0.0], device=next(sub.parameters()).device))
+            hooks.append(sub.register_forward_pre_hook(_round_input))
+    return hooks
+
+
+def _round_input(sub, args):
+    x, *rest = args
+    seen = sub.edgelr_input_range
+    with torch.no_grad():  # the range includes 0, as ORT's does (zero must be exact)
+        seen[0] = torch.minimum(seen[0], x.min().float())
+        seen[1] = torch.maximum(seen[1], x.max().float())
+    low, step = seen[0], (seen[1] - seen[0]).clamp_min(1e-8) / (QUANT_LEVELS - 1)
+    zero = torch.round(-low / step)
+    rounded = (torch.clamp(torch.round(x.float() / step) + zero, 0, QUANT_LEVELS - 1) - zero) * step
+    return (x + (rounded.to(x.dtype) - x).detach(), *rest)
 
 
 def _autocast(device: str, precision: str):
@@ -1346,12 +1388,14 @@ def _teacher_session(model: ir.Model, extra: list[str]):
 
 
 def _meta(teacher, student, seed, batch, total, lr, weight_decay, info: TorchGraph, augment, precision,
-          scores=None, score_weight=1.0) -> dict:
+          scores=None, score_weight=1.0, lr_scale=None, quantization_aware=False) -> dict:
     return {"version": 1, "teacher": str(Path(teacher).resolve()), "student": str(Path(student).resolve()),
             "seed": int(seed), "batch": int(batch), "steps": int(total), "lr": float(lr),
             "weight_decay": float(weight_decay), "weights": sorted(info.params), "augment": repr(augment),
             "precision": precision, "scores": list(scores) if scores else None,
-            "score_weight": float(score_weight) if scores else None}
+            "score_weight": float(score_weight) if scores else None,
+            "lr_scale": {k: float(v) for k, v in (lr_scale or {}).items()},
+            "quantization_aware": bool(quantization_aware)}
 
 
 def _check_conversion(module, student: Path, feed, input_names, out_names) -> None:
@@ -1387,7 +1431,7 @@ def _parity(module, out: Path, feed: dict[str, np.ndarray], input_names, out_nam
 def _train(module, info: TorchGraph, session, dataset: _Data, input_names, out_names, t_out_names, n_features, *,
            total, batch, lr, weight_decay, seed, checkpoint, resume, checkpoint_every, feature_weight, task_loss,
            task_weight, per_channel, augment, clip, device, progress, time_limit, start, meta, precision,
-           anneal_by_time, scores, score_weight) -> dict:
+           anneal_by_time, scores, score_weight, lr_scale) -> dict:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     if device.startswith("cuda"):
@@ -1396,10 +1440,18 @@ def _train(module, info: TorchGraph, session, dataset: _Data, input_names, out_n
     trainable = [p for p in info.params.values() if p.requires_grad]
     if not trainable:
         raise EdgelrError(f"{info.path}: no trainable float32 weight (Conv, Gemm, MatMul, norms) to distil")
-    decay = [p for p in trainable if p.dim() >= 2]
-    no_decay = [p for p in trainable if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    groups: dict[tuple[float, bool], list] = {}  # (lr factor, decayed) -> parameters
+    seen = set()
+    for value, p in info.params.items():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            names = (value, info.weights[value].node)
+            factor = next((float(f) for pattern, f in lr_scale.items()
+                           if any(n and fnmatch.fnmatchcase(n, pattern) for n in names)), 1.0)
+            groups.setdefault((factor, p.dim() >= 2), []).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": ps, "lr": lr * factor, "weight_decay": weight_decay if decayed else 0.0}
+         for (factor, decayed), ps in sorted(groups.items())], lr=lr, betas=(0.9, 0.999), eps=1e-8)
     warmup = max(1, min(100, total // 20))
     clock = (lambda: (time.perf_counter() - start) / time_limit) if anneal_by_time and time_limit else None
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total, warmup, clock))

@@ -51,6 +51,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--train-all", action="store_true",
                         help="train every weight (default: only the factorized pairs, which generalised better)")
+    parser.add_argument("--no-qat", action="store_true",
+                        help="with --quantize, train in float (default: quantization-aware, rounding as INT8 will)")
+    parser.add_argument("--no-align", action="store_true",
+                        help="outputs only (default: also align every factorized pair with the layer it replaced)")
     parser.add_argument("--out", type=Path, required=True, help="a new or empty folder for the models and recipe.json")
     parser.add_argument("--rounds", type=int, default=30, help="interleaved timing rounds")
     args = parser.parse_args()
@@ -87,6 +91,8 @@ def main() -> None:
         freeze += [t.name for t in graph.initializer if "lowrank" not in t.name]
     trained = distill(teacher, student, out / "train", out / "distilled.float.onnx", steps=args.steps, lr=args.lr,
                       freeze=freeze, augment="strong", precision="bf16", time_limit=args.minutes * 60,
+                      per_channel=False, features=None if args.no_align else "factorized",
+                      quantization_aware=bool(args.quantize) and not args.no_qat,
                       anneal_by_time=True, eval_samples=out / "heldout.npz", checkpoint=out / "distill.ckpt")
 
     # 3. quantize, as compress did

@@ -233,6 +233,19 @@ def test_distill_a_factorized_student(tmp_path):
     assert aligned["final_loss"] > result["final_loss"]  # the pairs' terms are in the loss
 
 
+def test_lr_scale_slows_or_stops_the_weights_it_names(pair):
+    old = _weights(pair / "student.onnx")
+    _run(pair, "scaled.onnx", steps=10, batch=8, lr=3e-3, lr_scale={"w4": 0.0, "wc_*": 0.1})
+    _run(pair, "plain.onnx", steps=10, batch=8, lr=3e-3)
+    scaled, plain = _weights(pair / "scaled.onnx"), _weights(pair / "plain.onnx")
+    assert np.array_equal(scaled["w4"], old["w4"]) and not np.array_equal(plain["w4"], old["w4"])
+    slow = np.abs(scaled["wc_out"] - old["wc_out"]).max()  # a Constant node's weight, by its value's name
+    assert 0 < slow < 0.5 * np.abs(plain["wc_out"] - old["wc_out"]).max()
+    with pytest.raises(EdgelrError, match="lr_scale"):
+        _run(pair, "bad.onnx", lr_scale={"w4": -1})
+    assert not (pair / "bad.onnx").exists()
+
+
 def test_factorized_features_need_a_factorized_student(pair):
     with pytest.raises(EdgelrError, match="no factorized pairs"):
         _run(pair, features="factorized")
@@ -287,6 +300,51 @@ def test_deterministic_and_resume_is_bit_identical(pair):
     other = _run(pair, "d.onnx", seed=1, steps=6, lr=1e-3)
     assert not np.array_equal(_weights(pair / "d.onnx")["w2"], files[0]["w2"])
     assert other["steps"] == 6
+
+
+def test_quantization_aware_rounds_as_onnx_runtime_uint8():
+    from edgelr.distill import _fake_quantize_inputs, _round_input
+
+    conv = torch.nn.Conv2d(3, 4, 3)
+    hooks = _fake_quantize_inputs(conv)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    conv(x)  # the range the input reached: min..max, widened to hold 0
+    low, high = conv.edgelr_input_range.tolist()
+    assert low == pytest.approx(x.min().item()) and high == pytest.approx(x.max().item())
+    scale = np.float32((high - low) / 255)
+    zero = np.uint8(round(-low / scale))
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])],
+        "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(x.shape))],
+        [numpy_helper.from_array(np.array(scale), "s"), numpy_helper.from_array(np.array(zero), "z")])
+    session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]).SerializeToString())
+    want = session.run(None, {"x": x.numpy()})[0]
+    x.requires_grad_(True)
+    got = _round_input(conv, (x,))[0]
+    assert np.abs(got.detach().numpy() - want).max() <= 1e-5 * (high - low)
+    assert not torch.equal(got, x)
+    got.sum().backward()  # straight through: the rounding passes gradients unchanged
+    assert torch.equal(x.grad, torch.ones_like(x))
+    for hook in hooks:
+        hook.remove()
+    assert torch.equal(conv(x), torch.nn.functional.conv2d(x, conv.weight, conv.bias))
+
+
+def test_quantization_aware_resume_is_bit_identical_and_saves_float(pair):
+    calls, hook = _crash_hook()
+    common = {"steps": 6, "checkpoint_every": 3, "task_loss": hook, "lr": 1e-3, "quantization_aware": True}
+    plain = _run(pair, "a.onnx", checkpoint=pair / "a.ckpt", **common)
+    assert all(v <= 1e-4 for v in plain["parity"].values())  # the saved float model is the torch one, unrounded
+    calls.update(n=0, stop_at=4)
+    with pytest.raises(_Interrupt):
+        _run(pair, "b.onnx", checkpoint=pair / "b.ckpt", **common)
+    calls.update(n=0, stop_at=None)
+    _run(pair, "b.onnx", checkpoint=pair / "b.ckpt", resume=True, **common)
+    a, b = _weights(pair / "a.onnx"), _weights(pair / "b.onnx")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    _run(pair, "c.onnx", **{k: v for k, v in common.items() if k != "quantization_aware"})
+    assert not np.array_equal(_weights(pair / "c.onnx")["w2"], a["w2"])  # the rounding changed the training
 
 
 def test_resume_refuses_another_runs_checkpoint(pair):
@@ -594,7 +652,7 @@ def test_distill_from_the_command_line(pair):
     assert not (pair / "bad.onnx").exists()
     assert cli("--data", str(pair / "data.npz"), "-o", str(pair / "bad.onnx")).returncode == 2  # no --steps/--epochs
     options = cli("--data", str(pair / "data.npz"), "-o", str(pair / "opts.onnx"), "--steps", "2", "--augment", "none",
-                  "--precision", "bf16")
+                  "--precision", "bf16", "--quantization-aware")
     assert options.returncode == 0, options.stderr
     unfactorized = cli("--data", str(pair / "data.npz"), "-o", str(pair / "bad.onnx"), "--steps", "2", "--align-factorized")
     assert unfactorized.returncode == 1 and "no factorized pairs" in unfactorized.stderr

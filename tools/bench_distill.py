@@ -69,7 +69,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--only-lowrank", action="store_true", help="train only the factorized pairs' weights")
+    trains = parser.add_mutually_exclusive_group()
+    trains.add_argument("--only-lowrank", action="store_true", help="train only the factorized pairs' weights")
+    trains.add_argument("--others-lr", type=float, metavar="F",
+                        help="train every weight, those outside the factorized pairs at F x --lr")
     parser.add_argument("--per-channel", action="store_true", help="normalise the loss per output channel")
     parser.add_argument("--features", action="store_true", help="also align YOLO's head logits")
     parser.add_argument("--align-factorized", type=float, metavar="W",
@@ -103,11 +106,16 @@ def main() -> None:
         compress(source, tmp / "student.onnx", FactorizeConfig(params=args.params), calib=tmp / "calib.npz", progress=False)
         compress_seconds = time.perf_counter() - t0
         freeze = ["*dfl*"]  # the DFL conv's fixed arange weights
-        if args.only_lowrank:
+        lr_scale = None
+        if args.only_lowrank or args.others_lr is not None:
             import onnx
 
             student = onnx.load(str(tmp / "student.onnx"), load_external_data=False)
-            freeze += [t.name for t in student.graph.initializer if "lowrank" not in t.name]
+            others = [t.name for t in student.graph.initializer if "lowrank" not in t.name]
+            if args.only_lowrank:
+                freeze += others
+            else:
+                lr_scale = dict.fromkeys(others, args.others_lr)
         features, feature_weight = ([(f, f) for f in HEAD], 1.0) if args.features else (None, None)
         if args.align_factorized:  # every factorized pair towards the layer it replaced
             features, feature_weight = "factorized", args.align_factorized
@@ -115,7 +123,7 @@ def main() -> None:
         if args.augment == "strong" and args.tint is not None:
             augment = Augment(tint=args.tint)
         done = distill(source, tmp / "student.onnx", tmp / "train", tmp / "tuned.onnx", steps=args.steps, lr=args.lr,
-                       batch=args.batch, seed=args.seed, freeze=freeze, per_channel=args.per_channel,
+                       batch=args.batch, seed=args.seed, freeze=freeze, lr_scale=lr_scale, per_channel=args.per_channel,
                        features=features, feature_weight=feature_weight, augment=augment,
                        scores=(4, None) if args.score_weight else None, score_weight=args.score_weight or 1.0,
                        precision=args.precision, time_limit=args.time_limit, anneal_by_time=args.time_limit is not None,
