@@ -1001,6 +1001,13 @@ def _factorized_features(s_model: ir.Model, student, features: str) -> list[tupl
     return pairs
 
 
+def weights_outside_pairs(student: str | os.PathLike) -> list[str]:
+    """The initializers of an `edgelr compress` student that are not factorized-pair weights (theirs are
+    named `*lowrank*`): for `freeze` (train only the pairs) or `lr_scale` (train the rest slower)."""
+    graph = onnx.load(str(student), load_external_data=False).graph
+    return [t.name for t in graph.initializer if "lowrank" not in t.name]
+
+
 def _feature_loss(student, teacher):
     return torch.mean((student - teacher) ** 2) / (teacher.var(unbiased=False) + 1e-12)
 
@@ -1342,6 +1349,9 @@ def _fake_quantize_inputs(module) -> list:
         if isinstance(sub, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
             sub.register_buffer("edgelr_input_range", torch.tensor([0.0, 0.0], device=next(sub.parameters()).device))
             hooks.append(sub.register_forward_pre_hook(_round_input))
+    if not hooks:
+        raise EdgelrError(f"{onnx_info(module).path}: quantization_aware needs a Conv or Gemm layer to round the "
+                          "inputs of, and the student has none; train without it")
     return hooks
 
 

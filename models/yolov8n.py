@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edgelr import FactorizeConfig, compress  # noqa: E402
 from edgelr.calibrate import load_samples, samples_from_arrays  # noqa: E402
 from edgelr.detection import detection_agreement  # noqa: E402
-from edgelr.distill import distill  # noqa: E402
+from edgelr.distill import distill, weights_outside_pairs  # noqa: E402
 from edgelr.latency import interleaved_latency  # noqa: E402
 from edgelr.model_io import load  # noqa: E402
 from edgelr.quantize import quantize  # noqa: E402
@@ -87,10 +87,7 @@ def main() -> None:
     # 2. distill
     freeze = ["*dfl*"]  # the DFL conv's fixed arange weights
     if not args.train_all:
-        import onnx
-
-        graph = onnx.load(str(student), load_external_data=False).graph
-        freeze += [t.name for t in graph.initializer if "lowrank" not in t.name]
+        freeze += weights_outside_pairs(student)
     trained = distill(teacher, student, out / "train", out / "distilled.float.onnx", steps=args.steps, lr=args.lr,
                       freeze=freeze, augment="strong", precision="bf16", time_limit=args.minutes * 60,
                       per_channel=False, features=None if args.no_align else "factorized",

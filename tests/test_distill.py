@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 if importlib.util.find_spec("onnx2torch") is None:  # not imported here: edgelr.distill imports it past torchvision
     pytest.skip("needs onnx2torch (pip install onnx2torch --no-deps)", allow_module_level=True)
 
-from edgelr.distill import distill, onnx_info, parameter_sources, to_torch
+from edgelr.distill import distill, onnx_info, parameter_sources, to_torch, weights_outside_pairs
 from edgelr.errors import EdgelrError
 
 warnings.filterwarnings("ignore", message="Using a non-tuple sequence")  # onnx2torch's Slice, under new torch
@@ -231,6 +231,13 @@ def test_distill_a_factorized_student(tmp_path):
                    features="factorized", feature_weight=0.1)  # each pair towards the layer it replaced
     assert aligned["error_after"]["all"] < aligned["error_before"]["all"]
     assert aligned["final_loss"] > result["final_loss"]  # the pairs' terms are in the loss
+    others = weights_outside_pairs(tmp_path / "student.onnx")
+    pairs = {t.name for t in onnx.load(str(tmp_path / "student.onnx")).graph.initializer} - set(others)
+    assert others and pairs and all("lowrank" in name for name in pairs)
+    _run(tmp_path, "pairs.onnx", steps=5, batch=8, lr=3e-3, freeze=others)
+    before, after = _weights(tmp_path / "student.onnx"), _weights(tmp_path / "pairs.onnx")
+    assert all(np.array_equal(before[n], after[n]) for n in others)
+    assert any(not np.array_equal(before[n], after[n]) for n in pairs)
 
 
 def test_lr_scale_slows_or_stops_the_weights_it_names(pair):
@@ -345,6 +352,20 @@ def test_quantization_aware_resume_is_bit_identical_and_saves_float(pair):
     assert all(np.array_equal(a[k], b[k]) for k in a)
     _run(pair, "c.onnx", **{k: v for k, v in common.items() if k != "quantization_aware"})
     assert not np.array_equal(_weights(pair / "c.onnx")["w2"], a["w2"])  # the rounding changed the training
+
+
+def test_quantization_aware_needs_a_conv_or_gemm(tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])],
+        [numpy_helper.from_array(np.ones((4, 3), np.float32), "w")])
+    for name in ("teacher", "student"):
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / f"{name}.onnx")
+    np.savez(tmp_path / "data.npz", x=np.ones((8, 4), np.float32))
+    with pytest.raises(EdgelrError, match="quantization_aware needs a Conv or Gemm"):
+        _run(tmp_path, steps=2, quantization_aware=True)
+    assert not (tmp_path / "out.onnx").exists()
 
 
 def test_resume_refuses_another_runs_checkpoint(pair):

@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgelr import FactorizeConfig, compress  # noqa: E402
-from edgelr.distill import Augment, distill  # noqa: E402
+from edgelr.distill import Augment, distill, weights_outside_pairs  # noqa: E402
 from tools.bench_yolo import _channel_errors, yolo_path  # noqa: E402
 from tools.photos import CALIBRATION, HELD_OUT, detection_heldout, face_mosaics, lfw_mosaics, photo, samples  # noqa: E402
 
@@ -107,15 +107,10 @@ def main() -> None:
         compress_seconds = time.perf_counter() - t0
         freeze = ["*dfl*"]  # the DFL conv's fixed arange weights
         lr_scale = None
-        if args.only_lowrank or args.others_lr is not None:
-            import onnx
-
-            student = onnx.load(str(tmp / "student.onnx"), load_external_data=False)
-            others = [t.name for t in student.graph.initializer if "lowrank" not in t.name]
-            if args.only_lowrank:
-                freeze += others
-            else:
-                lr_scale = dict.fromkeys(others, args.others_lr)
+        if args.only_lowrank:
+            freeze += weights_outside_pairs(tmp / "student.onnx")
+        elif args.others_lr is not None:
+            lr_scale = dict.fromkeys(weights_outside_pairs(tmp / "student.onnx"), args.others_lr)
         features, feature_weight = ([(f, f) for f in HEAD], 1.0) if args.features else (None, None)
         if args.align_factorized:  # every factorized pair towards the layer it replaced
             features, feature_weight = "factorized", args.align_factorized
