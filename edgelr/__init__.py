@@ -2,13 +2,14 @@
 
 __version__ = "0.1.0"
 
-from edgelr.calibrate import Samples, collect_grams, load_samples  # noqa: E402
-from edgelr.compress import CompressReport, compress  # noqa: E402
+from edgelr.api import CompressReport, compress  # noqa: E402
+from edgelr.calibration.grams import collect_grams  # noqa: E402
 from edgelr.errors import EdgelrError  # noqa: E402
-from edgelr.factorize import FactorizeConfig, FactorizeResult, factorize  # noqa: E402
-from edgelr.layers import find_layers  # noqa: E402
-from edgelr.model_io import load, save  # noqa: E402
-from edgelr.verify import output_error  # noqa: E402
+from edgelr.graph.layers import find_layers  # noqa: E402
+from edgelr.io.model import load, save  # noqa: E402
+from edgelr.io.samples import Samples, load_samples
+from edgelr.measure.verify import output_error  # noqa: E402
+from edgelr.passes.factorize import FactorizeConfig, FactorizeResult, factorize  # noqa: E402
 
 __all__ = [
     "CompressReport",

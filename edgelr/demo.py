@@ -14,13 +14,13 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgelr import model_io
-from edgelr.calibrate import load_samples
-from edgelr.compress import compress
-from edgelr.factorize import FactorizeConfig
-from edgelr.layers import find_layers
-from edgelr.report import compression_table, inspect_table
-from edgelr.verify import output_error
+from edgelr.api import compress
+from edgelr.graph.layers import find_layers
+from edgelr.io import model as model_io
+from edgelr.io.samples import load_samples
+from edgelr.measure.verify import output_error
+from edgelr.passes.factorize import FactorizeConfig
+from edgelr.report.tables import compression_table, inspect_table
 
 SIZE = 32
 

@@ -10,9 +10,10 @@ import numpy as np
 import onnx
 import pytest
 
-from edgelr import FactorizeConfig, compress, load_samples, model_io, output_error
+from edgelr import FactorizeConfig, compress, load_samples, output_error
+from edgelr.core.allocate import Choice, allocate
 from edgelr.demo import build_model, synthetic_images
-from edgelr.ranks import Choice, allocate
+from edgelr.io import model as model_io
 
 
 @pytest.fixture(scope="module")

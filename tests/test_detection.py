@@ -11,10 +11,16 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from edgelr.calibrate import samples_from_arrays
-from edgelr.detection import Detections, decode_yolo, detection_agreement, map50, nms
 from edgelr.errors import EdgelrError
-from edgelr.model_io import load
+from edgelr.io.model import load
+from edgelr.io.samples import samples_from_arrays
+from edgelr.measure.detection import (
+    Detections,
+    decode_yolo,
+    detection_agreement,
+    map50,
+    nms,
+)
 
 HALF = 51 / 101  # COCO 101-point AP when exactly half of the objects are found, nothing ranked above them
 

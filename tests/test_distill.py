@@ -1,4 +1,4 @@
-"""Distillation (edgelr.distill): onnx2torch conversion with trainable weights, training against the
+"""Distillation (edgelr.train.distill): onnx2torch conversion with trainable weights, training against the
 ONNX teacher, exact resume, write-back into the student graph, and bad input.
 
 Real components throughout: small models built with onnx.helper, ONNX Runtime, torch, onnx2torch;
@@ -19,11 +19,17 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 torch = pytest.importorskip("torch")
-if importlib.util.find_spec("onnx2torch") is None:  # not imported here: edgelr.distill imports it past torchvision
+if importlib.util.find_spec("onnx2torch") is None:  # not imported here: edgelr.train.distill imports it past torchvision
     pytest.skip("needs onnx2torch (pip install onnx2torch --no-deps)", allow_module_level=True)
 
-from edgelr.distill import distill, onnx_info, parameter_sources, to_torch, weights_outside_pairs
 from edgelr.errors import EdgelrError
+from edgelr.train.distill import (
+    distill,
+    onnx_info,
+    parameter_sources,
+    to_torch,
+    weights_outside_pairs,
+)
 
 warnings.filterwarnings("ignore", message="Using a non-tuple sequence")  # onnx2torch's Slice, under new torch
 
@@ -216,7 +222,7 @@ def test_distill_lowers_the_error_and_writes_the_same_graph(pair):
 
 
 def test_distill_a_factorized_student(tmp_path):
-    """A student with other nodes (edgelr.compress's factorization) and the teacher's inputs and outputs."""
+    """A student with other nodes (edgelr.api's factorization) and the teacher's inputs and outputs."""
     from edgelr import FactorizeConfig, compress
 
     rng = np.random.default_rng(5)
@@ -310,7 +316,7 @@ def test_deterministic_and_resume_is_bit_identical(pair):
 
 
 def test_quantization_aware_rounds_as_onnx_runtime_uint8():
-    from edgelr.distill import _fake_quantize_inputs, _round_input
+    from edgelr.train.distill import _fake_quantize_inputs, _round_input
 
     conv = torch.nn.Conv2d(3, 4, 3)
     hooks = _fake_quantize_inputs(conv)
@@ -405,8 +411,8 @@ def test_image_folder_default_yolo_preprocessing(pair):
     assert result["steps"] == 3 and result["error_after"]["all"] > 0
 
     # the preprocessing: letterboxed with grey 114 / 255 (YOLO's) where the image does not reach
-    from edgelr.distill import load_data
-    from edgelr.model_io import load
+    from edgelr.io.model import load
+    from edgelr.train.distill import load_data
 
     data = load_data(folder, load(pair / "teacher.onnx"))
     plain = data.batch(np.array([0]), None)["x"]
@@ -421,8 +427,8 @@ def test_preprocess_spec_from_the_folder(pair):
     folder.mkdir()
     _save_png(folder / "a.png", np.full((16, 16, 3), 200, dtype=np.uint8))
     (folder / "preprocess.json").write_text('{"letterbox": false, "mean": 0.5, "std": 0.25, "channel_order": "BGR"}')
-    from edgelr.distill import load_data
-    from edgelr.model_io import load
+    from edgelr.io.model import load
+    from edgelr.train.distill import load_data
 
     x = load_data(folder, load(pair / "teacher.onnx")).batch(np.array([0]), None)["x"]
     assert np.allclose(x, (200 / 255 - 0.5) / 0.25, atol=1e-5)
@@ -439,8 +445,8 @@ def _photo_folder(pair, count: int = 4) -> Path:
 
 
 def test_strong_augmentation_is_seeded_varied_and_in_range(pair):
-    from edgelr.distill import Augment, _hue_matrix, load_data
-    from edgelr.model_io import load
+    from edgelr.io.model import load
+    from edgelr.train.distill import Augment, _hue_matrix, load_data
 
     data = load_data(_photo_folder(pair), load(pair / "teacher.onnx"))
     data.strong = Augment(mosaic=0.5, mixup=0.5)
@@ -461,7 +467,7 @@ def test_strong_augmentation_is_seeded_varied_and_in_range(pair):
 
 
 def test_strong_augmentation_gives_grey_photos_colour():
-    from edgelr.distill import Augment, _colour
+    from edgelr.train.distill import Augment, _colour
 
     grey = np.repeat(np.linspace(0, 255, 64, dtype=np.float32).reshape(8, 8, 1), 3, axis=2)
     rng = np.random.default_rng(3)
@@ -498,7 +504,7 @@ def test_strong_augmentation_bf16_resume_bit_identical(pair):
 
 
 def test_scores_are_compared_by_binary_kl(pair):
-    from edgelr.distill import _binary_kl, _output_loss, _scales
+    from edgelr.train.distill import _binary_kl, _output_loss, _scales
 
     logits = torch.tensor([-8.0, -2.0, 0.5, 3.0])
     p = torch.sigmoid(logits)
@@ -524,7 +530,7 @@ def test_scores_are_compared_by_binary_kl(pair):
 
 
 def test_anneal_by_time_decays_to_zero_at_the_limit():
-    from edgelr.distill import _schedule
+    from edgelr.train.distill import _schedule
 
     spent = [0.0]
     factor = _schedule(1000, 10, clock=lambda: spent[0])

@@ -26,6 +26,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 
+import graphs as G
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -34,11 +35,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import graphs as G
-from edgelr.calibrate import Samples, collect_grams
+from edgelr.calibration.grams import collect_grams
 from edgelr.errors import EdgelrError
-from edgelr.factorize import FactorizeConfig, FactorizeResult, factorize
-from edgelr.layers import Layer, find_layers
+from edgelr.graph.layers import Layer, find_layers
+from edgelr.io.samples import Samples
+from edgelr.passes.factorize import FactorizeConfig, FactorizeResult, factorize
 
 EXPLORE = bool(os.environ.get("EDGELR_HYPOTHESIS_EXPLORE"))
 

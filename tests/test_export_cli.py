@@ -167,9 +167,9 @@ def test_to_copies_the_bundle_and_runs_it_on_the_device(sshd, model, tmp_path, t
 
 
 def test_to_a_changed_bundle_is_refused_on_the_device(sshd, model, tmp_path):
+    from edgelr.deploy.export import export
     from edgelr.errors import EdgelrError
-    from edgelr.export import export
-    from edgelr.remote import Device, copy_bundle, run_bundle
+    from edgelr.measure.remote import Device, copy_bundle, run_bundle
 
     done = export(model, "x86-cpu", tmp_path / "b", progress=False)
     kw = sshd["kw"]

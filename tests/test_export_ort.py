@@ -1,4 +1,4 @@
-"""ONNX Runtime bundles (`edgelr.export.ort_bundle`) for the Raspberry Pi and x86 CPU targets.
+"""ONNX Runtime bundles (`edgelr.deploy.ort_bundle`) for the Raspberry Pi and x86 CPU targets.
 
 A small CNN and the YOLOv8n detector `nudenet` ships (original and factorized, fed a real photo): the
 bundle's model loads here and matches the ONNX model, the manifest's checksums match the files, and the
@@ -24,14 +24,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from graphs import convnet, make_model, value_info
 from onnx import TensorProto, helper, numpy_helper
 
 from edgelr import FactorizeConfig, compress
+from edgelr.deploy.ort_bundle import TOLERANCE, ort_runtime, write_ort_bundle
+from edgelr.deploy.targets import load_target
 from edgelr.errors import EdgelrError
-from edgelr.export.ort_bundle import TOLERANCE, ort_runtime, write_ort_bundle
-from edgelr.targets import load_target
-
-from graphs import convnet, make_model, value_info
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/
 from tools.aarch64_env import QEMU, run_bundle  # noqa: E402

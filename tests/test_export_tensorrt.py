@@ -12,15 +12,15 @@ import json
 import sys
 from pathlib import Path
 
+import graphs as G
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
 
-import graphs as G
 from edgelr import FactorizeConfig, compress
+from edgelr.deploy.targets import load_target
 from edgelr.errors import EdgelrError
-from edgelr.targets import load_target
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ (real photos)
 
@@ -29,7 +29,7 @@ pytest.importorskip(
     reason="TensorRT for RTX is not installed (pip install edgelr[trt]); CI installs it",
 )
 
-from edgelr.export.tensorrt import build_engine, gpu_available
+from edgelr.deploy.tensorrt import build_engine, gpu_available
 
 HAS_FULL_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -357,7 +357,7 @@ def test_sparsity_is_refused_where_it_cannot_run(tmp_path, rtx):
         build_engine(path, rtx, dest(tmp_path), precision="fp32", sparsity="2:4")
     with pytest.raises(EdgelrError, match="the only pattern TensorRT runs is 2:4"):
         build_engine(path, rtx, dest(tmp_path, "b"), precision="fp32", sparsity="1:2")
-    from edgelr.export import export
+    from edgelr.deploy.export import export
 
     with pytest.raises(EdgelrError, match="2:4 sparse weights run on TensorRT targets.*not on 'rpi5'"):
         export(path, "rpi5", tmp_path / "bundle", sparsity="2:4")

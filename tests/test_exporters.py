@@ -22,8 +22,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import edgelr
-from edgelr.factorize import FactorizeConfig
-from edgelr.layers import find_layers
+from edgelr.graph.layers import find_layers
+from edgelr.passes.factorize import FactorizeConfig
 
 
 # --- shared checks -------------------------------------------------------------------------------
@@ -77,7 +77,7 @@ def full_rank_copy(source: Path, out: Path, conv_form: str = "channel") -> list:
     for layer in layers:
         form = conv_form if layer.is_conv and conv_form in layer.forms() else layer.forms()[0]
         ranks[layer.name] = layer.max_rank(form)
-    result = edgelr.factorize(model, FactorizeConfig(ranks=ranks, conv_form=conv_form), progress=False)
+    result = edgelr.passes.factorize(model, FactorizeConfig(ranks=ranks, conv_form=conv_form), progress=False)
     edgelr.save(model, out)
     assert len(result.factorized) == len(layers)
     return result.factorized

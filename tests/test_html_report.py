@@ -16,7 +16,7 @@ import pytest
 from edgelr import FactorizeConfig, compress
 from edgelr.demo import build_model, synthetic_images
 from edgelr.errors import EdgelrError
-from edgelr.html_report import write_html_report
+from edgelr.report.html import write_html_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 LAYERS = ["conv1", "conv2", "conv3", "conv4", "conv5", "fc", "head"]

@@ -10,8 +10,8 @@ import onnx
 import pytest
 
 from edgelr import FactorizeConfig, compress
-from edgelr.compress import LATENCY_ROUNDS
 from edgelr.demo import build_model, synthetic_images
+from edgelr.search.latency import LATENCY_ROUNDS
 
 
 @pytest.fixture()
@@ -58,7 +58,7 @@ def test_latency_and_params_together_are_refused(demo):
 
 
 def test_a_corrupt_cache_is_ignored(demo):
-    from edgelr.latency import LatencyTable
+    from edgelr.search.tables import LatencyTable
 
     table = LatencyTable(cache=demo / "cache")
     table.path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,10 +69,11 @@ def test_a_corrupt_cache_is_ignored(demo):
 def test_calibration_and_spectra_are_cached_by_content(demo, monkeypatch):
     """A second run with the same model and samples calibrates and probes nothing and decomposes only the
     chosen layers; another budget reuses them too; changed samples are a different entry."""
-    import edgelr.calibrate as calibrate
     import sys
 
-    compress_module = sys.modules["edgelr.compress"]  # `edgelr.compress` the attribute is the function
+    import edgelr.calibration.grams as calibrate
+
+    compress_module = sys.modules["edgelr.api"]  # `edgelr.api` the attribute is the function
 
     first = compress(demo / "m.onnx", demo / "a.onnx", FactorizeConfig(params=0.5), calib=demo / "calib.npz", progress=False)
     assert len(list((demo / "cache" / "calibration").glob("*.npz"))) == 1
@@ -108,7 +109,7 @@ def test_a_corrupt_calibration_entry_is_recomputed(demo):
 def test_latency_report_has_the_search_front_and_measured_layers(demo):
     import json
 
-    from edgelr.html_report import write_html_report
+    from edgelr.report.html import write_html_report
 
     run = demo / "run"
     run.mkdir()
@@ -145,15 +146,17 @@ def test_latency_budget_with_quantize_measures_the_quantized_model(demo):
 def test_the_search_leaves_a_layer_in_float_where_its_int8_error_costs_more_than_its_time(demo):
     """LatencyBudget.float_layers: (seconds added, error^2 removed) per layer, measured on the whole model
     by compress; the allocation weighs them against the ranks on one budget."""
-    from edgelr.factorize import factorize
-    from edgelr.latency import LatencyBudget, LatencyTable
-    from edgelr.layers import find_layers
-    from edgelr.model_io import load
+    from edgelr.core.costs import LatencyBudget
+    from edgelr.graph.layers import find_layers
+    from edgelr.io.model import load
+    from edgelr.passes.factorize import factorize
+    from edgelr.search.tables import LatencyTable
 
     def run(float_layers):
         model = load(demo / "m.onnx")
         layers, _ = find_layers(model)
-        from edgelr.calibrate import load_samples, observe_shapes
+        from edgelr.calibration.grams import observe_shapes
+        from edgelr.io.samples import load_samples
 
         observe_shapes(model, layers, load_samples(demo / "calib.npz", model))
         table = LatencyTable(cache=demo / "cache")

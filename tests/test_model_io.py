@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import graphs as G
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from edgelr import FactorizeConfig, compress, model_io
-import graphs as G
+from edgelr import FactorizeConfig, compress
+from edgelr.io import model as model_io
 
 
 def _run(path, feed):

@@ -13,7 +13,12 @@ import pytest
 
 from edgelr import FactorizeConfig, compress
 from edgelr.demo import build_model, synthetic_images
-from edgelr.profile import compare_models, per_layer_ratios, profile_model, sample_feed
+from edgelr.measure.profile import (
+    compare_models,
+    per_layer_ratios,
+    profile_model,
+    sample_feed,
+)
 
 
 def _cli(*args):

@@ -1,4 +1,4 @@
-"""Structured channel pruning (edgelr.prune) on real models, run in real ONNX Runtime sessions.
+"""Structured channel pruning (edgelr.passes.prune) on real models, run in real ONNX Runtime sessions.
 
 - ratio 0 changes nothing: YOLOv8n (the detector nudenet ships), a torch ResNet (residual adds,
   BatchNorm, a Linear head) and a torch TransformerEncoderLayer give bit-identical outputs;
@@ -23,11 +23,11 @@ import pytest
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from edgelr.calibrate import samples_from_arrays
 from edgelr.errors import EdgelrError
-from edgelr.factorize import FactorizeConfig, factorize
-from edgelr.model_io import ort_session
-from edgelr.prune import PruneResult, prune
+from edgelr.io.model import ort_session
+from edgelr.io.samples import samples_from_arrays
+from edgelr.passes.factorize import FactorizeConfig, factorize
+from edgelr.passes.prune import PruneResult, prune
 
 
 # --- models -----------------------------------------------------------------------------------

@@ -8,19 +8,19 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import graphs as G
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-import graphs as G
-from edgelr.calibrate import Samples, load_samples
+from edgelr.deploy.targets import load_target
 from edgelr.errors import EdgelrError
-from edgelr.model_io import load
-from edgelr.quantize import SCHEMES, activations_for, quantize
-from edgelr.targets import load_target
-from edgelr.verify import output_error
+from edgelr.io.model import load
+from edgelr.io.samples import Samples, load_samples
+from edgelr.measure.verify import output_error
+from edgelr.passes.quantize import SCHEMES, activations_for, quantize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ (real photos)
 
@@ -243,7 +243,7 @@ def test_compress_quantize_bad_input_writes_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
-# --- the low-rank branch beside INT8 (edgelr.svdquant) ----------------------------------------------------------
+# --- the low-rank branch beside INT8 (edgelr.passes.svdquant) ----------------------------------------------------------
 def outlier_conv(tmp_path: Path, heavy: float = 60.0) -> tuple[Path, Samples]:
     """Relu -> Conv 3x3 (16 -> 32) -> Relu, whose input has two channels `heavy` times the others."""
     rng = np.random.default_rng(0)
@@ -266,11 +266,11 @@ def outlier_conv(tmp_path: Path, heavy: float = 60.0) -> tuple[Path, Samples]:
 @pytest.mark.parametrize("alpha", [0.0, 0.5])
 @pytest.mark.parametrize("op", ["Conv", "MatMul", "Gemm"])
 def test_the_branch_rewrite_is_exact_in_float(tmp_path, op, alpha):
-    from edgelr import svdquant
-    from edgelr.calibrate import observe_shapes
-    from edgelr.layers import find_layers
-    from edgelr.model_io import save as save_model
-    from edgelr.quantize import FLOAT_BRANCH
+    from edgelr.calibration.grams import observe_shapes
+    from edgelr.graph.layers import find_layers
+    from edgelr.io.model import save as save_model
+    from edgelr.passes import svdquant
+    from edgelr.passes.quantize import FLOAT_BRANCH
 
     rng = np.random.default_rng(3)
     if op == "Conv":

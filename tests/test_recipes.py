@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_yolov8n_recipe_compresses_distills_quantizes_and_verifies(tmp_path):
     pytest.importorskip("nudenet")
-    if importlib.util.find_spec("onnx2torch") is None:  # not imported here: edgelr.distill imports it past torchvision
+    if importlib.util.find_spec("onnx2torch") is None:  # not imported here: edgelr.train.distill imports it past torchvision
         pytest.skip("needs onnx2torch (pip install onnx2torch --no-deps)")
     pytest.importorskip("skimage")
     out = tmp_path / "run"

@@ -1,17 +1,16 @@
-"""Refit of factorized pairs on the compressed model's own inputs (edgelr.refit)."""
+"""Refit of factorized pairs on the compressed model's own inputs (edgelr.passes.refit)."""
 
 from __future__ import annotations
 
+import graphs
 import numpy as np
 import onnx
 import pytest
 
-import graphs
-from edgelr import FactorizeConfig, compress, lowrank
-from edgelr.calibrate import load_samples
-from edgelr.model_io import load
-from edgelr.refit import best_factors
-from edgelr.verify import output_error
+from edgelr import FactorizeConfig, compress
+from edgelr.core import lowrank
+from edgelr.io.model import load
+from edgelr.passes.refit import best_factors
 
 
 def _loss(z: np.ndarray, x: np.ndarray, w: np.ndarray, f: lowrank.Factors) -> float:
@@ -61,10 +60,11 @@ def test_refit_lowers_the_whole_model_error(tmp_path, build, form):
 def test_one_sequential_pass_is_a_fixed_point():
     """Upstream first: a second pass sees the inputs the first left and changes nothing. (Refitting all
     layers at once is no fixed point: each overcorrects for upstream errors the others then remove.)"""
-    from edgelr.calibrate import collect_grams, samples_from_arrays
-    from edgelr.factorize import factorize
-    from edgelr.layers import find_layers
-    from edgelr.refit import _levels, refit
+    from edgelr.calibration.grams import collect_grams
+    from edgelr.graph.layers import find_layers
+    from edgelr.io.samples import samples_from_arrays
+    from edgelr.passes.factorize import factorize
+    from edgelr.passes.refit import _levels, refit
 
     rng = np.random.default_rng(2)
     built = graphs.mlp(rng, width=12)
@@ -128,8 +128,8 @@ def test_an_undone_int8_refit_restores_weights_scales_and_int32_biases(tmp_path)
     """The undo path (whole-model error did not drop): requantized int8 weights, their scales and the
     int32 biases requantized with them all go back; a bias left at the refit's scale would stop ONNX
     Runtime fusing the QDQ conv (slower, and no longer what was measured)."""
-    from edgelr.layers import find_layers
-    from edgelr.refit import _restore, _set_quantized, _snapshot
+    from edgelr.graph.layers import find_layers
+    from edgelr.passes.refit import _restore, _set_quantized, _snapshot
 
     rng = np.random.default_rng(4)
     built = graphs.convnet(rng)
@@ -171,7 +171,7 @@ def test_a_second_run_reuses_the_refit(tmp_path, monkeypatch, build, form, schem
         if i:
             def fail(*args, **kwargs):
                 raise AssertionError("refit ran again")
-            monkeypatch.setattr(sys.modules["edgelr.compress"], "refit", fail)
+            monkeypatch.setattr(sys.modules["edgelr.api"], "refit", fail)
         out = tmp_path / f"o{i}.onnx"
         done = compress(tmp_path / "model.onnx", out, FactorizeConfig(params=0.5, conv_form=form), calib=tmp_path / "calib.npz",
                         quantize=scheme, progress=False)

@@ -16,8 +16,8 @@ import pytest
 from conftest import free_port
 
 from edgelr.errors import EdgelrError
-from edgelr.profile import profile_model
-from edgelr.remote import RemoteRunError, profile_remote
+from edgelr.measure.profile import profile_model
+from edgelr.measure.remote import RemoteRunError, profile_remote
 
 
 def _children(pid: int) -> list[int]:

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import graphs
 import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-import graphs
 from edgelr import FactorizeConfig, compress
-from edgelr.layers import find_layers
-from edgelr.sensitivity import _add_probe
+from edgelr.calibration.sensitivity import _add_probe
+from edgelr.graph.layers import find_layers
 
 
 def _run(proto: onnx.ModelProto, feed: dict) -> list[np.ndarray]:
@@ -61,12 +61,11 @@ def test_weighted_allocation_predicts_and_lowers_the_whole_model_error(tmp_path)
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from edgelr.io.model import load
+    from edgelr.io.samples import load_samples
+    from edgelr.measure.verify import output_error
     from tools.bench_yolo import yolo_path
     from tools.photos import CALIBRATION, HELD_OUT, samples
-
-    from edgelr.calibrate import load_samples
-    from edgelr.model_io import load
-    from edgelr.verify import output_error
 
     np.savez(tmp_path / "calib.npz", images=samples(CALIBRATION[:6], 320, 2, seed=0))
     np.savez(tmp_path / "held.npz", images=samples(HELD_OUT, 320, 1, seed=1))

@@ -1,4 +1,4 @@
-"""The PyTorch side of low-rank factorization (edgelr.torch_lowrank), against real torch and ONNX Runtime.
+"""The PyTorch side of low-rank factorization (edgelr.train.lowrank), against real torch and ONNX Runtime.
 
 At full rank a low-rank module is its dense layer; a torch model and its ONNX export get the same ranks
 and the same factor weights from the torch side and from the ONNX pass; whitening beats plain SVD on
@@ -19,10 +19,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from edgelr import EdgelrError, collect_grams, find_layers, load
-from edgelr.calibrate import samples_from_arrays
-from edgelr.factorize import FactorizeConfig, factorize
-from edgelr.layers import Layer
-from edgelr.torch_lowrank import (
+from edgelr.graph.layers import Layer
+from edgelr.io.samples import samples_from_arrays
+from edgelr.passes.factorize import FactorizeConfig, factorize
+from edgelr.train.lowrank import (
     LowRankConv2d,
     LowRankLinear,
     export_onnx,
@@ -139,7 +139,7 @@ def test_conv_full_rank_whitened_is_exact_too():
 # --- the torch side and the ONNX pass agree ----------------------------------------------------
 @pytest.fixture(scope="module")
 def both(tmp_path_factory):
-    """The same model and samples through factorize_module and through the ONNX pass (edgelr.factorize)."""
+    """The same model and samples through factorize_module and through the ONNX pass (edgelr.passes.factorize)."""
     folder = tmp_path_factory.mktemp("agree")
     samples = _smooth_images(24, seed=5)
     net = _net()

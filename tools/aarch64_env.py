@@ -29,9 +29,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgelr.cache import cache_root  # noqa: E402
+from edgelr.deploy.ort_bundle import last_json  # noqa: E402
 from edgelr.errors import EdgelrError  # noqa: E402
-from edgelr.export.ort_bundle import last_json  # noqa: E402
+from edgelr.io.cache import cache_root  # noqa: E402
 
 QEMU = "qemu-aarch64-static"
 PYTHON_VERSION = "3.11"  # Debian 12 (bookworm) and Raspberry Pi OS bookworm

@@ -5,7 +5,7 @@
 
 Student: `compress --params F` calibrated on the calibration photos. Training data: a folder of
 scikit-image photos (the calibration ones and others not held out, at full size) and LFW mosaics of
-faces 0..49 (and with --nonfaces of LFW's non-face images 100..199), augmented by edgelr.distill
+faces 0..49 (and with --nonfaces of LFW's non-face images 100..199), augmented by edgelr.train.distill
 (`--augment strong`: random crops from 5% to all of a photo, letterboxed views, 2x2 mosaics, colour,
 hue and greyscale, mixup; every step sees new views). Evaluation on the held-out photos
 (tools/photos.py), and with --map the detection agreement mAP@0.5 on tools.photos.detection_heldout,
@@ -27,10 +27,21 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgelr import FactorizeConfig, compress  # noqa: E402
-from edgelr.distill import Augment, distill, weights_outside_pairs  # noqa: E402
+from edgelr import (
+    FactorizeConfig,  # noqa: E402
+    compress,
+)
+from edgelr.train.distill import Augment, distill, weights_outside_pairs  # noqa: E402
 from tools.bench_yolo import _channel_errors, yolo_path  # noqa: E402
-from tools.photos import CALIBRATION, HELD_OUT, detection_heldout, face_mosaics, lfw_mosaics, photo, samples  # noqa: E402
+from tools.photos import (  # noqa: E402
+    CALIBRATION,
+    HELD_OUT,
+    detection_heldout,
+    face_mosaics,
+    lfw_mosaics,
+    photo,
+    samples,
+)
 
 # scikit-image photos in neither CALIBRATION nor HELD_OUT (files inside the package)
 EXTRA = ["motorcycle_left.png", "motorcycle_right.png", "horse.png", "clock_motion.png", "logo.png", "color.png",
@@ -82,7 +93,7 @@ def main() -> None:
     parser.add_argument("--no-extra", action="store_true", help="train on the calibration photos and faces only")
     parser.add_argument("--nonfaces", action="store_true", help="also LFW's non-face images 100..199, as mosaics")
     parser.add_argument("--augment", choices=["strong", "light", "none"], default="light",
-                        help="edgelr.distill's augmentation: strong (crops, mosaics, colour, mixup), light, none")
+                        help="edgelr.train.distill's augmentation: strong (crops, mosaics, colour, mixup), light, none")
     parser.add_argument("--tint", type=float, help="--augment strong's colour cast (edgelr.distill.Augment.tint; 0: none)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="the student's forward pass")
     parser.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime threads")
@@ -125,15 +136,15 @@ def main() -> None:
                        device="cpu",
                        eval_samples=tmp / "heldout.npz", progress=False)
         load_after = os.getloadavg()
-        from edgelr.calibrate import load_samples
-        from edgelr.model_io import load
+        from edgelr.io.model import load
+        from edgelr.io.samples import load_samples
 
         heldout = load_samples(tmp / "heldout.npz", load(source))
         channels = {name: _channel_errors(source, tmp / f"{name}.onnx", heldout) for name in ("student", "tuned")}
         detection = None
         if args.map:
-            from edgelr.calibrate import samples_from_arrays
-            from edgelr.detection import detection_agreement
+            from edgelr.io.samples import samples_from_arrays
+            from edgelr.measure.detection import detection_agreement
 
             scenes = samples_from_arrays({"images": detection_heldout()}, load(source))
             found = {name: detection_agreement(source, tmp / f"{name}.onnx", scenes) for name in ("student", "tuned")}

@@ -22,8 +22,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgelr import FactorizeConfig, compress  # noqa: E402
-from edgelr.export import export  # noqa: E402
+from edgelr import (
+    FactorizeConfig,  # noqa: E402
+    compress,
+)
+from edgelr.deploy.export import export  # noqa: E402
 from tools.aarch64_env import ensure_env, run_bundle  # noqa: E402
 from tools.bench_yolo import yolo_path  # noqa: E402
 from tools.photos import CALIBRATION, samples  # noqa: E402

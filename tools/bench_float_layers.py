@@ -2,7 +2,7 @@
 
     python tools/bench_float_layers.py --json docs/bench_float_layers.json
 
-Each model is the original quantized by edgelr.quantize (static INT8, calibration photos) with the named
+Each model is the original quantized by edgelr.passes.quantize (static INT8, calibration photos) with the named
 convs excluded (`keep_float`); errors on the held-out photos, times interleaved (ONNX Runtime CPU, 1 thread).
 This is what `compress --latency F --quantize int8` measures for its float candidates, shown layer by layer.
 """
@@ -19,11 +19,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgelr.calibrate import load_samples  # noqa: E402
-from edgelr.latency import interleaved_latency  # noqa: E402
-from edgelr.model_io import load  # noqa: E402
-from edgelr.quantize import quantize  # noqa: E402
-from edgelr.verify import output_error  # noqa: E402
+from edgelr.io.model import load  # noqa: E402
+from edgelr.io.samples import load_samples  # noqa: E402
+from edgelr.measure.latency import interleaved_latency  # noqa: E402
+from edgelr.measure.verify import output_error  # noqa: E402
+from edgelr.passes.quantize import quantize  # noqa: E402
 from tools.bench_yolo import yolo_path  # noqa: E402
 from tools.photos import CALIBRATION, HELD_OUT, samples  # noqa: E402
 

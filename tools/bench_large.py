@@ -341,11 +341,11 @@ class _PhaseClock:
 
 
 def _phase_child(model: str, output: str, calib: str | None, fraction: float) -> None:
-    """Run edgelr.compress in this process with each phase timed; print one JSON line."""
+    """Run edgelr.api in this process with each phase timed; print one JSON line."""
     import importlib
 
     t0 = time.perf_counter()
-    C = importlib.import_module("edgelr.compress")  # noqa: N806 (edgelr.compress the attribute is the function)
+    C = importlib.import_module("edgelr.api")  # noqa: N806 (edgelr.api the attribute is the function)
     t_import = time.perf_counter() - t0
     import onnx_ir
 
@@ -366,16 +366,16 @@ def _phase_child(model: str, output: str, calib: str | None, fraction: float) ->
 
         wrap(onnxruntime.InferenceSession, "__init__", "ORT session init")
         wrap(onnxruntime.InferenceSession, "run", "ORT run")
-    wrap(calibrate, "_gram", "gram accumulation")
+    wrap(calibrate, "input_gram", "gram accumulation")
     wrap(C, "factorize", "factorize (total)")
-    wrap(factorize, "_options", "spectra (_options)")
+    wrap(factorize, "layer_options", "spectra (layer_options)")
     wrap(layers.Layer, "matrix", "weight read + float64 (Layer.matrix)")
     wrap(lowrank, "cholesky_factor", "cholesky_factor")
     wrap(lowrank, "decompose", "eigendecomposition (lowrank.decompose)")
-    wrap(factorize, "_allocate", "allocation (_allocate)")
+    wrap(factorize, "choose_ranks", "allocation (choose_ranks)")
     wrap(factorize, "_apply", "factorize layers (_apply)")
-    wrap(factorize, "_measured_error", "measured error")
-    wrap(factorize, "_rewrite", "graph rewrite")
+    wrap(factorize, "measured_error", "measured error")
+    wrap(factorize, "rewrite_pair", "graph rewrite")
     wrap(model_io, "save", "save")
     wrap(onnx_ir, "save", "ir.save")
     wrap(C, "output_error", "verify (output_error)")

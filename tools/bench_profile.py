@@ -19,9 +19,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgelr import FactorizeConfig, compress  # noqa: E402
-from edgelr.latency import interleaved_latency  # noqa: E402
-from edgelr.profile import compare_models  # noqa: E402
+from edgelr import (
+    FactorizeConfig,  # noqa: E402
+    compress,
+)
+from edgelr.measure.latency import interleaved_latency  # noqa: E402
+from edgelr.measure.profile import compare_models  # noqa: E402
 from tools.bench_yolo import yolo_path  # noqa: E402
 from tools.photos import CALIBRATION, HELD_OUT, samples  # noqa: E402
 

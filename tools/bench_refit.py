@@ -1,4 +1,4 @@
-"""Refit (edgelr.refit) on YOLOv8n (`nudenet`): the same allocation with the factors as fitted on the
+"""Refit (edgelr.passes.refit) on YOLOv8n (`nudenet`): the same allocation with the factors as fitted on the
 original's inputs and refit on the compressed model's own, in float and with static INT8 (refit there
 on the quantized model's inputs).
 
@@ -24,12 +24,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgelr import FactorizeConfig, compress  # noqa: E402
-from edgelr.calibrate import load_samples, samples_from_arrays  # noqa: E402
-from edgelr.detection import detection_agreement  # noqa: E402
-from edgelr.latency import interleaved_latency  # noqa: E402
-from edgelr.model_io import load  # noqa: E402
-from edgelr.verify import output_error  # noqa: E402
+from edgelr import (
+    FactorizeConfig,  # noqa: E402
+    compress,
+)
+from edgelr.io.model import load  # noqa: E402
+from edgelr.io.samples import load_samples, samples_from_arrays  # noqa: E402
+from edgelr.measure.detection import detection_agreement  # noqa: E402
+from edgelr.measure.latency import interleaved_latency  # noqa: E402
+from edgelr.measure.verify import output_error  # noqa: E402
 from tools.bench_yolo import yolo_path  # noqa: E402
 from tools.photos import CALIBRATION, HELD_OUT, detection_heldout, samples  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""The low-rank branch beside INT8 (edgelr.svdquant) on YOLOv8n (`nudenet`): per-layer table and whole model.
+"""The low-rank branch beside INT8 (edgelr.passes.svdquant) on YOLOv8n (`nudenet`): per-layer table and whole model.
 
     python tools/bench_svdquant.py --json docs/bench_svdquant.json
 
@@ -21,11 +21,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgelr.calibrate import samples_from_arrays  # noqa: E402
-from edgelr.latency import interleaved_latency  # noqa: E402
-from edgelr.model_io import load  # noqa: E402
-from edgelr.quantize import quantize  # noqa: E402
-from edgelr.verify import output_error  # noqa: E402
+from edgelr.io.model import load  # noqa: E402
+from edgelr.io.samples import samples_from_arrays  # noqa: E402
+from edgelr.measure.latency import interleaved_latency  # noqa: E402
+from edgelr.measure.verify import output_error  # noqa: E402
+from edgelr.passes.quantize import quantize  # noqa: E402
 from tools.bench_yolo import _channel_errors, yolo_path  # noqa: E402
 from tools.photos import CALIBRATION, HELD_OUT, samples  # noqa: E402
 

@@ -20,15 +20,20 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgelr import FactorizeConfig, compress  # noqa: E402
-from edgelr.calibrate import load_samples  # noqa: E402
-from edgelr.model_io import load  # noqa: E402
-from edgelr.quantize import quantize  # noqa: E402
-from edgelr.verify import output_error  # noqa: E402
-from edgelr.detection import detection_agreement  # noqa: E402
-from edgelr.calibrate import samples_from_arrays  # noqa: E402
+from edgelr import (
+    FactorizeConfig,  # noqa: E402
+    compress,
+)
+from edgelr.io.model import load  # noqa: E402
+from edgelr.io.samples import (
+    load_samples,  # noqa: E402
+    samples_from_arrays,  # noqa: E402
+)
+from edgelr.measure.detection import detection_agreement  # noqa: E402
+from edgelr.measure.latency import interleaved_latency  # noqa: E402
+from edgelr.measure.verify import output_error  # noqa: E402
+from edgelr.passes.quantize import quantize  # noqa: E402
 from tools.photos import CALIBRATION, HELD_OUT, detection_heldout, samples  # noqa: E402
-from edgelr.latency import interleaved_latency  # noqa: E402
 
 
 def yolo_path() -> Path:
@@ -47,7 +52,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--no-sensitivity", action="store_true", help="weigh all layers' errors alike")
     parser.add_argument("--no-refit", action="store_true",
-                        help="keep the factors fitted on the original's inputs (edgelr.refit off)")
+                        help="keep the factors fitted on the original's inputs (edgelr.passes.refit off)")
     parser.add_argument("--quantize", choices=["int8", "int8-dynamic"],
                         help="quantize the compressed model too, and time ONNX Runtime's INT8 of the original beside it")
     parser.add_argument("--json", help="write the numbers here")

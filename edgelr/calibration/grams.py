@@ -1,0 +1,186 @@
+"""Streaming calibration statistics: each layer's input Gram matrix (K x K per weight, K = C * prod(kernel)
+over im2col patches for a conv), accumulated one sample at a time, never the activations themselves;
+the model's own outputs kept as verification references; observed input shapes."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+from numpy.lib.stride_tricks import sliding_window_view
+from tqdm.auto import tqdm
+
+from edgelr.errors import EdgelrError
+from edgelr.graph.layers import ConvGeometry, Layer, Use
+from edgelr.io.cache import ArrayCache
+from edgelr.io.model import ort_session
+from edgelr.io.samples import Samples, model_inputs
+
+_CHUNK_BYTES = 32 << 20
+
+
+# Calibration keeps the model's outputs as verification references up to this size (else verify runs the
+# original again): small outputs (a detector's) save a second pass; large ones would add to peak memory.
+REFERENCE_LIMIT_BYTES = 16 << 20
+
+
+def collect_grams(
+    model: ir.Model, layers: list[Layer], samples: Samples, progress: bool = True, outputs: list | None = None
+) -> dict[str, np.ndarray]:
+    """Layer name -> sum over samples of the Gram matrix of the layer's input rows (float32, to halve
+    the memory: a K x K Gram can outweigh its layer's weight).
+
+    Also records each use's observed per-sample input shape, so FLOPs are known for dynamic models.
+    `outputs`, if given, receives the model's own outputs for each sample (the references verification
+    compares against, for free), unless they would pass REFERENCE_LIMIT_BYTES: then it is left empty.
+    """
+    by_input: dict[tuple, np.ndarray] = {}  # layers reading the same input (Q, K, V) share one Gram
+    output_names = [v.name for v in model.graph.outputs]
+    kept = 0
+    for i, values in enumerate(layer_inputs(model, layers, samples, progress)):
+        if i == 0:
+            _record_shapes(layers, values)
+        if outputs is not None and kept <= REFERENCE_LIMIT_BYTES:
+            outputs.append({name: np.asarray(values[name]) for name in output_names})
+            kept += sum(a.nbytes for a in outputs[-1].values())
+            if kept > REFERENCE_LIMIT_BYTES:
+                outputs.clear()
+        for use in {_key(use): use for layer in layers for use in layer.uses}.values():
+            gram = input_gram(np.asarray(values[use.input.name]), use)
+            if _key(use) in by_input:
+                by_input[_key(use)] += gram
+            else:
+                by_input[_key(use)] = gram
+    grams = {}
+    for layer in layers:
+        parts = [by_input[_key(use)] for use in layer.uses]
+        grams[layer.name] = parts[0] if len(parts) == 1 else sum(parts)
+    return grams
+
+
+def cached_grams(
+    model: ir.Model, layers: list[Layer], samples: Samples, key: str, progress: bool = True
+) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+    """collect_grams with its reference outputs, or those of an earlier run with the same model and
+    samples (`key`: edgelr.cache.content_key), observed input shapes included."""
+    store = ArrayCache("calibration")
+    names = [layer.name for layer in layers]
+    hit = store.get(key)
+    if hit is not None and "references" in hit and hit["layers"].tolist() == names:
+        for i, layer in enumerate(layers):
+            for j, use in enumerate(layer.uses):
+                use.input_shape = tuple(int(d) for d in hit[f"shape_{i}_{j}"])
+        outputs: list[dict] = [{} for _ in range(int(hit["references"]))]
+        for name, array in hit.items():
+            if name.startswith("out_"):
+                _, i, output = name.split("_", 2)
+                outputs[int(i)][output] = array
+        return {name: hit[f"gram_{i}"] for i, name in enumerate(names)}, outputs
+    outputs = []
+    grams = collect_grams(model, layers, samples, progress, outputs)
+    arrays = {"layers": np.array(names), "references": np.array(len(outputs))}
+    for i, layer in enumerate(layers):
+        arrays[f"gram_{i}"] = grams[layer.name]
+        arrays.update({f"shape_{i}_{j}": np.array(use.input_shape, dtype=np.int64) for j, use in enumerate(layer.uses)})
+    for i, sample in enumerate(outputs):
+        arrays.update({f"out_{i}_{name}": value for name, value in sample.items()})
+    store.put(key, arrays)
+    return grams, outputs
+
+
+def observe_shapes(model: ir.Model, layers: list[Layer], samples: Samples) -> None:
+    """Record each use's input shape from one sample (for models with dynamic dims)."""
+    for values in layer_inputs(model, layers, samples.split(1)[0], progress=False):
+        _record_shapes(layers, values)
+
+
+def _record_shapes(layers: list[Layer], values: dict[str, np.ndarray]) -> None:
+    for layer in layers:
+        for use in layer.uses:
+            use.input_shape = tuple(np.shape(values[use.input.name]))
+
+
+def layer_inputs(model: ir.Model, layers: list[Layer], samples: Samples, progress: bool):
+    """Yield, per sample, every layer input by name (the graph gets extra outputs meanwhile)."""
+    return values_by_sample(model, _unique_values(layers), samples, progress)
+
+
+def values_by_sample(model: ir.Model, values: list[ir.Value], samples: Samples, progress: bool,
+                     desc: str = "calibrating"):
+    """Yield, per sample, these values of the model's graph (and its outputs and feed) by name."""
+    graph = model.graph
+    original_outputs = list(graph.outputs)
+    fed = {v.name for v in model_inputs(model)}
+    graph.outputs.extend(v for v in values if v.name not in fed and v not in original_outputs)
+    try:
+        with ort_session(model) as session:
+            names = [o.name for o in session.get_outputs()]
+            for i in tqdm(range(len(samples)), desc=desc, unit="sample", disable=not progress, leave=False):
+                feed = samples.feed(i)
+                try:
+                    values = dict(zip(names, session.run(None, feed)))
+                except Exception as exc:  # ORT reports bad input as a generic runtime error
+                    raise EdgelrError(f"calibration sample {i} does not run through the model: {_short(exc)}") from None
+                values.update(feed)
+                yield values
+    finally:
+        graph.outputs.clear()
+        graph.outputs.extend(original_outputs)
+
+
+def _key(use: Use) -> tuple:
+    return (use.input.name, use.transpose_input, use.geometry)
+
+
+def _short(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+
+
+def _unique_values(layers: list[Layer]) -> list[ir.Value]:
+    seen: dict[int, ir.Value] = {}
+    for layer in layers:
+        for use in layer.uses:
+            seen.setdefault(id(use.input), use.input)
+    return list(seen.values())
+
+
+def input_gram(x: np.ndarray, use: Use, y: np.ndarray | None = None) -> np.ndarray:
+    """X^T X over the use's input rows; with `y` (the same layer's input in another model), X^T Y."""
+    x = x.astype(np.float32, copy=False)
+    y = x if y is None else y.astype(np.float32, copy=False)
+    if use.geometry is not None:
+        return _conv_gram(x, use.geometry, y)
+    if use.transpose_input:
+        return x @ y.T
+    return x.reshape(-1, x.shape[-1]).T @ y.reshape(-1, y.shape[-1])
+
+
+def _conv_gram(x: np.ndarray, geom: ConvGeometry, y: np.ndarray | None = None) -> np.ndarray:
+    """Gram of the im2col patches of a conv input (b, C, *spatial), columns ordered (c, *kernel); with
+    `y`, the cross Gram X^T Y of the two inputs' patches."""
+    k = x.shape[1] * math.prod(geom.kernel)
+    gram = np.zeros((k, k), dtype=np.float32)
+    pairs = zip(_patches(x, geom), _patches(y, geom)) if y is not None and y is not x else ((p, p) for p in _patches(x, geom))
+    for p, q in pairs:
+        gram += p.T @ q
+    return gram
+
+
+def _patches(x: np.ndarray, geom: ConvGeometry):
+    """The im2col rows of a conv input, (rows, C * prod(kernel)), in chunks of bounded size."""
+    nd = len(geom.kernel)
+    pads = geom.explicit_pads(tuple(x.shape[2:]))
+    x = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)])
+    span = tuple(d * (k - 1) + 1 for k, d in zip(geom.kernel, geom.dilations))
+    windows = sliding_window_view(x, span, axis=tuple(range(2, 2 + nd)))  # (b, C, *positions, *span)
+    index = (slice(None), slice(None))
+    index += tuple(slice(None, None, s) for s in geom.strides) + tuple(slice(None, None, d) for d in geom.dilations)
+    windows = windows[index]  # (b, C, *out, *kernel), still a view
+    perm = (0,) + tuple(range(2, 2 + nd)) + (1,) + tuple(range(2 + nd, 2 + 2 * nd))
+    windows = windows.transpose(perm)  # (b, *out, C, *kernel)
+    k = x.shape[1] * math.prod(geom.kernel)
+    row_bytes = 4 * k * math.prod(windows.shape[2 : 1 + nd]) * windows.shape[0]
+    step = max(1, _CHUNK_BYTES // max(row_bytes, 1))
+    for start in range(0, windows.shape[1], step):
+        yield np.ascontiguousarray(windows[:, start : start + step]).reshape(-1, k)

@@ -1,0 +1,136 @@
+"""Export: one verb takes a model to a device's format, as a folder of files to copy there.
+
+    done = export("small.onnx", "rpi5", "bundle/")                   # ORT-format bundle for a Raspberry Pi 5
+    done = export("small.onnx", "rtx", "engine/", calib="data.npz")  # TensorRT for RTX engine
+    done = export("small.onnx", "rpi5", "bundle/", to="pi@raspberrypi.local:yolo")   # and run it there
+
+The target (a file under targets/, or the user's own .toml) picks the backend: `ort_bundle` writes the
+ONNX Runtime bundle (model, reduced-operator build config, reference outputs, run.py), `tensorrt` builds
+an engine. The folder appears complete or not at all: it is written beside OUT_DIR and renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgelr.deploy.targets import Target, load_target
+from edgelr.errors import EdgelrError
+from edgelr.io import model as model_io
+from edgelr.io.samples import load_samples
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class ExportResult:
+    target: Target
+    out_dir: Path
+    manifest: dict
+    seconds: float
+    remote: dict | None = None  # run.py's JSON from the device (with `to`)
+    destination: str | None = None  # USER@HOST:PATH it was copied to
+
+
+@dataclass(frozen=True)
+class SshOptions:
+    port: int | None = None
+    identity: Path | None = None
+    known_hosts: Path | None = None
+    timeout: float = 60
+    python: str = "python3"
+
+
+def export(
+    model: str | os.PathLike,
+    target: str | Target,
+    out_dir: str | os.PathLike,
+    *,
+    calib: str | os.PathLike | None = None,
+    precision: str | None = None,
+    shapes: dict | None = None,
+    to: str | None = None,
+    ssh: SshOptions = SshOptions(),
+    sparsity: str | None = None,
+    progress: bool = True,
+) -> ExportResult:
+    """Write the deployable folder for TARGET into OUT_DIR; with `to`, copy it to the device and run it."""
+    start = time.perf_counter()
+    target = target if isinstance(target, Target) else load_target(target)
+    model_path = Path(model)
+    if sparsity is not None and not target.is_tensorrt:
+        raise EdgelrError(f"--sparsity {sparsity}: 2:4 sparse weights run on TensorRT targets (NVIDIA GPUs), not on "
+                          f"'{target.name}' ({target.backend})")
+    loaded = model_io.load(model_path)  # a clear error for a missing or broken model, before any work
+    out_dir = _check_out_dir(Path(out_dir), model_path, calib)
+    samples = load_samples(calib, loaded) if calib is not None else None
+    del loaded
+    device = dest = None
+    if to is not None:  # a bad destination fails before the build, not after
+        from edgelr.measure.remote import Device, split_destination
+
+        host, dest = split_destination(to)
+        device = Device(host, port=ssh.port, identity=ssh.identity, known_hosts=ssh.known_hosts, timeout=ssh.timeout)
+        device.run("true", "connecting")  # unreachable, wrong host key, no access: say so before building
+
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.edgelr-") as tmp:
+        stage = Path(tmp) / "bundle"
+        stage.mkdir()
+        try:
+            manifest = _write(model_path, target, stage, samples, precision, shapes, sparsity, progress)
+        except OSError as exc:
+            raise EdgelrError(f"{out_dir}: could not write the bundle ({exc.strerror or exc}); "
+                              "check the free space and permissions there") from None
+        if out_dir.exists():  # an earlier bundle (checked above): swap, never merge
+            shutil.rmtree(out_dir)
+        os.replace(stage, out_dir)
+    done = ExportResult(target, out_dir, manifest, time.perf_counter() - start)
+    if device is not None:
+        from edgelr.measure.remote import copy_bundle, run_bundle
+
+        copy_bundle(device, out_dir, dest)
+        done.destination = f"{device.host}:{dest}"
+        if not target.is_tensorrt:  # an engine needs the GPU's own runtime; the ORT bundle runs anywhere
+            done.remote = run_bundle(device, dest, ssh.python)
+    return done
+
+
+
+def _write(model_path: Path, target: Target, stage: Path, samples, precision, shapes, sparsity, progress) -> dict:
+    if target.is_tensorrt:
+        from edgelr.deploy.tensorrt import (
+            build_engine,
+            default_timing_cache,
+            tensorrt_module,
+        )
+
+        return build_engine(model_path, target, stage, samples, precision=precision, shapes=shapes, progress=progress,
+                            timing_cache=default_timing_cache(tensorrt_module(target)), sparsity=sparsity)
+    if precision not in (None, target.precision):
+        raise EdgelrError(f"--precision {precision}: target '{target.name}' runs the model's own precision with ONNX "
+                          "Runtime; quantize it first (edgelr compress --quantize int8) and export that")
+    from edgelr.deploy.ort_bundle import write_ort_bundle
+
+    return write_ort_bundle(model_path, target, stage, samples.feed(0) if samples is not None else None,
+                            progress=progress)
+
+
+def _check_out_dir(out_dir: Path, *inputs) -> Path:
+    """OUT_DIR may be new, empty, or an earlier edgelr bundle (replaced); never anything else."""
+    if not out_dir.parent.exists():
+        raise EdgelrError(f"{out_dir}: folder '{out_dir.parent}' does not exist; create it or pick another path")
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise EdgelrError(f"{out_dir}: is a file; give a folder for the bundle")
+        if any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
+            raise EdgelrError(f"{out_dir}: not empty and not an edgelr bundle; pick a new folder (nothing was written)")
+        for src in inputs:
+            if src is not None and Path(src).resolve().is_relative_to(out_dir.resolve()):
+                raise EdgelrError(f"{out_dir}: holds the input {src}; export to another folder")
+    if not os.access(out_dir.parent, os.W_OK):
+        raise EdgelrError(f"{out_dir}: cannot write in '{out_dir.parent}' (permission denied)")
+    return out_dir

@@ -1,0 +1,354 @@
+"""INT8 quantization with ONNX Runtime's own tools (onnxruntime.quantization).
+
+    quantize("model.onnx", "model.int8.onnx", "int8", samples)            # static, calibrated, Q/DQ
+    quantize("model.onnx", "model.int8.onnx", "int8", samples, activations="int8-symmetric")  # for TensorRT
+    quantize("model.onnx", "model.lr.onnx", "int8-lowrank", samples)     # + float low-rank branches (SVDQuant)
+    quantize("model.onnx", "model.dq.onnx", "int8-dynamic")               # MatMul/Gemm weights only
+
+Static ("int8"): activation ranges come from calibration samples (MinMax), weights are per-channel
+symmetric INT8, the format is QDQ (QuantizeLinear/DequantizeLinear pairs around the float ops), which
+ONNX Runtime fuses into integer kernels and TensorRT reads as explicit quantization.
+
+The activation type is what the runtime wants (onnxruntime.quantization.quantize_static's guidance):
+  uint8           x86 CPUs (ONNX Runtime's U8S8 kernels; INT8 activations ran 3.6x slower here)
+  int8            ARM CPUs (Raspberry Pi)
+  int8-symmetric  TensorRT: zero points 0, biases left in float, Q/DQ only on the inputs of Conv,
+                  ConvTranspose, MatMul and Gemm (TensorRT rejects non-zero zero points, INT32 bias
+                  dequantization and quantized constants that feed anything but a DequantizeLinear)
+
+The output tail stays in float: the nodes between the last weighted op and a graph output (a
+detector's decoding, Sigmoid, Concat, Softmax) run no integer kernel, so quantizing them saves nothing,
+and it would put unrelated values under one scale. YOLOv8's output concatenates box pixels (0..320)
+with class scores (0..1): quantized as one tensor, the scores flatten to a few levels and the top class
+agreed with the float model's nowhere (docs/benchmarks.md).
+
+Nodes whose names contain FLOAT_BRANCH (edgelr.passes.svdquant's low-rank branches), and the nodes named in
+`keep_float` (layers whose INT8 error costs more than their INT8 speed is worth, chosen by
+edgelr.passes.factorize's latency search), stay in float and read float inputs: ORT would feed them the
+dequantized copy of a shared activation, so they are rewired to the float tensor after quantization.
+
+Dynamic ("int8-dynamic"): weights of MatMul and Gemm stored as INT8, activations quantized at run
+time; no calibration. For transformer-style models, where the time goes into MatMul.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from edgelr.errors import EdgelrError
+from edgelr.io.model import check_output_path, load
+from edgelr.io.samples import Samples
+
+SCHEMES = ("int8", "int8-lowrank", "int8-dynamic")
+ACTIVATIONS = ("uint8", "int8", "int8-symmetric")
+# The ops that carry weights: where TensorRT wants its Q/DQ pairs (and where INT8 pays on any runtime).
+_WEIGHTED_OPS = ["Conv", "ConvTranspose", "MatMul", "Gemm"]
+_DYNAMIC_OPS = ["MatMul", "Gemm"]  # ORT's CPU kernels have no ConvInteger for INT8 weights
+FLOAT_BRANCH = "/float_branch"  # in a node's name: keep the node in float, on float inputs
+# Models this large go through ONNX external data (protobuf cannot hold 2 GB in one message).
+_EXTERNAL_DATA_BYTES = 1 << 30
+
+
+def activations_for(target) -> str:
+    """The activation type a Target's runtime wants: TensorRT symmetric INT8, ARM INT8, x86 UINT8."""
+    if target.is_tensorrt:
+        return "int8-symmetric"
+    return "int8" if target.arch == "aarch64" else "uint8"
+
+
+def quantize(
+    model_path: Path,
+    out_path: Path,
+    scheme: str,
+    samples: Samples | None = None,
+    *,
+    activations: str = "uint8",
+    progress: bool = True,
+    prepare: bool = True,
+    keep_float: tuple[str, ...] | list[str] = (),
+) -> dict:
+    """Quantize the model at MODEL_PATH to OUT_PATH (written atomically: the whole file or nothing).
+
+    Returns {"scheme", "activations", "nodes_quantized", "by_op" (op type -> nodes with INT8 weights),
+    "samples", "preprocess", "seconds"}, and "kept_float" (those of `keep_float`, node names, that were
+    found and left in float; static schemes only). `prepare=False` skips ORT's pre-processing (for tiny
+    models that need none, timed by the latency tables).
+    """
+    started = time.perf_counter()
+    model_path, out_path = Path(model_path), Path(out_path)
+    if scheme not in SCHEMES:
+        raise EdgelrError(f"unknown quantization scheme '{scheme}'; known schemes: {', '.join(SCHEMES)}")
+    if activations not in ACTIVATIONS:
+        raise EdgelrError(f"unknown activation type '{activations}'; use one of {', '.join(ACTIVATIONS)}")
+    if scheme in ("int8", "int8-lowrank") and (samples is None or len(samples) == 0):
+        raise EdgelrError(
+            "static INT8 quantization needs calibration data: pass sample inputs (--calib DATA.npz, one array "
+            "per model input), or use the scheme int8-dynamic, which needs none"
+        )
+    load(model_path)  # a missing or corrupt model fails here, with the model_io's one-line message
+    check_output_path(out_path, model_path)
+    external = _weight_bytes(model_path) > _EXTERNAL_DATA_BYTES
+
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".edgelr-quant-") as tmp:
+        tmp = Path(tmp).resolve()
+        staged = tmp / out_path.name  # same name: ORT names an external data file after its model file
+        branches = _low_rank_branches(model_path, tmp, samples, activations, progress) if scheme == "int8-lowrank" else None
+        with _quiet():
+            if scheme != "int8-dynamic":
+                source = tmp / "branched.onnx" if (tmp / "branched.onnx").exists() else model_path
+                source, preprocess = _preprocess(source, tmp, external) if prepare else (source, "skipped")
+                floated = _static(source, staged, samples, activations, external, progress, model_path, list(keep_float))
+            else:
+                preprocess, floated = "not needed", []
+                _dynamic(model_path, staged, external, model_path)
+        by_op = _quantized_nodes(staged)
+        if not by_op:
+            raise EdgelrError(
+                f"{model_path}: ONNX Runtime found nothing to quantize (no Conv, MatMul or Gemm with constant "
+                "weights); the model would be unchanged"
+            )
+        data = tmp / (out_path.name + ".data")
+        if data.exists():
+            os.replace(data, out_path.parent / data.name)
+        os.replace(staged, out_path)
+    done = {
+        "scheme": scheme,
+        "activations": activations if scheme != "int8-dynamic" else "dynamic uint8",
+        "nodes_quantized": sum(by_op.values()),
+        "by_op": by_op,
+        "samples": len(samples) if scheme != "int8-dynamic" else 0,
+        "preprocess": preprocess,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    if keep_float:
+        done["kept_float"] = [name for name in keep_float if name in floated]
+    if branches is not None:
+        done["low_rank_branches"] = [row.to_json() for row in branches]
+    return done
+
+
+def _low_rank_branches(model_path: Path, tmp: Path, samples: Samples, activations: str, progress: bool) -> list:
+    """edgelr.passes.svdquant: measure each layer plain and with a float low-rank branch; write the model with
+    the branches that measured better to tmp/branched.onnx. Returns the per-layer table."""
+    from edgelr.io.model import save
+    from edgelr.passes import svdquant
+
+    model = load(model_path)
+    with _quiet():
+        rows = svdquant.plan(model, samples, activations=activations, progress=progress)
+    if svdquant.apply(model, rows):
+        save(model, tmp / "branched.onnx")
+    return rows
+
+
+def _preprocess(model_path: Path, tmp: Path, external: bool) -> tuple[Path, str]:
+    """ORT's recommended pre-processing (shape inference, graph clean-up), as far as it goes.
+
+    Symbolic shape inference often fails on models with dynamic dims (YOLOv8n: 'Incomplete symbolic
+    shape inference'); then ONNX's own shape inference alone, then none: quantization works without.
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    out = tmp / "preprocessed.onnx"
+    opts = {"save_as_external_data": external, "external_data_location": "preprocessed.onnx.data"} if external else {}
+    for skip_symbolic, note in ((False, "full"), (True, "without symbolic shape inference")):
+        try:
+            # in tmp: when symbolic shape inference fails it dumps the model into the working directory
+            with contextlib.chdir(tmp):
+                quant_pre_process(str(model_path.resolve()), str(out), skip_symbolic_shape=skip_symbolic, **opts)
+            return out, note
+        except Exception:  # noqa: BLE001 - ORT raises bare Exception here; the fallback below is safe
+            out.unlink(missing_ok=True)
+    return model_path, "skipped (ONNX Runtime's pre-processing failed on this model)"
+
+
+def _static(source: Path, staged: Path, samples: Samples, activations: str, external: bool, progress: bool,
+            model_path: Path, keep_float: list[str]) -> list[str]:
+    """ORT's static quantization; returns the names of the nodes kept in float on float inputs."""
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    tensorrt = activations == "int8-symmetric"
+    # Calibration keeps only each tensor's min and max per sample (ORT reduces in the graph), so memory is
+    # small; ORT 1.32's CalibMaxIntermediateOutputs would drop samples unseen (it clears without merging).
+    extra = {"WeightSymmetric": True}
+    if tensorrt:
+        extra |= {"ActivationSymmetric": True, "QuantizeBias": False}
+    source, tail, branch = _float_nodes(source, staged.parent, keep_float)
+    reader = _Reader(samples, progress)
+    try:
+        quantize_static(
+            str(source),
+            str(staged),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=_WEIGHTED_OPS if tensorrt else None,
+            calibrate_method=CalibrationMethod.MinMax,
+            use_external_data_format=external,
+            nodes_to_exclude=tail + branch,
+            extra_options=extra,
+        )
+    except Exception as exc:  # noqa: BLE001 - ORT raises many types; the user gets one line either way
+        raise EdgelrError(f"{model_path}: ONNX Runtime could not quantize the model ({_first_line(exc)})") from None
+    finally:
+        reader.bar.close()
+    if branch:
+        _float_inputs(staged, set(branch), external, source)
+    return branch
+
+
+def _float_nodes(source: Path, tmp: Path, keep_float: list[str]) -> tuple[Path, list[str], list[str]]:
+    """The nodes that stay in float, by name: the output tail (those that reach a graph output without
+    passing through a weighted op), and the float branches with the nodes in `keep_float`, which read
+    float inputs. Unnamed nodes get names first, in a copy (ORT excludes nodes by name)."""
+    import onnx
+
+    from edgelr.graph.layers import name_nodes
+    from edgelr.io.model import save
+
+    graph = onnx.load(str(source), load_external_data=False).graph
+    if any(not node.name for node in graph.node):
+        model = load(source)
+        name_nodes(model.graph)
+        source = tmp / "named.onnx"
+        save(model, source)
+        graph = onnx.load(str(source), load_external_data=False).graph
+    producer = {output: node for node in graph.node for output in node.output}
+    tail, seen, stack = [], set(), [value.name for value in graph.output]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or node.name in seen or node.op_type in _WEIGHTED_OPS:
+            continue
+        seen.add(node.name)
+        tail.append(node.name)
+        stack.extend(node.input)
+    keep = set(keep_float)
+    return source, tail, [node.name for node in graph.node if FLOAT_BRANCH in node.name or node.name in keep]
+
+
+def _float_inputs(path: Path, branch: set[str], external: bool, source: Path) -> None:
+    """Feed the float-branch nodes the float tensors ORT quantized for their quantized neighbours
+    (X -> QuantizeLinear -> DequantizeLinear -> node becomes X -> node), where X is still what it was in
+    SOURCE: ORT drops a Relu after a quantized op (the quantization range clamps at 0 instead), and then
+    only the dequantized copy has the Relu's effect."""
+    import onnx
+
+    before = {output: node.op_type for node in onnx.load(str(source), load_external_data=False).graph.node
+              for output in node.output}
+    proto = onnx.load(str(path))
+    producer = {output: node for node in proto.graph.node for output in node.output}
+    for node in proto.graph.node:
+        if node.name not in branch:
+            continue
+        for i, name in enumerate(node.input):
+            dq = producer.get(name)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is None or q.op_type != "QuantizeLinear":
+                continue
+            x = q.input[0]
+            if x in producer and before.get(x) != producer[x].op_type:  # its producer was folded away
+                continue
+            node.input[i] = x
+    onnx.save(proto, str(path), save_as_external_data=external, location=path.name + ".data")
+
+
+def _dynamic(source: Path, staged: Path, external: bool, model_path: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    try:
+        quantize_dynamic(
+            str(source),
+            str(staged),
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=_DYNAMIC_OPS,
+            use_external_data_format=external,
+        )
+    except Exception as exc:  # noqa: BLE001
+        raise EdgelrError(f"{model_path}: ONNX Runtime could not quantize the model ({_first_line(exc)})") from None
+
+
+class _Reader:
+    """ORT's CalibrationDataReader over Samples: one sample per call, a progress bar as it goes."""
+
+    def __init__(self, samples: Samples, progress: bool):
+        self.samples = samples
+        self.index = 0
+        self.bar = tqdm(total=len(samples), desc="calibrating (int8)", unit="sample", disable=not progress, leave=False)
+
+    def get_next(self) -> dict | None:
+        if self.index >= len(self.samples):
+            return None
+        feed = self.samples.feed(self.index)
+        self.index += 1
+        self.bar.update(1)
+        return feed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def _quantized_nodes(path: Path) -> dict[str, int]:
+    """Op type -> how many nodes now hold their constant inputs (weights) as INT8: fed by a
+    DequantizeLinear of an initializer (QDQ), or an integer op (dynamic)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    int8_weights = {
+        node.output[0] for node in graph.node if node.op_type == "DequantizeLinear" and node.input[0] in constants
+    }
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"):
+            continue
+        integer_op = node.op_type.endswith("Integer") or node.op_type.startswith(("QLinear", "DynamicQuantize"))
+        if integer_op or any(name in int8_weights for name in node.input):
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items(), key=lambda item: -item[1]))
+
+
+def _weight_bytes(path: Path) -> int:
+    """The model file plus the external data files beside it (what ORT will hold as one protobuf)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    external = {entry.value for t in proto.graph.initializer for entry in t.external_data if entry.key == "location"}
+    return path.stat().st_size + sum((path.parent / name).stat().st_size for name in external)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """ORT's quantization tools log advice, warnings and caught tracebacks; edgelr reports its own line."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The cause in ORT's message, without its status prefix and temporary paths."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"^Load model from \S+ failed:\s*", "", text)
+    return text[:400]

@@ -1,0 +1,126 @@
+"""Reports of a compression run: a per-layer table for people, JSON for machines."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from edgelr.graph.layers import Layer, Skipped
+from edgelr.passes.factorize import FactorizeResult
+
+
+def human(n: float | None) -> str:
+    """1234567 -> '1.23M'."""
+    if n is None:
+        return "?"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.3g}" if isinstance(n, float) else str(n)
+
+
+def table(headers: list[str], rows: list[list], align: str | None = None) -> str:
+    """A plain-text table; `align` has one char per column, 'l' or 'r' (default: first left, rest right)."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    align = align or "l" + "r" * (len(headers) - 1)
+
+    def line(values):
+        return "  ".join(v.ljust(w) if a == "l" else v.rjust(w) for v, w, a in zip(values, widths, align)).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def _ratio(after: int | None, before: int | None) -> str:
+    return f"{after / before:.3f}" if after is not None and before else "?"
+
+
+def compression_table(result: FactorizeResult) -> str:
+    rows = [
+        [
+            r.name,
+            r.op,
+            r.form if r.form != "dense" else f"dense{' (' + r.note + ')' if r.note else ''}",
+            r.rank or "",
+            human(r.params_before),
+            human(r.params_after),
+            human(r.flops_before),
+            human(r.flops_after),
+            f"{r.error:.4f}" if r.form != "dense" else "",
+        ]
+        for r in result.layers
+    ]
+    p0, p1 = result.total("params_before"), result.total("params_after")
+    f0, f1 = result.total("flops_before"), result.total("flops_after")
+    rows.append(["total", "", f"{len(result.factorized)} factorized", "", human(p0), human(p1), human(f0), human(f1), ""])
+    headers = ["layer", "op", "form", "rank", "params", "->", "FLOPs", "->", "rel.err"]
+    text = table(headers, rows, "lllrrrrrr")
+    text += f"\nkept {_ratio(p1, p0)} of the params, {_ratio(f1, f0)} of the FLOPs of these layers"
+    return text
+
+
+def inspect_table(layers: list[Layer], skipped: list[Skipped]) -> str:
+    rows = []
+    for layer in layers:
+        shape = "x".join(str(d) for d in layer.weight_array().shape)
+        inputs = ", ".join(_shape(u.input_shape) for u in layer.uses)
+        rows.append([layer.name, layer.op, shape, inputs, "/".join(layer.forms()), human(layer.dense_params()), human(layer.dense_flops())])
+    total_p = sum(layer.dense_params() for layer in layers)
+    flops = [layer.dense_flops() for layer in layers]
+    total_f = None if any(f is None for f in flops) else sum(flops)
+    rows.append(["total", "", "", "", f"{len(layers)} layers", human(total_p), human(total_f)])
+    text = table(["layer", "op", "weight", "input", "forms", "params", "FLOPs"], rows, "lllllrr")
+    if skipped:
+        text += "\n\nleft alone:\n" + table(["node", "op", "why"], [[s.name, s.op, s.reason] for s in skipped], "lll")
+    return text
+
+
+def _shape(shape) -> str:
+    if shape is None:
+        return "?"
+    return "[" + ",".join(str(d) if isinstance(d, int) or len(str(d)) <= 8 else "?" for d in shape) + "]"
+
+
+def result_json(result: FactorizeResult) -> dict:
+    return {
+        "metric": result.metric,
+        "fraction": result.fraction,
+        "budget_reached": result.budget_reached,
+        "data_aware": result.data_aware,
+        "warnings": result.warnings,
+        "layers": [asdict(r) for r in result.layers],
+        "skipped": [asdict(s) for s in result.skipped],
+        "search_front": [{"cost": c, "predicted_error": math.sqrt(e2)} for c, e2 in result.front],
+        "dense_cost": result.dense_cost,
+        "kept_float": result.keep_float,
+        "refit": result.refit,
+        "totals": {
+            key: result.total(key) for key in ("params_before", "params_after", "flops_before", "flops_after")
+        },
+    }
+
+
+def write_json(data: dict, path: str | os.PathLike) -> Path:
+    """Write JSON atomically (a complete file or none)."""
+    return write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file atomically, with the permissions a plain open() would give it."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".edgelr-", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,143 @@
+"""Per-layer latency tables, measured on the target runtime (ONNX Runtime CPU, here and now).
+
+Each factorizable layer is timed alone, at its real input shape, dense and factorized at a few ranks
+per form; ranks in between are interpolated (latency is close to affine in rank). Tables are cached
+per runtime, version, thread count and layer signature, so compressing the same model again on the
+same target measures nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from edgelr.core import lowrank
+from edgelr.graph.extract import single_layer_model
+from edgelr.graph.layers import Layer, Use
+from edgelr.measure import runner
+
+POINTS_PER_FORM = 4  # ranks timed per form; the rest are interpolated
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EDGELR_CACHE", Path.home() / ".cache" / "edgelr")) / "latency"
+
+
+
+def _read_cache(path: Path) -> dict[str, float]:
+    """The cached timings, or none if the file is missing or unreadable (it is only a cache)."""
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+class LatencyTable:
+    """Seconds per layer configuration on one target, measured once and cached on disk."""
+
+    def __init__(self, threads: int = 1, cache: Path | None = None, quantize: str | None = None):
+        self.threads = threads
+        self.quantize = quantize  # time the layers as this quantization scheme runs them (edgelr.passes.quantize)
+        self.target = f"ort-{ort.__version__}-cpu-t{threads}" + (f"-{quantize}" if quantize else "")
+        self.path = (cache or cache_dir()) / f"{self.target}.json"
+        self.entries: dict[str, float] = _read_cache(self.path)
+        self.measured = 0  # configurations timed by this table (0 when everything came from the cache)
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.entries, indent=0, sort_keys=True))
+        os.replace(tmp, self.path)
+
+    def cost(self, layer: Layer, form: str | None, rank: int, grid: list[int]) -> float:
+        """Seconds of the layer dense (form None) or factorized at `rank`, interpolated over `grid`."""
+        if form is None:
+            return sum(self._time(layer, use, None, 0) for use in layer.uses)
+        points = _sample(grid)
+        if rank in points:
+            return sum(self._time(layer, use, form, rank) for use in layer.uses)
+        times = [sum(self._time(layer, use, form, r) for use in layer.uses) for r in points]
+        return float(np.interp(rank, points, times))
+
+    def _time(self, layer: Layer, use: Use, form: str | None, rank: int) -> float:
+        key = _signature(layer, use, form, rank)
+        if key not in self.entries:
+            self.entries[key] = _measure(layer, use, form, rank, self.threads, self.quantize)
+            self.measured += 1
+        return self.entries[key]
+
+
+
+def _sample(grid: list[int]) -> list[int]:
+    """A few ranks spread over the grid, ends included."""
+    if len(grid) <= POINTS_PER_FORM:
+        return list(grid)
+    index = np.linspace(0, len(grid) - 1, POINTS_PER_FORM).round().astype(int)
+    return sorted({grid[i] for i in index})
+
+
+def _signature(layer: Layer, use: Use, form: str | None, rank: int) -> str:
+    node = use.node
+    attrs = {k: v.value for k, v in sorted(node.attributes.items())}
+    weight = tuple(ir.convenience.get_const_tensor(layer.weight).shape)
+    dtype = layer.weight.dtype.name if layer.weight.dtype is not None else "FLOAT"
+    bias = len(node.inputs) > 2 and node.inputs[2] is not None
+    return f"{node.op_type}|{use.input_shape}|{weight}|{dtype}|{attrs}|bias={bias}|{form or 'dense'}|{rank}"
+
+
+def _measure(layer: Layer, use: Use, form: str | None, rank: int, threads: int, quantize: str | None = None) -> float:
+    """Median seconds of one run of the layer alone (dense or as a factorized pair) in ORT; with
+    `quantize`, as the quantized model runs it (Q/DQ around it and between the pair, integer kernels)."""
+    from edgelr.graph.layers import find_layers
+    from edgelr.graph.lowrank_pair import (
+        rewrite_pair,  # the same graph surgery as the real pass
+    )
+
+    rng = np.random.default_rng(0)
+    model = single_layer_model(layer, use, rng)
+    if form is not None:
+        tiny = find_layers(model)[0][0]
+        n = tiny.in_features if form != "spatial" else tiny.in_channels * tiny.kernel[0]
+        m = tiny.out_features if form != "spatial" else tiny.out_features * tiny.kernel[1]
+        factors = lowrank.Factors(up=rng.normal(size=(m, rank)), down=rng.normal(size=(rank, n)))
+        rewrite_pair(model.graph, tiny, form, factors)
+    x = model.graph.inputs[0]
+    feed = {x.name: rng.normal(size=use.input_shape).astype(x.dtype.numpy())}
+    serialized = ir.to_proto(model).SerializeToString() if not quantize else _quantized(model, quantize, feed, rng)
+    session = runner.session(serialized, threads)
+    session.run(None, feed)
+    start = time.perf_counter()
+    session.run(None, feed)
+    once = time.perf_counter() - start
+    runs = int(min(200, max(7, 0.05 / max(once, 1e-6))))
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _quantized(model: ir.Model, scheme: str, feed: dict, rng: np.random.Generator) -> bytes:
+    """The tiny model quantized as edgelr.passes.quantize does the whole one (its calibration: random inputs)."""
+    import tempfile
+
+    from edgelr.io.samples import samples_from_arrays
+    from edgelr.passes.quantize import quantize
+
+    name, x = next(iter(feed.items()))
+    samples = samples_from_arrays({name: np.concatenate([x, rng.normal(size=x.shape).astype(x.dtype)])}, model)
+    with tempfile.TemporaryDirectory(prefix="edgelr-layer-") as tmp:
+        ir.save(model, Path(tmp) / "layer.onnx")
+        quantize(Path(tmp) / "layer.onnx", Path(tmp) / "layer.q.onnx", scheme, samples, progress=False, prepare=False)
+        return (Path(tmp) / "layer.q.onnx").read_bytes()
+
+
+
