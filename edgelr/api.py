@@ -1,6 +1,6 @@
 """The whole compression job: load, calibrate, factorize, save, verify, report.
 
-    report = edgelr.api("model.onnx", "small.onnx", FactorizeConfig(params=0.5), calib="data.npz")
+    report = edgelr.compress("model.onnx", "small.onnx", FactorizeConfig(params=0.5), calib="data.npz")
 """
 
 from __future__ import annotations

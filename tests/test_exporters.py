@@ -22,6 +22,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import edgelr
+import edgelr.io.model
 from edgelr.graph.layers import find_layers
 from edgelr.passes.factorize import FactorizeConfig
 
@@ -77,7 +78,7 @@ def full_rank_copy(source: Path, out: Path, conv_form: str = "channel") -> list:
     for layer in layers:
         form = conv_form if layer.is_conv and conv_form in layer.forms() else layer.forms()[0]
         ranks[layer.name] = layer.max_rank(form)
-    result = edgelr.passes.factorize(model, FactorizeConfig(ranks=ranks, conv_form=conv_form), progress=False)
+    result = edgelr.factorize(model, FactorizeConfig(ranks=ranks, conv_form=conv_form), progress=False)
     edgelr.save(model, out)
     assert len(result.factorized) == len(layers)
     return result.factorized
@@ -216,7 +217,7 @@ def test_minus_one_batch_dim_is_dynamic(tmp_path):
     path = tmp_path / "m.onnx"
     onnx.save(tf_style_model(-1), path)
     model = edgelr.load(path)
-    edgelr.model_io.infer_shapes(model)
+    edgelr.io.model.infer_shapes(model)
     layers, _ = find_layers(model)
     for layer in layers:
         flops = layer.dense_flops()

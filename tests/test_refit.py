@@ -171,7 +171,7 @@ def test_a_second_run_reuses_the_refit(tmp_path, monkeypatch, build, form, schem
         if i:
             def fail(*args, **kwargs):
                 raise AssertionError("refit ran again")
-            monkeypatch.setattr(sys.modules["edgelr.api"], "refit", fail)
+            monkeypatch.setattr(sys.modules["edgelr.search.latency"], "refit", fail)
         out = tmp_path / f"o{i}.onnx"
         done = compress(tmp_path / "model.onnx", out, FactorizeConfig(params=0.5, conv_form=form), calib=tmp_path / "calib.npz",
                         quantize=scheme, progress=False)

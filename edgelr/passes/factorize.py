@@ -2,7 +2,7 @@
 
     model = edgelr.load("model.onnx")
     grams = edgelr.collect_grams(model, edgelr.find_layers(model)[0], samples)   # optional
-    result = edgelr.passes.factorize(model, FactorizeConfig(params=0.5), grams)          # in place
+    result = edgelr.factorize(model, FactorizeConfig(params=0.5), grams)          # in place
 
 MatMul(x, W)         -> MatMul(MatMul(x, down), up)
 Gemm(A, B, C)        -> Gemm(Gemm(A, down), up, C)        (alpha, beta, transA kept)
@@ -325,9 +325,9 @@ def choose_ranks(layers, options, config: FactorizeConfig, cost: Cost, latency: 
 def budget_split(layers: list[Layer], config: FactorizeConfig, cost: Cost) -> tuple[float, float]:
     """(cost of layers that cannot pay off, cost of those that can): the budget is a fraction of the
     second, whatever the error gate later allows."""
-    pays = [pays(layer, config, cost) for layer in layers]
-    fixed = sum(cost(layer, None, 0) for layer, p in zip(layers, pays) if not p)
-    return fixed, sum(cost(layer, None, 0) for layer, p in zip(layers, pays) if p)
+    paying = [pays(layer, config, cost) for layer in layers]
+    fixed = sum(cost(layer, None, 0) for layer, p in zip(layers, paying) if not p)
+    return fixed, sum(cost(layer, None, 0) for layer, p in zip(layers, paying) if p)
 
 
 def pays(layer: Layer, config: FactorizeConfig, cost: Cost) -> bool:

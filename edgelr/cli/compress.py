@@ -1,0 +1,72 @@
+"""`edgelr compress`: compress a model against a budget (flags, or a recipe). Parses, calls the library, prints."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from edgelr.cli.args import fraction, positive, removed
+
+
+def add(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compress", help="low-rank factorize a model against a budget")
+    p.add_argument("model", metavar="MODEL.onnx")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--params", type=fraction, metavar="F", help="keep this fraction of the factorizable params")
+    budget.add_argument("--flops", type=fraction, metavar="F", help="keep this fraction of the factorizable FLOPs")
+    budget.add_argument("--latency", type=fraction, metavar="F",
+                        help="keep this fraction of the model's latency, measured on this machine (ONNX Runtime CPU, 1 thread)")
+    p.add_argument("--max-error", type=positive, metavar="E", help="per-layer relative output error gate")
+    p.add_argument("--no-refit", action="store_true", help="keep each factorized pair as fitted on the original's "
+                   "inputs (default, with --calib: refit it on the inputs the compressed model feeds it)")
+    p.add_argument("--calib", metavar="DATA.npz", help="one array per model input, first axis = samples")
+    p.add_argument("--report", metavar="REPORT.json", help="write the per-layer results as JSON")
+    p.add_argument("--float-output", metavar="FLOAT.onnx", help="with --quantize: also keep the model before quantization")
+    p.add_argument("--prune", type=removed, metavar="F",
+                   help="first remove this fraction of the channels of every prunable group (structured pruning)")
+    p.add_argument("--quantize", choices=["int8", "int8-lowrank", "int8-dynamic"],
+                   help="then quantize with ONNX Runtime: int8 (static, calibrated on --calib), int8-lowrank "
+                        "(int8 plus float low-rank branches where they measure better) or int8-dynamic")
+
+
+def run(args) -> int:
+    from edgelr.api import compress
+    from edgelr.passes.factorize import FactorizeConfig
+    from edgelr.report.tables import compression_table
+
+    budget = {"params": args.params, "flops": args.flops, "latency": args.latency, "max_error": args.max_error}
+    if all(v is None for v in budget.values()) and (args.prune is not None or args.quantize):
+        budget = {"ranks": {}}  # pruning or quantization alone: every layer stays dense
+    config = FactorizeConfig(**budget, refit=not args.no_refit)
+    done = compress(args.model, args.output, config, calib=args.calib, report=args.report, progress=not args.quiet,
+                    quantize=args.quantize, prune=args.prune, float_output=args.float_output)
+    if done.pruned:
+        p = done.pruned
+        print(f"pruned {p['groups_pruned']} of {p['groups'] + p['unprunable_groups']} channel groups: "
+              f"{p['params_before']:,} -> {p['params_after']:,} parameters")
+    print(compression_table(done.result))
+    if done.result.refit:
+        print(f"refit {len(done.result.refit)} of {len(done.result.factorized)} factorized pairs on the inputs the "
+              "compressed model feeds them")
+    for warning in done.result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if done.latency:
+        for r in done.latency["rounds"]:
+            alone = r.get("quantized_only_ratio")
+            print(f"latency round {r['round']}: predicted {r['predicted_ratio']:.3f}, measured {r['measured_ratio']:.3f} "
+                  "of the original" + (f" (quantized alone, timed beside it: {alone:.3f})" if alone else ""))
+        kept = done.latency["kept_round"]
+        print(f"kept round {kept}" + ("" if done.latency["within_budget"] else ", the fastest: no round met the budget"))
+        print(f"latency tables: {done.latency['layer_timings']} layer timings new, cached in {done.latency['table']}")
+    if done.quantized:
+        q = done.quantized
+        kept = q.get("kept_float") or []
+        print(f"quantized {q['nodes_quantized']} nodes ({q['scheme']}, {q['activations']} activations)"
+              + (f"; kept in float, where INT8's error cost more than its speed: {', '.join(kept)}" if kept else ""))
+    if done.output_error:
+        print(f"whole-model relative output error on the calibration set: {done.output_error['all']:.4f}")
+    else:
+        print("no calibration data: plain SVD, whole-model error not measured (pass --calib DATA.npz)")
+    print(f"wrote {done.output}" + (f" and {args.report}" if args.report else "") + f" in {done.seconds:.1f} s")
+    return 0
