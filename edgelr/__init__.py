@@ -1,7 +1,5 @@
 """edgelr: low-rank factorization, compression and deployment of ONNX models for edge devices."""
 
-__version__ = "0.1.0"
-
 from edgelr.api import CompressReport, compress  # noqa: E402
 from edgelr.calibration.grams import collect_grams  # noqa: E402
 from edgelr.errors import EdgelrError  # noqa: E402
@@ -10,8 +8,10 @@ from edgelr.io.model import load, save  # noqa: E402
 from edgelr.io.samples import Samples, load_samples
 from edgelr.measure.verify import output_error  # noqa: E402
 from edgelr.passes.factorize import FactorizeConfig, FactorizeResult, factorize  # noqa: E402
+from edgelr.version import __version__  # noqa: E402
 
 __all__ = [
+    "__version__",
     "CompressReport",
     "EdgelrError",
     "FactorizeConfig",

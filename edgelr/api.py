@@ -1,225 +1,184 @@
-"""The whole compression job: load, calibrate, factorize, save, verify, report.
+"""The verbs: compress (a list of passes, a recipe, or flags that stand for one), and the pipeline that runs it.
 
     report = edgelr.compress("model.onnx", "small.onnx", FactorizeConfig(params=0.5), calib="data.npz")
+    report = edgelr.compress("model.onnx", "fast.onnx", load_recipe("recipes/yolov8n-latency50-int8.yaml"), calib=...)
+
+A pipeline loads the model once, runs each pass on it in order (each sees what the earlier ones left on
+the shared Context), writes OUTPUT whole or not at all, and measures the result against the model as
+given, on every output.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from edgelr.calibration.grams import cached_grams
-from edgelr.calibration.sensitivity import PROBE_SAMPLES, layer_sensitivity
+from edgelr.deploy.targets import Target, load_target
 from edgelr.errors import EdgelrError
-from edgelr.graph.layers import find_layers
 from edgelr.io import model as model_io
-from edgelr.io.cache import ArrayCache, content_key
 from edgelr.io.samples import load_samples
-from edgelr.measure.profile import (
-    compare_models,
-    layer_aliases,
-    layer_times,
-    sample_feed,
-)
+from edgelr.measure.profile import compare_models, layer_times, sample_feed
 from edgelr.measure.verify import output_error
-from edgelr.passes.factorize import FactorizeConfig, FactorizeResult, factorize
-from edgelr.passes.quantize import SCHEMES
+from edgelr.passes.base import Context, PassConfig, make_pass
+from edgelr.passes.factorize import FactorizeConfig, FactorizeResult
+from edgelr.passes.prune import PruneConfig
+from edgelr.passes.quantize import SCHEMES, QuantizeConfig
+from edgelr.passes.refit import RefitConfig
+from edgelr.recipe import Recipe
 from edgelr.report.tables import result_json, write_json
-from edgelr.search.latency import (
-    SENSITIVITY_MAX_BYTES,
-    latency_rounds,
-    remove_model,
-    write_result,
-)
+from edgelr.search import latency as _registers_the_latency_search  # noqa: F401
 
 
 @dataclass
 class CompressReport:
     source: Path
     output: Path
-    result: FactorizeResult
+    result: FactorizeResult | None  # None when no factorize pass ran
     output_error: dict[str, float]  # whole-model relative error on the calibration samples
     seconds: float
-    latency: dict | None = None  # with --latency: predicted vs measured per search round, table use
+    latency: dict | None = None  # with a latency budget: predicted vs measured per search round, table use
     quantized: dict | None = None  # with quantize: what edgelr.passes.quantize did
     pruned: dict | None = None  # with prune: what edgelr.passes.prune did
+    passes: list[dict] = field(default_factory=list)  # the recipe that ran (configs as dicts)
+    target: str | None = None
 
     def to_json(self) -> dict:
-        data = {"source": str(self.source), "output": str(self.output), "seconds": round(self.seconds, 3)}
-        data.update(result_json(self.result))
+        data = {"source": str(self.source), "output": str(self.output), "seconds": round(self.seconds, 3),
+                "target": self.target, "passes": self.passes}
+        if self.result is not None:
+            data.update(result_json(self.result))
         data["output_error"] = self.output_error
-        if self.latency is not None:
-            data["latency"] = self.latency
-        if self.quantized is not None:
-            data["quantized"] = self.quantized
-        if self.pruned is not None:
-            data["pruned"] = self.pruned
+        for name in ("latency", "quantized", "pruned"):
+            if getattr(self, name) is not None:
+                data[name] = getattr(self, name)
         return data
+
+
+def flag_passes(factorize: FactorizeConfig | None, prune: float | None = None, quantize: str | None = None,
+                refit: bool = True, calibrated: bool = True) -> list[PassConfig]:
+    """The passes the command-line flags stand for: prune, factorize, then refit and quantize. A static
+    INT8 model is refit after quantization (the refit reads its inputs); any other before it. Without
+    calibration data there is nothing to refit on."""
+    if quantize is not None and quantize not in SCHEMES:
+        raise EdgelrError(f"--quantize {quantize}: unknown scheme; known schemes: {', '.join(SCHEMES)}")
+    if factorize is None:  # pruning or quantization alone: every layer stays dense
+        factorize = FactorizeConfig(ranks={})
+    passes: list[PassConfig] = [PruneConfig(ratio=prune)] if prune is not None else []
+    passes.append(factorize)
+    refitting = [RefitConfig()] if refit and calibrated and factorize.ranks != {} else []
+    quantizing = [QuantizeConfig(scheme=quantize)] if quantize is not None else []
+    passes += quantizing + refitting if quantize == "int8" else refitting + quantizing
+    return passes
 
 
 def compress(
     source: str | os.PathLike,
     output: str | os.PathLike,
-    config: FactorizeConfig,
+    passes: FactorizeConfig | Sequence[PassConfig] | Recipe | None,
     calib: str | os.PathLike | None = None,
     report: str | os.PathLike | None = None,
     progress: bool = True,
     quantize: str | None = None,
     prune: float | None = None,
     float_output: str | os.PathLike | None = None,
+    refit: bool = True,
+    target: str | Target | None = None,
 ) -> CompressReport:
-    """Factorize SOURCE into OUTPUT; with CALIB the SVD is data-aware and the result is verified on it.
-    `prune` (a fraction of channels) first removes that fraction of every prunable channel group
-    (edgelr.passes.prune; FactorizeConfig(ranks={}) then keeps every layer dense). `quantize` ("int8": static,
-    calibrated on CALIB; "int8-lowrank"; "int8-dynamic") then quantizes the factorized model with
-    ONNX Runtime's tools (edgelr.passes.quantize); `float_output` keeps the factorized model before quantization
-    (what edgelr distill trains). The reported error is against the original."""
+    """Run PASSES on SOURCE and write OUTPUT; with CALIB the passes are data-aware and the result is
+    measured on it against SOURCE. PASSES is a recipe, a list of pass configs, or a FactorizeConfig with
+    the flags' sugar around it: `prune` (a fraction of channels to remove first), `quantize` ("int8":
+    static, calibrated on CALIB; "int8-lowrank"; "int8-dynamic") and `refit` (flag_passes says the order).
+    `target` (a name from targets/, a .toml path, or a Target) sets what quantization and latency
+    tables aim at. `float_output` keeps the model before quantization (what edgelr distill trains)."""
     start = time.perf_counter()
     source = Path(source)
+    recipe = _recipe(passes, prune, quantize, refit, calib is not None, target)
     output = model_io.check_output_path(output, source, calib)
     if report is not None:
         report = model_io.check_output_path(report, source, calib)
         if report.resolve() == output.resolve():
             raise EdgelrError(f"{report}: the report and the model cannot be the same file")
-    if quantize is not None and quantize not in SCHEMES:
-        raise EdgelrError(f"--quantize {quantize}: unknown scheme; known schemes: {', '.join(SCHEMES)}")
-    if quantize in ("int8", "int8-lowrank") and calib is None:
-        raise EdgelrError(f"--quantize {quantize} calibrates activation ranges: pass --calib DATA.npz, "
-                          "or use --quantize int8-dynamic, which needs none")
     if float_output is not None:
-        if quantize is None:
+        if not any(isinstance(c, QuantizeConfig) for c in recipe.passes):
             raise EdgelrError("--float-output keeps the model before quantization: it needs --quantize")
         float_output = model_io.check_output_path(float_output, source, calib)
         if float_output.resolve() == output.resolve():
             raise EdgelrError(f"{float_output}: the float model and the output cannot be the same file")
-    if prune is None:
-        return _compress(source, output, config, calib, report, progress, quantize, start, float_output=float_output)
-    pruned = output.with_name(f".{output.stem}.pruned{output.suffix}")
-    try:
-        pruning = _prune(source, pruned, prune, calib, progress)
-        done = _compress(pruned, output, config, calib, report, progress, quantize, start, original=source,
-                         float_output=float_output)
-    finally:
-        remove_model(pruned)
-    done.source, done.pruned = source, pruning
+    recipe.check(calibrated=calib is not None)
+    resolved = target if isinstance(target, Target) else load_target(recipe.target) if recipe.target else None
+    model = model_io.load(source)
+    samples = load_samples(calib, model) if calib is not None else None
+    with tempfile.TemporaryDirectory(prefix=".edgelr-", dir=output.parent) as tmp:
+        ctx = Context(source, samples, Path(calib) if calib is not None else None, Path(tmp), resolved, progress, path=source)
+        for i, config in enumerate(recipe.passes):
+            ctx.later = tuple(recipe.passes[i + 1:])
+            done = make_pass(config, ctx)(model)
+            model = done.model
+            ctx.pristine = ctx.pristine and not done.modified
+            if ctx.later:  # passes that work on files (timing, quantization, probes) read the model from here
+                ctx.path = Path(tmp) / f"{i}-{config.kind}.onnx"
+                model_io.save(model, ctx.path)
+        model_io.save(model, output)
+        if float_output is not None:
+            model_io.save(ctx.float_model, float_output)
+        result = ctx.factorized.result if ctx.factorized is not None else None
+        del model
+        ctx.float_model = None  # verification below loads both files in ONNX Runtime; free the graphs first
+        try:
+            errors = output_error(source, output, samples, ctx.references) if samples is not None else {}
+        except Exception:
+            model_io.remove(output)  # a model ONNX Runtime cannot run is no result
+            raise
+        if report is not None and ctx.factorized is not None:
+            _measure_layers(ctx.factorized, output, samples)
+    done = CompressReport(source, output, result, errors, time.perf_counter() - start, ctx.latency, ctx.quantized,
+                          ctx.pruned, [c.to_dict() for c in recipe.passes], recipe.target if resolved is None else resolved.name)
     if report is not None:
         write_json(done.to_json(), report)
     return done
 
 
-def _prune(source: Path, out: Path, ratio: float, calib, progress: bool) -> dict:
-    from edgelr.passes.prune import prune
-
-    model = model_io.load(source)
-    samples = load_samples(calib, model) if calib is not None else None
-    result = prune(model, ratio, samples, progress=progress)
-    model_io.save(model, out)
-    return {"ratio": ratio, "groups_pruned": len(result.pruned), "groups": len(result.groups),
-            "unprunable_groups": len(result.unprunable), "params_before": result.params_before,
-            "params_after": result.params_after, "data_aware": result.data_aware}
-
-
-def _compress(source: Path, output: Path, config: FactorizeConfig, calib, report, progress: bool, quantize,
-              start: float, original: Path | None = None, float_output: Path | None = None) -> CompressReport:
-    """compress() on SOURCE; `original` (when SOURCE is an intermediate model) is what the errors are
-    measured against."""
-    model = model_io.load(source)
-    samples = load_samples(calib, model) if calib is not None else None
-    layers, skipped = find_layers(model)
-    if not layers:
-        reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:3])
-        raise EdgelrError(
-            f"{source}: no factorizable MatMul, Gemm or Conv node with a constant weight"
-            + (f" ({reasons})" if reasons else "")
-        )
-    aliases = layer_aliases(layers)  # before the pass replaces the nodes
-    if config.metric == "latency" and samples is None:
-        raise EdgelrError("--latency needs --calib DATA.npz: latency is measured on real inputs")
-    key = content_key(source, model, Path(calib)) if samples is not None else None
-    grams, references = cached_grams(model, layers, samples, key, progress) if samples is not None else (None, None)
-    spectra, sensitivity = _cached_analysis(key, layers, config)
-    cached = (len(spectra), sensitivity is not None)
-    unweighted = None
-    if samples is not None and config.sensitivity and sensitivity is None and config.ranks is None:
-        if model_io.model_bytes(model) <= SENSITIVITY_MAX_BYTES:
-            try:
-                sensitivity = layer_sensitivity(source, layers, grams, spectra, config.damping, samples, progress)
-            except Exception as exc:  # noqa: BLE001  (a refinement: a model ORT cannot probe is still compressed)
-                unweighted = f"layer sensitivity not measured ({model_io.first_line(exc)}): layers' errors are weighed alike"
-        else:  # probing copies every layer's weight into a second model: too much memory and time here
-            unweighted = (f"layer sensitivity not measured (the model is over {SENSITIVITY_MAX_BYTES >> 20} MB): "
-                          "layers' errors are weighed alike")
-    analysis = {"spectra": spectra, "sensitivity": sensitivity if config.sensitivity else None}
-    latency = None
-    if config.metric == "latency":
-        result, latency, quantized = latency_rounds(source, output, model, layers, grams, config, samples, progress,
-                                                     analysis, key, quantize, float_output)
-    else:
-        result = factorize(model, config, grams, layers=layers, progress=progress, **analysis)
-        quantized = write_result(source, output, model, layers, result, samples, config, grams, quantize, float_output,
-                           progress, progress, key)
-    if key is not None and (len(spectra), sensitivity is not None) != cached:  # something new to keep
-        ArrayCache("spectra").put(_spectra_key(key, config), _pack_analysis(spectra, sensitivity, layers))
-    result.skipped = skipped
-    if unweighted:
-        result.warnings.append(unweighted)
-    del model, grams  # verification below loads both files in ONNX Runtime; free the graph first
-    try:
-        errors = (output_error(original or source, output, samples, None if original else references)
-                  if samples is not None else {})
-    except Exception:
-        remove_model(output)  # a model ONNX Runtime cannot run is no result
-        raise
-    if report is not None:
-        _measure_layers(source, output, result, aliases, samples)
-    done = CompressReport(source, output, result, errors, time.perf_counter() - start, latency, quantized)
-    if report is not None:
-        write_json(done.to_json(), report)
-    return done
+def _recipe(passes, prune, quantize, refit: bool, calibrated: bool, target) -> Recipe:
+    target_name = target.name if isinstance(target, Target) else target
+    if passes is None or isinstance(passes, FactorizeConfig):
+        configs = flag_passes(passes, prune, quantize, refit, calibrated)
+        return Recipe(tuple(configs), target_name, flags=tuple(_flag(c) for c in configs))
+    if prune is not None or quantize is not None or not refit:
+        raise EdgelrError("prune, quantize and refit are sugar for a FactorizeConfig: with a recipe or a list of "
+                          "passes, put them in the list")
+    if isinstance(passes, Recipe):
+        if target_name is not None and passes.target is not None and target_name != passes.target:
+            raise EdgelrError(f"--target {target_name}: the recipe names target {passes.target!r}; give one")
+        return passes if target_name is None else Recipe(passes.passes, target_name, passes.path, passes.lines)
+    passes = tuple(passes)
+    if not passes or not all(isinstance(c, PassConfig) for c in passes):
+        raise EdgelrError("passes: give a list of pass configs (FactorizeConfig, QuantizeConfig, ...)")
+    return Recipe(passes, target_name)
 
 
+def _flag(config: PassConfig) -> str:
+    """The command-line flag a pass of flag_passes stands for (errors name flags on the command line)."""
+    if isinstance(config, FactorizeConfig):
+        budget = next(((name, getattr(config, name)) for name in ("params", "flops", "latency", "max_error")
+                       if getattr(config, name) is not None), None)
+        return f"--{budget[0].replace('_', '-')} {budget[1]:g}" if budget else ""
+    if isinstance(config, QuantizeConfig):
+        return f"--quantize {config.scheme}"
+    return f"--prune {config.ratio:g}" if isinstance(config, PruneConfig) else ""
 
-def _measure_layers(source: Path, output: Path, result: FactorizeResult, aliases: dict, samples) -> None:
+
+def _measure_layers(factorized, output: Path, samples) -> None:
     """Each layer's measured ms per run before and after, from ONNX Runtime's profiler (for the report)."""
+    before_path = factorized.before
     try:
-        feed = samples.feed(0) if samples is not None else sample_feed(source)
+        feed = samples.feed(0) if samples is not None else sample_feed(before_path)
     except EdgelrError:
         return  # dynamic dims and no samples: nothing to run the models on
-    found = compare_models({"original": source, "compressed": output}, feed, runs=20, warmup=3, threads=1)
-    before, after = (layer_times(found[k], aliases) for k in ("original", "compressed"))
-    for row in result.layers:
+    found = compare_models({"original": before_path, "compressed": output}, feed, runs=20, warmup=3, threads=1)
+    before, after = (layer_times(found[k], factorized.aliases) for k in ("original", "compressed"))
+    for row in factorized.result.layers:
         row.measured_ms_before, row.measured_ms_after = before.get(row.name), after.get(row.name)
-
-
-def _cached_analysis(key: str | None, layers: list, config: FactorizeConfig) -> tuple[dict, dict | None]:
-    """From an earlier run on the same model, samples and damping: (layer, form) -> error-by-rank curve,
-    and the layers' sensitivities (None if not measured)."""
-    hit = ArrayCache("spectra").get(_spectra_key(key, config)) if key is not None else None
-    if hit is None or hit.get("layers") is None or hit["layers"].tolist() != [layer.name for layer in layers]:
-        return {}, None
-    spectra = {(layers[int(i)].name, form): curve for name, curve in hit.items() if name[0].isdigit()
-               for i, form in [name.split("_", 1)]}
-    sensitivity = hit.get("sensitivity")
-    if sensitivity is not None:
-        sensitivity = {layer.name: float(v) for layer, v in zip(layers, sensitivity) if np.isfinite(v)}
-    return spectra, sensitivity
-
-
-def _spectra_key(key: str, config: FactorizeConfig) -> str:
-    return f"{key}-damping{config.damping:g}-probe{PROBE_SAMPLES}"  # sensitivities probed otherwise are not reused
-
-
-def _pack_analysis(spectra: dict, sensitivity: dict | None, layers: list) -> dict:
-    index = {layer.name: i for i, layer in enumerate(layers)}
-    arrays = {"layers": np.array(list(index))} | {f"{index[name]}_{form}": c for (name, form), c in spectra.items()}
-    if sensitivity is not None:
-        arrays["sensitivity"] = np.array([sensitivity.get(layer.name, np.nan) for layer in layers])
-    return arrays
-
-
-
-

@@ -1,13 +1,14 @@
-"""The `edgelr` command: parses arguments, calls the library, prints. Nothing else lives here."""
+"""cli/: the `edgelr` command: one file per verb (add: its arguments; run: call the library, print) and the
+argument groups they share (args). No logic lives here. May import anything; nothing imports it."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from edgelr import __version__
 from edgelr.cli import compress, demo, distill, export, inspect, profile, report
 from edgelr.errors import EdgelrError
+from edgelr.version import __version__
 
 
 def _parser() -> argparse.ArgumentParser:

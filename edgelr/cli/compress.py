@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from edgelr.cli.args import fraction, positive, removed
+from edgelr.errors import EdgelrError
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +22,12 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-refit", action="store_true", help="keep each factorized pair as fitted on the original's "
                    "inputs (default, with --calib: refit it on the inputs the compressed model feeds it)")
     p.add_argument("--calib", metavar="DATA.npz", help="one array per model input, first axis = samples")
+    p.add_argument("--recipe", metavar="RECIPE.yaml",
+                   help="the passes to run, as YAML (recipes/ has examples); instead of the budget, --prune and --quantize flags")
+    p.add_argument("--write-recipe", metavar="RECIPE.yaml", help="also write the recipe the flags stand for (a new file)")
+    p.add_argument("--target", metavar="NAME",
+                   help="a device from targets/ (rpi5, rpi4, x86-cpu, rtx, jetson-orin, gpu) or your own .toml file: "
+                        "what quantization and the latency tables aim at")
     p.add_argument("--report", metavar="REPORT.json", help="write the per-layer results as JSON")
     p.add_argument("--float-output", metavar="FLOAT.onnx", help="with --quantize: also keep the model before quantization")
     p.add_argument("--prune", type=removed, metavar="F",
@@ -31,25 +38,42 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args) -> int:
-    from edgelr.api import compress
+    from edgelr.api import compress, flag_passes
     from edgelr.passes.factorize import FactorizeConfig
+    from edgelr.recipe import Recipe, load_recipe
     from edgelr.report.tables import compression_table
 
     budget = {"params": args.params, "flops": args.flops, "latency": args.latency, "max_error": args.max_error}
-    if all(v is None for v in budget.values()) and (args.prune is not None or args.quantize):
-        budget = {"ranks": {}}  # pruning or quantization alone: every layer stays dense
-    config = FactorizeConfig(**budget, refit=not args.no_refit)
-    done = compress(args.model, args.output, config, calib=args.calib, report=args.report, progress=not args.quiet,
-                    quantize=args.quantize, prune=args.prune, float_output=args.float_output)
+    flags = [name for name, value in budget.items() if value is not None]
+    flags += [name for name in ("prune", "quantize", "float_output") if getattr(args, name) is not None]
+    flags += ["no_refit"] if args.no_refit else []
+    if args.recipe:
+        if flags:
+            raise EdgelrError(f"--recipe gives the passes: drop --{flags[0].replace('_', '-')} (or put it in the recipe)")
+        passes = load_recipe(args.recipe)
+    elif not flags:
+        raise EdgelrError("say how far to compress: --params F, --flops F, --latency F, --max-error E, --prune F, "
+                          "--quantize SCHEME, or --recipe RECIPE.yaml")
+    else:  # pruning or quantization alone keeps every layer dense
+        passes = FactorizeConfig(**{k: v for k, v in budget.items() if v is not None}) if any(budget.values()) else None
+    if args.write_recipe:
+        if args.recipe:
+            raise EdgelrError("--write-recipe writes the recipe the flags stand for: with --recipe there is nothing new to write")
+        Recipe(tuple(flag_passes(passes, args.prune, args.quantize, not args.no_refit, args.calib is not None)),
+               args.target).save(args.write_recipe)
+    done = compress(args.model, args.output, passes, calib=args.calib, report=args.report, progress=not args.quiet,
+                    quantize=args.quantize, prune=args.prune, float_output=args.float_output, refit=not args.no_refit,
+                    target=args.target)
     if done.pruned:
         p = done.pruned
         print(f"pruned {p['groups_pruned']} of {p['groups'] + p['unprunable_groups']} channel groups: "
               f"{p['params_before']:,} -> {p['params_after']:,} parameters")
-    print(compression_table(done.result))
-    if done.result.refit:
+    if done.result is not None:
+        print(compression_table(done.result))
+    if done.result is not None and done.result.refit:
         print(f"refit {len(done.result.refit)} of {len(done.result.factorized)} factorized pairs on the inputs the "
               "compressed model feeds them")
-    for warning in done.result.warnings:
+    for warning in done.result.warnings if done.result is not None else []:
         print(f"warning: {warning}", file=sys.stderr)
     if done.latency:
         for r in done.latency["rounds"]:

@@ -13,10 +13,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
-from edgelr.graph.layers import Layer
+
+class Layer(Protocol):
+    """What allocation needs of a layer (edgelr.graph.layers.Layer has it): its size per factorized form."""
+
+    name: str
+
+    def max_rank(self, form: str) -> int: ...
+
+    def dense_params(self) -> int: ...
+
+    def params(self, form: str, rank: int) -> int: ...
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from edgelr import __version__
+from edgelr.version import __version__
 
 CACHE_LIMIT_BYTES = int(os.environ.get("EDGELR_CACHE_MB", "2048")) << 20
 CACHE_FORMAT = 2  # bump when what an entry holds changes: old entries then simply miss

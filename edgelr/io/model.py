@@ -141,6 +141,12 @@ def check_output_path(out: str | os.PathLike, *inputs: str | os.PathLike) -> Pat
     return out
 
 
+def remove(path: Path) -> None:
+    """Delete a model file and its external data file, if there."""
+    path.unlink(missing_ok=True)
+    Path(str(path) + ".data").unlink(missing_ok=True)
+
+
 def save(model: ir.Model, path: str | os.PathLike) -> Path:
     """Write the model atomically: a complete file (and its external data) or nothing.
 

@@ -16,12 +16,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
+from edgelr.calibration.analysis import Analysis, analyse
 from edgelr.calibration.spectra import spectrum, whitening
 from edgelr.core import lowrank
 from edgelr.core.allocate import (
@@ -40,12 +43,14 @@ from edgelr.core.costs import LatencyBudget
 from edgelr.errors import EdgelrError
 from edgelr.graph.layers import Layer, Skipped, find_layers
 from edgelr.graph.lowrank_pair import rewrite_pair
+from edgelr.measure.profile import layer_aliases
+from edgelr.passes.base import EdgelrPass, PassConfig, PassDetails, register_pass
 
 CONV_FORMS = ("auto", "channel", "spatial")
 
 
 @dataclass(frozen=True)
-class FactorizeConfig:
+class FactorizeConfig(PassConfig):
     """What to keep and how close to stay.
 
     params / flops: keep this fraction (0 < F <= 1) of the factorizable layers' total.
@@ -58,9 +63,10 @@ class FactorizeConfig:
         (default 0.75 of params or FLOPs; 0.95 of measured latency, which is the real thing).
     sensitivity: with calibration data, weigh each layer's error by how much of it reaches the model's
         outputs, measured end to end (edgelr.calibration.sensitivity); False: all layers alike.
-    refit: with calibration data, refit the factorized pairs on the inputs the compressed model feeds
-        them (edgelr.passes.refit; compress runs it); False: keep the factors fitted on the original's inputs.
+    (A `refit` pass after this one refits the pairs on the inputs the compressed model feeds them.)
     """
+
+    kind: ClassVar[str] = "factorize"
 
     params: float | None = None
     flops: float | None = None
@@ -71,23 +77,25 @@ class FactorizeConfig:
     damping: float = 0.1
     max_cost_ratio: float | None = None
     sensitivity: bool = True
-    refit: bool = True
 
     def __post_init__(self):
-        for flag in ("params", "flops", "latency"):
-            value = getattr(self, flag)
+        for name in ("params", "flops", "latency"):
+            value = getattr(self, name)
             if value is not None and not (0 < value <= 1):
-                raise EdgelrError(f"--{flag} {value}: the fraction to keep must be in (0, 1]")
+                raise EdgelrError(f"{name} {value}: the fraction to keep must be in (0, 1]")
         if sum(f is not None for f in (self.params, self.flops, self.latency)) > 1:
-            raise EdgelrError("give one budget: --params, --flops or --latency")
+            raise EdgelrError("give one budget: params, flops or latency")
         if self.max_error is not None and not self.max_error > 0:
-            raise EdgelrError(f"--max-error {self.max_error}: must be a positive relative error, e.g. 0.05")
+            raise EdgelrError(f"max_error {self.max_error}: must be a positive relative error, e.g. 0.05")
         if self.fraction is None and self.max_error is None and self.ranks is None:
-            raise EdgelrError("say how far to compress: --params F, --flops F, --latency F or --max-error E")
+            raise EdgelrError("say how far to compress: params, flops or latency (a fraction to keep), max_error, or ranks")
         if self.conv_form not in CONV_FORMS:
-            raise EdgelrError(f"conv form '{self.conv_form}' is not one of {', '.join(CONV_FORMS)}")
+            raise EdgelrError(f"conv_form '{self.conv_form}' is not one of {', '.join(CONV_FORMS)}")
         if not (0 < self.cost_ratio <= 1) or self.damping < 0:
             raise EdgelrError("max_cost_ratio must be in (0, 1] and damping >= 0")
+
+    def needs_calibration(self) -> str | None:
+        return "latency is measured on real inputs" if self.latency is not None else None
 
     @property
     def metric(self) -> str:
@@ -187,7 +195,7 @@ def factorize(
     if config.metric in ("flops", "latency") and any(u.positions() is None for layer in layers for u in layer.uses):
         raise EdgelrError(f"--{config.metric} needs each layer's input size, and the model has dynamic dims: pass --calib DATA.npz")
     if config.metric == "latency" and latency is None:
-        raise EdgelrError("--latency needs the target's latency tables: use edgelr.api, which measures them")
+        raise EdgelrError("a latency budget needs the target's latency tables: use edgelr.compress, which measures them")
     cost = cost_function(config, latency)
 
     # One BLAS thread: these matrices are small, and OpenBLAS threads that wait on a busy machine's
@@ -196,6 +204,48 @@ def factorize(
         weights = _weights(layers, sensitivity)
         return _factorize(model, config, grams, layers, skipped, progress, cost, latency,
                           spectra if spectra is not None else {}, weights)
+
+
+@dataclass
+class Factorized:
+    """What the factorize pass leaves for the passes after it (refit) and the report."""
+
+    config: FactorizeConfig
+    before: Path  # the file of the model as factorize received it
+    layers: list[Layer]
+    result: FactorizeResult
+    analysis: Analysis
+    aliases: dict[str, str]  # profiled kernel names -> layer (for the report's per-layer timings)
+
+
+@register_pass(FactorizeConfig)
+class FactorizePass(EdgelrPass):
+    """factorize() on the pipeline's model, with the calibration analysis (Grams, spectra, sensitivity)."""
+
+    def call(self, model: ir.Model) -> PassDetails:
+        ctx, config = self.context, self.config
+        layers, skipped = find_layers(model)
+        if not layers:
+            reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:3])
+            raise EdgelrError(f"{ctx.source}: no factorizable MatMul, Gemm or Conv node with a constant weight"
+                              + (f" ({reasons})" if reasons else ""))
+        aliases = layer_aliases(layers)  # before the pass replaces the nodes
+        probe = config.sensitivity and config.ranks is None
+        analysis = analyse(ctx.path, model, layers, ctx.samples, ctx.calib, config.damping, probe, ctx.progress)
+        model, layers, result = self.allocate(model, layers, analysis)
+        analysis.keep(layers)
+        result.skipped = skipped
+        result.warnings.extend(analysis.warnings)
+        ctx.factorized = Factorized(config, ctx.path, layers, result, analysis, aliases)
+        if ctx.pristine:
+            ctx.references = analysis.references
+        return PassDetails(model, bool(result.factorized), {"factorized": len(result.factorized)})
+
+    def allocate(self, model: ir.Model, layers: list[Layer], analysis: Analysis) -> tuple[ir.Model, list[Layer], FactorizeResult]:
+        """Choose the ranks and rewrite the model; a search (edgelr.search) overrides this."""
+        result = factorize(model, self.config, analysis.grams, layers=layers, progress=self.context.progress,
+                           spectra=analysis.spectra, sensitivity=analysis.sensitivity if self.config.sensitivity else None)
+        return model, layers, result
 
 
 def cost_function(config: FactorizeConfig, latency: LatencyBudget | None) -> Cost:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
@@ -43,6 +44,7 @@ from edgelr.graph.layers import FLOAT_TYPES, name_nodes
 from edgelr.graph.lowrank_pair import add_initializer, drop_weight
 from edgelr.io.model import ort_session
 from edgelr.io.samples import Samples, model_inputs
+from edgelr.passes.base import EdgelrPass, PassConfig, PassDetails, register_pass
 
 UNARY = {
     "Relu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Selu", "Celu", "Gelu",
@@ -683,3 +685,30 @@ def _channel_rms(model: ir.Model, producers: list[_Producer], samples: Samples, 
         graph.outputs.clear()
         graph.outputs.extend(original)
     return {name: np.sqrt(s / max(count[name], 1)) for name, s in sums.items() if s is not None}
+
+
+@dataclass(frozen=True)
+class PruneConfig(PassConfig):
+    """ratio: the fraction of every prunable channel group to remove, in [0, 1); multiple: channel counts
+    kept round up to a multiple of it. With calibration samples, channels are ranked by activation too."""
+
+    kind: ClassVar[str] = "prune"
+    ratio: float = 0.25
+    multiple: int = 8
+
+    def __post_init__(self):
+        if not 0 <= self.ratio < 1:
+            raise EdgelrError(f"ratio {self.ratio}: the fraction of channels to remove must be in [0, 1), e.g. 0.25")
+        if self.multiple < 1:
+            raise EdgelrError(f"multiple {self.multiple}: channel counts round to a multiple of a positive integer, e.g. 8")
+
+
+@register_pass(PruneConfig)
+class PrunePass(EdgelrPass):
+    def call(self, model: ir.Model) -> PassDetails:
+        ctx = self.context
+        result = prune(model, self.config.ratio, ctx.samples, multiple=self.config.multiple, progress=ctx.progress)
+        ctx.pruned = {"ratio": self.config.ratio, "groups_pruned": len(result.pruned), "groups": len(result.groups),
+                      "unprunable_groups": len(result.unprunable), "params_before": result.params_before,
+                      "params_after": result.params_after, "data_aware": result.data_aware}
+        return PassDetails(model, bool(result.pruned), ctx.pruned)

@@ -40,13 +40,23 @@ import re
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
+import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from edgelr.errors import EdgelrError
 from edgelr.io.model import check_output_path, load
 from edgelr.io.samples import Samples
+from edgelr.passes.base import (
+    FunctionalEdgelrPass,
+    PassConfig,
+    PassDetails,
+    register_pass,
+)
 
 SCHEMES = ("int8", "int8-lowrank", "int8-dynamic")
 ACTIVATIONS = ("uint8", "int8", "int8-symmetric")
@@ -54,6 +64,9 @@ ACTIVATIONS = ("uint8", "int8", "int8-symmetric")
 _WEIGHTED_OPS = ["Conv", "ConvTranspose", "MatMul", "Gemm"]
 _DYNAMIC_OPS = ["MatMul", "Gemm"]  # ORT's CPU kernels have no ConvInteger for INT8 weights
 FLOAT_BRANCH = "/float_branch"  # in a node's name: keep the node in float, on float inputs
+# Schemes that rewrite the float model before static INT8: scheme -> f(model_path, tmp, samples, activations,
+# progress) writing tmp/branched.onnx and returning a per-layer table (edgelr.passes.svdquant registers int8-lowrank).
+SCHEME_REWRITES: dict[str, Callable] = {}
 # Models this large go through ONNX external data (protobuf cannot hold 2 GB in one message).
 _EXTERNAL_DATA_BYTES = 1 << 30
 
@@ -101,8 +114,9 @@ def quantize(
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".edgelr-quant-") as tmp:
         tmp = Path(tmp).resolve()
         staged = tmp / out_path.name  # same name: ORT names an external data file after its model file
-        branches = _low_rank_branches(model_path, tmp, samples, activations, progress) if scheme == "int8-lowrank" else None
-        with _quiet():
+        rewrite = SCHEME_REWRITES.get(scheme)
+        branches = rewrite(model_path, tmp, samples, activations, progress) if rewrite is not None else None
+        with quiet():
             if scheme != "int8-dynamic":
                 source = tmp / "branched.onnx" if (tmp / "branched.onnx").exists() else model_path
                 source, preprocess = _preprocess(source, tmp, external) if prepare else (source, "skipped")
@@ -134,20 +148,6 @@ def quantize(
     if branches is not None:
         done["low_rank_branches"] = [row.to_json() for row in branches]
     return done
-
-
-def _low_rank_branches(model_path: Path, tmp: Path, samples: Samples, activations: str, progress: bool) -> list:
-    """edgelr.passes.svdquant: measure each layer plain and with a float low-rank branch; write the model with
-    the branches that measured better to tmp/branched.onnx. Returns the per-layer table."""
-    from edgelr.io.model import save
-    from edgelr.passes import svdquant
-
-    model = load(model_path)
-    with _quiet():
-        rows = svdquant.plan(model, samples, activations=activations, progress=progress)
-    if svdquant.apply(model, rows):
-        save(model, tmp / "branched.onnx")
-    return rows
 
 
 def _preprocess(model_path: Path, tmp: Path, external: bool) -> tuple[Path, str]:
@@ -333,7 +333,7 @@ def _weight_bytes(path: Path) -> int:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     """ORT's quantization tools log advice, warnings and caught tracebacks; edgelr reports its own line."""
     previous = logging.root.manager.disable
     logging.disable(logging.CRITICAL)
@@ -352,3 +352,48 @@ def _first_line(exc: BaseException) -> str:
     text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
     text = re.sub(r"^Load model from \S+ failed:\s*", "", text)
     return text[:400]
+
+
+@dataclass(frozen=True)
+class QuantizeConfig(PassConfig):
+    """scheme: int8 (static, calibrated), int8-lowrank (int8 plus float low-rank branches where they
+    measure better, SVDQuant) or int8-dynamic. activations: uint8, int8 or int8-symmetric; None takes the
+    one the target's runtime runs fast (activations_for), uint8 without a target. keep_float: node names
+    to leave in float (a latency search adds the ones it chose)."""
+
+    kind: ClassVar[str] = "quantize"
+    scheme: str = "int8"
+    activations: str | None = None
+    keep_float: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.scheme not in SCHEMES:
+            raise EdgelrError(f"scheme '{self.scheme}': unknown; known schemes: {', '.join(SCHEMES)}")
+        if self.activations is not None and self.activations not in ACTIVATIONS:
+            raise EdgelrError(f"activations '{self.activations}': use one of {', '.join(ACTIVATIONS)}")
+
+    def needs_calibration(self) -> str | None:
+        if self.scheme == "int8-dynamic":
+            return None
+        return f"{self.scheme} calibrates activation ranges (int8-dynamic needs none)"
+
+    def activations_on(self, target) -> str:
+        if self.activations is not None:
+            return self.activations
+        return activations_for(target) if target is not None else "uint8"
+
+
+@register_pass(QuantizeConfig)
+class QuantizePass(FunctionalEdgelrPass):
+    """quantize() on the pipeline's model, through ONNX Runtime's tools (files in, files out); the float
+    model stays on the context (a refit after this pass reads both)."""
+
+    def call(self, model: ir.Model) -> PassDetails:
+        ctx, config = self.context, self.config
+        factorized = ctx.factorized
+        keep = list(config.keep_float) + [n for n in (factorized.result.keep_float if factorized else []) if n not in config.keep_float]
+        out = ctx.workdir / f"quantized-{len(list(ctx.workdir.iterdir()))}.onnx"
+        ctx.quantized = quantize(ctx.path, out, config.scheme, ctx.samples, activations=config.activations_on(ctx.target),
+                                 progress=ctx.progress, keep_float=keep)
+        ctx.float_model = model
+        return PassDetails(load(out), True, ctx.quantized)

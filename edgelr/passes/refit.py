@@ -13,21 +13,30 @@ exactly. d is factorize's damping: where Z = X the result is factorize's own fac
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from contextlib import closing
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
 import scipy.linalg
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
+from edgelr.calibration.analysis import SENSITIVITY_MAX_BYTES
 from edgelr.calibration.grams import input_gram, values_by_sample
 from edgelr.core import lowrank
+from edgelr.errors import EdgelrError
 from edgelr.graph.layers import Layer
 from edgelr.graph.lowrank_pair import factor_weights
+from edgelr.io.cache import ArrayCache
+from edgelr.io.model import load, model_bytes
 from edgelr.io.samples import Samples
 from edgelr.measure.verify import output_error
+from edgelr.passes.base import EdgelrPass, PassConfig, PassDetails, register_pass
 from edgelr.passes.factorize import FactorizeResult
 
 
@@ -326,3 +335,68 @@ def _set_factors(nodes: dict, layer: Layer, form: str, factors: lowrank.Factors)
             weight = nodes[f"{use.node.name}/lowrank_{part}"].inputs[1]
             dtype = weight.const_value.dtype.numpy()
             weight.const_value = ir.tensor(array.astype(dtype), name=weight.name)
+
+
+@dataclass(frozen=True)
+class RefitConfig(PassConfig):
+    """Refit the pairs a factorize pass made, on the inputs the compressed model feeds them. Placed after
+    a static INT8 quantize pass, it reads the INT8 model's inputs and refits its weights too, so it also
+    makes up for the quantization error upstream (a refit on float inputs alone made a small convnet's
+    INT8 error worse, tests/test_refit.py). The damping and error gate are the factorize pass's."""
+
+    kind: ClassVar[str] = "refit"
+
+    def needs_calibration(self) -> str | None:
+        return "the pairs are refit on the calibration samples"
+
+
+@register_pass(RefitConfig)
+class RefitPass(EdgelrPass):
+    def requires(self, model: ir.Model) -> None:
+        if self.context.factorized is None:
+            raise EdgelrError("a refit pass needs a factorize pass before it")
+        quantized = self.context.quantized
+        if quantized is not None and quantized["scheme"] != "int8":
+            raise EdgelrError(f"a refit after quantize ({quantized['scheme']}) cannot read that model's inputs: "
+                              "put the refit before the quantize pass (only static int8 is refit after it)")
+
+    def call(self, model: ir.Model) -> PassDetails:
+        ctx, done = self.context, self.context.factorized
+        result = done.result
+        if not result.factorized:
+            return PassDetails(model, False)
+        if model_bytes(model) > SENSITIVITY_MAX_BYTES:  # a run of both models per level: too slow here
+            result.warnings.append(f"factorized pairs not refit (the model is over {SENSITIVITY_MAX_BYTES >> 20} MB)")
+            return PassDetails(model, False)
+        quantized = model if ctx.float_model is not None else None
+        compressed = ctx.float_model if quantized is not None else model
+        config = done.config
+
+        def run() -> list[str]:
+            return refit(load(done.before), compressed, done.layers, result, ctx.samples, config.damping, ctx.progress,
+                         done.analysis.grams, config.max_error, quantized=quantized)
+
+        result.refit = _cached(done, "int8" if quantized is not None else None, compressed, quantized, run)
+        return PassDetails(model, bool(result.refit), {"refit": len(result.refit)})
+
+
+def _cached(done, scheme: str | None, compressed: ir.Model, quantized: ir.Model | None, run) -> list[str]:
+    """`run()` (the refit), or what it left the last time on the same model, samples and allocation:
+    the refit is most of a second run on the same model (about 70 s of YOLOv8n's 95 s on 2 cores)."""
+    key, result, config = done.analysis.key, done.result, done.config
+    if key is None:
+        return run()
+    allocation = sorted((row.name, row.form, row.rank) for row in result.layers if row.rank)
+    # the INT8 state holds scales from ONNX Runtime's quantizer: another version may calibrate differently
+    what = repr((key, allocation, result.keep_float, config.damping, config.max_error, scheme, ort.__version__))
+    name = hashlib.sha256(what.encode()).hexdigest()[:32]
+    cache = ArrayCache("refit")
+    state = cache.get(name)
+    if state is not None and "refit" in state:
+        try:
+            return apply_state(compressed, quantized, result, state)
+        except (KeyError, ValueError):  # an entry that does not fit these models: refit again
+            pass
+    names = run()
+    cache.put(name, refit_state(compressed, quantized, done.layers, result, names))
+    return names

@@ -34,9 +34,15 @@ from edgelr.core import lowrank
 from edgelr.errors import EdgelrError
 from edgelr.graph.extract import single_layer_model
 from edgelr.graph.layers import Layer, find_layers
-from edgelr.graph.lowrank_pair import add_initializer, drop_weight, pair_nodes
-from edgelr.io.model import ort_session
+from edgelr.graph.lowrank_pair import (
+    add_initializer,
+    drop_weight,
+    factor_weights,
+    pair_nodes,
+)
+from edgelr.io.model import load, ort_session, save
 from edgelr.io.samples import Samples, samples_from_arrays
+from edgelr.passes.quantize import FLOAT_BRANCH, SCHEME_REWRITES, quantize, quiet
 
 RANK = 16
 ALPHAS = (0.0, 0.5)
@@ -131,7 +137,6 @@ def apply(model: ir.Model, rows: list[LayerPlan]) -> int:
 
 def rewrite(graph: ir.Graph, layer: Layer, rank: int, alpha: float, absmax: np.ndarray) -> None:
     """Replace the layer's node by residual + float low-rank branch (+ smoothing Mul)."""
-    from edgelr.passes.quantize import FLOAT_BRANCH
 
     use = layer.uses[0]
     node = use.node
@@ -203,7 +208,6 @@ def _stored_layout(layer: Layer, matrix: np.ndarray) -> np.ndarray:
 
 
 def _branch_weights(layer: Layer, factors: lowrank.Factors) -> tuple[np.ndarray, np.ndarray]:
-    from edgelr.graph.lowrank_pair import factor_weights
 
     return factor_weights(layer, "channel" if layer.is_conv else "svd", factors)
 
@@ -214,7 +218,6 @@ def _quantized_error(layer: Layer, branch, calib: np.ndarray, judge: list[np.nda
     the branch (rank, α, absmax). Outputs are fake-quantized to UINT8 on the float output's range in
     both cases: in the model the next layer quantizes them either way. `both`: also the error of that
     output quantization alone (the float layer's)."""
-    from edgelr.passes.quantize import quantize
 
     use = layer.uses[0]
     shaped = type(use)(**{**use.__dict__, "input_shape": tuple(judge[0].shape)})  # one sample's shape
@@ -252,3 +255,17 @@ def _fake_quant(y: np.ndarray, low: float, high: float) -> np.ndarray:
     scale = (high - low) / 255 or 1.0
     zero = round(-low / scale)
     return (np.clip(np.round(y / scale) + zero, 0, 255) - zero) * scale
+
+
+def branch_model(model_path: Path, tmp: Path, samples: Samples, activations: str, progress: bool) -> list:
+    """edgelr.passes.svdquant: measure each layer plain and with a float low-rank branch; write the model with
+    the branches that measured better to tmp/branched.onnx. Returns the per-layer table."""
+    model = load(model_path)
+    with quiet():
+        rows = plan(model, samples, activations=activations, progress=progress)
+    if apply(model, rows):
+        save(model, tmp / "branched.onnx")
+    return rows
+
+
+SCHEME_REWRITES["int8-lowrank"] = branch_model

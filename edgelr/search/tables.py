@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,8 +20,13 @@ import onnxruntime as ort
 
 from edgelr.core import lowrank
 from edgelr.graph.extract import single_layer_model
-from edgelr.graph.layers import Layer, Use
+from edgelr.graph.layers import Layer, Use, find_layers
+from edgelr.graph.lowrank_pair import (
+    rewrite_pair,  # the same graph surgery as the real pass
+)
+from edgelr.io.samples import samples_from_arrays
 from edgelr.measure import runner
+from edgelr.passes.quantize import quantize
 
 POINTS_PER_FORM = 4  # ranks timed per form; the rest are interpolated
 
@@ -42,10 +48,14 @@ def _read_cache(path: Path) -> dict[str, float]:
 class LatencyTable:
     """Seconds per layer configuration on one target, measured once and cached on disk."""
 
-    def __init__(self, threads: int = 1, cache: Path | None = None, quantize: str | None = None):
+    def __init__(self, threads: int = 1, cache: Path | None = None, quantize: str | None = None,
+                 activations: str = "uint8"):
         self.threads = threads
         self.quantize = quantize  # time the layers as this quantization scheme runs them (edgelr.passes.quantize)
-        self.target = f"ort-{ort.__version__}-cpu-t{threads}" + (f"-{quantize}" if quantize else "")
+        self.activations = activations  # ... with this activation type (the target's: activations_for)
+        # one table per runtime, threads and kernel flavour: what the timings depend on
+        self.target = (f"ort-{ort.__version__}-cpu-t{threads}" + (f"-{quantize}" if quantize else "")
+                       + (f"-{activations}" if quantize and activations != "uint8" else ""))
         self.path = (cache or cache_dir()) / f"{self.target}.json"
         self.entries: dict[str, float] = _read_cache(self.path)
         self.measured = 0  # configurations timed by this table (0 when everything came from the cache)
@@ -69,7 +79,7 @@ class LatencyTable:
     def _time(self, layer: Layer, use: Use, form: str | None, rank: int) -> float:
         key = _signature(layer, use, form, rank)
         if key not in self.entries:
-            self.entries[key] = _measure(layer, use, form, rank, self.threads, self.quantize)
+            self.entries[key] = _measure(layer, use, form, rank, self.threads, self.quantize, self.activations)
             self.measured += 1
         return self.entries[key]
 
@@ -92,14 +102,10 @@ def _signature(layer: Layer, use: Use, form: str | None, rank: int) -> str:
     return f"{node.op_type}|{use.input_shape}|{weight}|{dtype}|{attrs}|bias={bias}|{form or 'dense'}|{rank}"
 
 
-def _measure(layer: Layer, use: Use, form: str | None, rank: int, threads: int, quantize: str | None = None) -> float:
+def _measure(layer: Layer, use: Use, form: str | None, rank: int, threads: int, quantize: str | None = None,
+             activations: str = "uint8") -> float:
     """Median seconds of one run of the layer alone (dense or as a factorized pair) in ORT; with
     `quantize`, as the quantized model runs it (Q/DQ around it and between the pair, integer kernels)."""
-    from edgelr.graph.layers import find_layers
-    from edgelr.graph.lowrank_pair import (
-        rewrite_pair,  # the same graph surgery as the real pass
-    )
-
     rng = np.random.default_rng(0)
     model = single_layer_model(layer, use, rng)
     if form is not None:
@@ -110,7 +116,7 @@ def _measure(layer: Layer, use: Use, form: str | None, rank: int, threads: int, 
         rewrite_pair(model.graph, tiny, form, factors)
     x = model.graph.inputs[0]
     feed = {x.name: rng.normal(size=use.input_shape).astype(x.dtype.numpy())}
-    serialized = ir.to_proto(model).SerializeToString() if not quantize else _quantized(model, quantize, feed, rng)
+    serialized = ir.to_proto(model).SerializeToString() if not quantize else _quantized(model, quantize, activations, feed, rng)
     session = runner.session(serialized, threads)
     session.run(None, feed)
     start = time.perf_counter()
@@ -125,18 +131,14 @@ def _measure(layer: Layer, use: Use, form: str | None, rank: int, threads: int, 
     return float(np.median(times))
 
 
-def _quantized(model: ir.Model, scheme: str, feed: dict, rng: np.random.Generator) -> bytes:
+def _quantized(model: ir.Model, scheme: str, activations: str, feed: dict, rng: np.random.Generator) -> bytes:
     """The tiny model quantized as edgelr.passes.quantize does the whole one (its calibration: random inputs)."""
-    import tempfile
-
-    from edgelr.io.samples import samples_from_arrays
-    from edgelr.passes.quantize import quantize
-
     name, x = next(iter(feed.items()))
     samples = samples_from_arrays({name: np.concatenate([x, rng.normal(size=x.shape).astype(x.dtype)])}, model)
     with tempfile.TemporaryDirectory(prefix="edgelr-layer-") as tmp:
         ir.save(model, Path(tmp) / "layer.onnx")
-        quantize(Path(tmp) / "layer.onnx", Path(tmp) / "layer.q.onnx", scheme, samples, progress=False, prepare=False)
+        quantize(Path(tmp) / "layer.onnx", Path(tmp) / "layer.q.onnx", scheme, samples, activations=activations,
+                 progress=False, prepare=False)
         return (Path(tmp) / "layer.q.onnx").read_bytes()
 
 

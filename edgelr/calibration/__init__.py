@@ -1,0 +1,3 @@
+"""calibration/: what passes learn from sample inputs before they change anything: streaming input Grams
+and the model's own outputs (grams), whitened spectra (spectra), measured layer sensitivity (sensitivity),
+all cached per model and samples (analysis). May import core, graph and io."""

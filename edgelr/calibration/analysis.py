@@ -1,0 +1,89 @@
+"""What factorization reads before it chooses: each layer's input Gram, its whitened error-by-rank
+curves and its measured sensitivity, computed once per model and samples and cached.
+
+Calibration statistics (the Grams, the model's own outputs) are cached by the content of the model
+and the samples (edgelr.calibration.grams); the spectra and sensitivities, which also depend on the
+damping, beside them (`~/.cache/edgelr/spectra`), so another budget on the same model skips to the search.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from edgelr.calibration.grams import cached_grams
+from edgelr.calibration.sensitivity import PROBE_SAMPLES, layer_sensitivity
+from edgelr.graph.layers import Layer
+from edgelr.io import model as model_io
+from edgelr.io.cache import ArrayCache, content_key
+from edgelr.io.samples import Samples
+
+SENSITIVITY_MAX_BYTES = 256 << 20  # larger models: no measured layer sensitivities, no refit
+
+
+@dataclass
+class Analysis:
+    key: str | None  # the content of the model and the samples (None without samples: nothing is cached)
+    grams: dict | None  # layer name -> input Gram
+    references: list | None  # the model's outputs on the samples
+    spectra: dict  # (layer, form) -> error-by-rank curve; factorize fills in what it computes
+    sensitivity: dict | None  # layer name -> whole-model error^2 per unit of its own
+    damping: float
+    warnings: list[str] = field(default_factory=list)
+    _known: tuple = ()
+
+    def keep(self, layers: list[Layer]) -> None:
+        """Cache what was computed since `analyse` (the spectra factorize filled in, a new sensitivity)."""
+        if self.key is not None and (len(self.spectra), self.sensitivity is not None) != self._known:
+            ArrayCache("spectra").put(_spectra_key(self.key, self.damping), _pack_analysis(self.spectra, self.sensitivity, layers))
+
+
+def analyse(path: Path, model: ir.Model, layers: list[Layer], samples: Samples | None, calib: Path | None,
+            damping: float, sensitivity: bool = True, progress: bool = True) -> Analysis:
+    """The model at PATH (loaded as MODEL) and its layers on the samples; sensitivities are probed only
+    when `sensitivity` is asked for and not cached."""
+    key = content_key(path, model, Path(calib)) if samples is not None else None
+    grams, references = cached_grams(model, layers, samples, key, progress) if samples is not None else (None, None)
+    spectra, measured = _cached_analysis(key, layers, damping)
+    done = Analysis(key, grams, references, spectra, measured, damping, _known=(len(spectra), measured is not None))
+    if samples is not None and sensitivity and measured is None:
+        if model_io.model_bytes(model) <= SENSITIVITY_MAX_BYTES:
+            try:
+                done.sensitivity = layer_sensitivity(path, layers, grams, spectra, damping, samples, progress)
+            except Exception as exc:  # noqa: BLE001  (a refinement: a model ORT cannot probe is still compressed)
+                done.warnings.append(f"layer sensitivity not measured ({model_io.first_line(exc)}): "
+                                     "layers' errors are weighed alike")
+        else:  # probing copies every layer's weight into a second model: too much memory and time here
+            done.warnings.append(f"layer sensitivity not measured (the model is over {SENSITIVITY_MAX_BYTES >> 20} MB): "
+                                 "layers' errors are weighed alike")
+    return done
+
+
+def _cached_analysis(key: str | None, layers: list, damping: float) -> tuple[dict, dict | None]:
+    """From an earlier run on the same model, samples and damping: (layer, form) -> error-by-rank curve,
+    and the layers' sensitivities (None if not measured)."""
+    hit = ArrayCache("spectra").get(_spectra_key(key, damping)) if key is not None else None
+    if hit is None or hit.get("layers") is None or hit["layers"].tolist() != [layer.name for layer in layers]:
+        return {}, None
+    spectra = {(layers[int(i)].name, form): curve for name, curve in hit.items() if name[0].isdigit()
+               for i, form in [name.split("_", 1)]}
+    sensitivity = hit.get("sensitivity")
+    if sensitivity is not None:
+        sensitivity = {layer.name: float(v) for layer, v in zip(layers, sensitivity) if np.isfinite(v)}
+    return spectra, sensitivity
+
+
+def _spectra_key(key: str, damping: float) -> str:
+    return f"{key}-damping{damping:g}-probe{PROBE_SAMPLES}"  # sensitivities probed otherwise are not reused
+
+
+def _pack_analysis(spectra: dict, sensitivity: dict | None, layers: list) -> dict:
+    index = {layer.name: i for i, layer in enumerate(layers)}
+    arrays = {"layers": np.array(list(index))} | {f"{index[name]}_{form}": c for (name, form), c in spectra.items()}
+    if sensitivity is not None:
+        arrays["sensitivity"] = np.array([sensitivity.get(layer.name, np.nan) for layer in layers])
+    return arrays
+
