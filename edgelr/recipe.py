@@ -107,6 +107,8 @@ class Recipe:
         for i, config in enumerate(self.passes):
             reason = config.needs_calibration()
             if reason and not calibrated:
+                if self.path is None and i < len(self.flags) and self.flags[i]:
+                    raise EdgelrError(f"{self.flags[i]} needs --calib DATA.npz: {reason}")
                 raise EdgelrError(f"{self.where(i)}: {config.kind} needs calibration data ({reason}): "
                                   "pass --calib DATA.npz")
             if config.kind == "refit" and not factorized:

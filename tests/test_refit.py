@@ -47,7 +47,7 @@ def test_refit_lowers_the_whole_model_error(tmp_path, build, form):
     errors, ranks = {}, {}
     for on in (False, True):
         out = tmp_path / f"refit{on}.onnx"
-        done = compress(source, out, FactorizeConfig(params=0.5, refit=on, conv_form=form), calib=tmp_path / "calib.npz",
+        done = compress(source, out, FactorizeConfig(params=0.5, conv_form=form), refit=on, calib=tmp_path / "calib.npz",
                         progress=False)
         errors[on] = done.output_error["all"]
         ranks[on] = [(r.name, r.form, r.rank) for r in done.result.layers]
@@ -114,7 +114,7 @@ def test_refit_after_int8_reads_the_quantized_model(tmp_path, build, form, helps
     errors = {}
     for on in (False, True):
         out = tmp_path / f"q{on}.onnx"
-        done = compress(source, out, FactorizeConfig(params=0.5, refit=on, conv_form=form), calib=tmp_path / "calib.npz",
+        done = compress(source, out, FactorizeConfig(params=0.5, conv_form=form), refit=on, calib=tmp_path / "calib.npz",
                         quantize="int8", float_output=tmp_path / f"f{on}.onnx", progress=False)
         errors[on] = done.output_error["all"]
         model = onnx.load(out)
@@ -135,7 +135,7 @@ def test_an_undone_int8_refit_restores_weights_scales_and_int32_biases(tmp_path)
     built = graphs.convnet(rng)
     onnx.save(built.proto, tmp_path / "model.onnx")
     np.savez(tmp_path / "calib.npz", **built.inputs(rng, count=24))
-    done = compress(tmp_path / "model.onnx", tmp_path / "q.onnx", FactorizeConfig(params=0.5, refit=False, conv_form="channel"),
+    done = compress(tmp_path / "model.onnx", tmp_path / "q.onnx", FactorizeConfig(params=0.5, conv_form="channel"), refit=False,
                     calib=tmp_path / "calib.npz", quantize="int8", float_output=tmp_path / "f.onnx", progress=False)
     quantized, compressed = load(tmp_path / "q.onnx"), load(tmp_path / "f.onnx")
     rows = {row.name: row for row in done.result.layers}
@@ -171,7 +171,7 @@ def test_a_second_run_reuses_the_refit(tmp_path, monkeypatch, build, form, schem
         if i:
             def fail(*args, **kwargs):
                 raise AssertionError("refit ran again")
-            monkeypatch.setattr(sys.modules["edgelr.search.latency"], "refit", fail)
+            monkeypatch.setattr(sys.modules["edgelr.passes.refit"], "refit", fail)
         out = tmp_path / f"o{i}.onnx"
         done = compress(tmp_path / "model.onnx", out, FactorizeConfig(params=0.5, conv_form=form), calib=tmp_path / "calib.npz",
                         quantize=scheme, progress=False)

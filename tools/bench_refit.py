@@ -57,7 +57,7 @@ def main() -> None:
             name = "refit" if on else "fitted_on_original_inputs"
             for kind in ("float", "int8"):
                 path = tmp / f"{name}.{kind}.onnx"
-                done = compress(source, path, FactorizeConfig(**chosen, refit=on), calib=tmp / "calib.npz",
+                done = compress(source, path, FactorizeConfig(**chosen), refit=on, calib=tmp / "calib.npz",
                                 quantize=None if kind == "float" else kind, progress=False)
                 ranks[name, kind] = [(r.name, r.form, r.rank) for r in done.result.layers]
                 refit[f"{name}, {kind}"] = len(done.result.refit)

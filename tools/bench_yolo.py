@@ -65,16 +65,16 @@ def main() -> None:
         np.savez(tmp / "heldout.npz", images=samples(HELD_OUT, 320, args.crops, seed=1))
         os.environ["EDGELR_CACHE"] = str(tmp / "cache")  # a cold latency cache, for first vs second run
         budget = {"flops": args.flops} if args.flops else {"latency": args.latency} if args.latency else {"params": args.params}
-        config = FactorizeConfig(**budget, damping=args.damping, sensitivity=not args.no_sensitivity, refit=not args.no_refit)
+        config = FactorizeConfig(**budget, damping=args.damping, sensitivity=not args.no_sensitivity)
         whitened = compress(source, tmp / "whitened.onnx", config, calib=tmp / "calib.npz", progress=False,
-                            quantize=args.quantize)
+                            quantize=args.quantize, refit=not args.no_refit)
         models = {"original": source, "whitened": tmp / "whitened.onnx"}
         if args.quantize:  # the bar: ONNX Runtime's own quantization of the original, same scheme and photos
             quantize(source, tmp / "quantized_only.onnx", args.quantize, load_samples(tmp / "calib.npz", load(source)),
                      progress=False)
             models["quantized_only"] = tmp / "quantized_only.onnx"
         again = compress(source, tmp / "again.onnx", config, calib=tmp / "calib.npz", progress=False,
-                         quantize=args.quantize) if args.latency else None
+                         quantize=args.quantize, refit=not args.no_refit) if args.latency else None
         if not args.flops and not args.latency and not args.quantize:  # plain SVD knows no layer sizes for this dynamic-size model: no FLOPs budget
             compress(source, tmp / "plain.onnx", config, progress=False)
             models["plain"] = tmp / "plain.onnx"

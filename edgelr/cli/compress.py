@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from edgelr.cli.args import fraction, positive, removed
 from edgelr.errors import EdgelrError
@@ -59,11 +60,15 @@ def run(args) -> int:
     if args.write_recipe:
         if args.recipe:
             raise EdgelrError("--write-recipe writes the recipe the flags stand for: with --recipe there is nothing new to write")
-        Recipe(tuple(flag_passes(passes, args.prune, args.quantize, not args.no_refit, args.calib is not None)),
-               args.target).save(args.write_recipe)
+        recipe = Recipe(tuple(flag_passes(passes, args.prune, args.quantize, not args.no_refit, args.calib is not None)),
+                        args.target)
+        if Path(args.write_recipe).exists():
+            raise EdgelrError(f"{args.write_recipe}: exists; edgelr does not overwrite files, pick another name")
     done = compress(args.model, args.output, passes, calib=args.calib, report=args.report, progress=not args.quiet,
                     quantize=args.quantize, prune=args.prune, float_output=args.float_output, refit=not args.no_refit,
                     target=args.target)
+    if args.write_recipe:
+        recipe.save(args.write_recipe)
     if done.pruned:
         p = done.pruned
         print(f"pruned {p['groups_pruned']} of {p['groups'] + p['unprunable_groups']} channel groups: "

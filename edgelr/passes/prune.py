@@ -693,7 +693,7 @@ class PruneConfig(PassConfig):
     kept round up to a multiple of it. With calibration samples, channels are ranked by activation too."""
 
     kind: ClassVar[str] = "prune"
-    ratio: float = 0.25
+    ratio: float
     multiple: int = 8
 
     def __post_init__(self):
