@@ -142,3 +142,18 @@ def test_write_recipe_never_overwrites(demo):
     run = edgelr("compress", demo / "m.onnx", "-o", demo / "o.onnx", "--params", "0.5", "--write-recipe", demo / "r.yaml")
     assert run.returncode == 1 and "exists" in run.stderr
     assert (demo / "r.yaml").read_text() == "mine\n" and not (demo / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("target,activations", [("rpi5", "int8"), ("x86-cpu", "uint8"), (None, "uint8")])
+def test_the_target_sets_the_activation_type(demo, target, activations):
+    """--target picks what the device's runtime runs fast (the same function TensorRT export asks)."""
+    done = compress(demo / "m.onnx", demo / "q.onnx", FactorizeConfig(params=0.5), calib=demo / "calib.npz",
+                    quantize="int8", target=target, progress=False)
+    assert done.quantized["activations"] == activations and done.target == target
+    recipe = Recipe((FactorizeConfig(params=0.5), QuantizeConfig("int8")), target)
+    assert Recipe.from_yaml(recipe.to_yaml()).target == target
+
+
+def test_an_unknown_target_is_refused_before_any_work(demo):
+    run = edgelr("compress", demo / "m.onnx", "-o", demo / "o.onnx", "--params", "0.5", "--target", "pi9")
+    assert run.returncode == 1 and "unknown target 'pi9'" in run.stderr and not (demo / "o.onnx").exists()

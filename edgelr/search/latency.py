@@ -5,6 +5,7 @@ which layers stay in float). It runs a factorize config with a latency budget (F
 from __future__ import annotations
 
 import math
+import platform
 import tempfile
 from pathlib import Path
 
@@ -37,6 +38,8 @@ FLOAT_CANDIDATES = 6  # with a static int8 quantize pass after it: layers measur
 
 @register_pass(FactorizeConfig, when=lambda config: config.latency is not None)
 class LatencySearchPass(FactorizePass):
+    warnings: list[str]
+
     def allocate(self, model: ir.Model, layers: list[Layer], analysis: Analysis) -> tuple[ir.Model, list[Layer], FactorizeResult]:
         """Search against measured latency: factorize, measure the whole model, correct, again.
 
@@ -54,11 +57,14 @@ class LatencySearchPass(FactorizePass):
         the floor is the median of every such measurement, and the budget holds beside it, for what will run.
         """
         ctx, config = self.context, self.config
+        self.warnings = []
         source, samples, progress, key = ctx.path, ctx.samples, ctx.progress, analysis.key
         quantizing = ctx.following(QuantizeConfig)
         quantize = quantizing.scheme if quantizing else None
         activations = quantizing.activations_on(ctx.target) if quantizing else "uint8"
-        threads = getattr(ctx.target, "threads", 1) or 1
+        threads, elsewhere = _threads(ctx.target)
+        if elsewhere:
+            self.warnings.append(elsewhere)
         table = LatencyTable(threads=threads, quantize=quantize, activations=activations)
         feed = samples.feed(0)
         target = config.latency
@@ -131,10 +137,22 @@ class LatencySearchPass(FactorizePass):
         t_original = measured["original"]
         front = [{"predicted_ratio": 1 - (result.dense_cost - cost) / t_original, "predicted_error": math.sqrt(e2)}
                  for cost, e2 in result.front]
+        result.warnings.extend(self.warnings)
         ctx.latency = {"target": table.target, "front": front, "quantized_only_ratio": floor if quantize else None,
                        "table": str(table.path), "layer_timings": table.measured, "rounds": rounds,
                        "kept_round": best + 1, "within_budget": within}
         return model, layers, result
+
+
+def _threads(target) -> tuple[int, str | None]:
+    """The thread count to time with, and a warning when the tables cannot be the target's own: ONNX Runtime
+    CPU is timed here, so a target of another architecture or runtime gets this machine's timings (1 thread)."""
+    if target is None:
+        return 1, None
+    if target.is_tensorrt or target.arch != platform.machine():
+        return 1, (f"latency timed on this machine ({platform.machine()}, ONNX Runtime CPU, 1 thread), not on "
+                   f"{target.name} ({target.arch}, {target.backend}): its ranks suit this machine's kernels")
+    return target.threads, None
 
 
 def _float_layers(source: Path, model, layers: list, samples, key: str, sensitivity: dict | None,
