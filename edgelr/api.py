@@ -113,14 +113,15 @@ def compress(
     model = model_io.load(source)
     samples = load_samples(calib, model) if calib is not None else None
     with tempfile.TemporaryDirectory(prefix=".edgelr-", dir=output.parent) as tmp:
-        ctx = Context(source, samples, Path(calib) if calib is not None else None, Path(tmp), resolved, progress, path=source)
+        tmp = Path(tmp).resolve()
+        ctx = Context(source, samples, Path(calib) if calib is not None else None, tmp, resolved, progress, path=source)
         for i, config in enumerate(recipe.passes):
             ctx.later = tuple(recipe.passes[i + 1:])
             done = make_pass(config, ctx)(model)
             model = done.model
             ctx.pristine = ctx.pristine and not done.modified
             if ctx.later:  # passes that work on files (timing, quantization, probes) read the model from here
-                ctx.path = Path(tmp) / f"{i}-{config.kind}.onnx"
+                ctx.path = tmp / f"{i}-{config.kind}.onnx"
                 model_io.save(model, ctx.path)
         model_io.save(model, output)
         if float_output is not None:

@@ -158,13 +158,14 @@ def _preprocess(model_path: Path, tmp: Path, external: bool) -> tuple[Path, str]
     """
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    out = tmp / "preprocessed.onnx"
+    out = (tmp / "preprocessed.onnx").resolve()
+    model_file = str(model_path.resolve())  # before the chdir below: a relative path would resolve inside tmp
     opts = {"save_as_external_data": external, "external_data_location": "preprocessed.onnx.data"} if external else {}
     for skip_symbolic, note in ((False, "full"), (True, "without symbolic shape inference")):
         try:
             # in tmp: when symbolic shape inference fails it dumps the model into the working directory
             with contextlib.chdir(tmp):
-                quant_pre_process(str(model_path.resolve()), str(out), skip_symbolic_shape=skip_symbolic, **opts)
+                quant_pre_process(model_file, str(out), skip_symbolic_shape=skip_symbolic, **opts)
             return out, note
         except Exception:  # noqa: BLE001 - ORT raises bare Exception here; the fallback below is safe
             out.unlink(missing_ok=True)
