@@ -154,7 +154,7 @@ def test_decode_rejects_other_shapes():
 def yolo():
     nudenet = pytest.importorskip("nudenet")
     pytest.importorskip("skimage")
-    from tools.photos import HELD_OUT, samples
+    from models.data import HELD_OUT, samples
 
     path = Path(nudenet.__file__).parent / "320n.onnx"
     return path, samples_from_arrays({"images": samples(HELD_OUT, 320, crops=1, seed=1)}, load(path))

@@ -35,7 +35,7 @@ def yolo() -> Path:
 def photos(yolo, tmp_path_factory) -> tuple[Samples, Samples]:
     """(calibration, held-out): different photos, 320x320, as load_samples reads them from .npz."""
     pytest.importorskip("skimage")
-    from tools.photos import CALIBRATION, HELD_OUT, samples
+    from models.data import CALIBRATION, HELD_OUT, samples
 
     folder = tmp_path_factory.mktemp("photos")
     np.savez(folder / "calib.npz", images=samples(CALIBRATION[:10], 320, crops=0, seed=0))

@@ -64,8 +64,7 @@ def test_weighted_allocation_predicts_and_lowers_the_whole_model_error(tmp_path)
     from edgelr.io.model import load
     from edgelr.io.samples import load_samples
     from edgelr.measure.verify import output_error
-    from tools.bench_yolo import yolo_path
-    from tools.photos import CALIBRATION, HELD_OUT, samples
+    from models.data import CALIBRATION, HELD_OUT, samples, yolo_path
 
     np.savez(tmp_path / "calib.npz", images=samples(CALIBRATION[:6], 320, 2, seed=0))
     np.savez(tmp_path / "held.npz", images=samples(HELD_OUT, 320, 1, seed=1))

@@ -27,9 +27,12 @@ from edgelr import (
     compress,
 )
 from edgelr.deploy.export import export  # noqa: E402
+from models.data import (  # noqa: E402
+    CALIBRATION,
+    samples,
+    yolo_path,  # noqa: E402
+)
 from tools.aarch64_env import ensure_env, run_bundle  # noqa: E402
-from tools.bench_yolo import yolo_path  # noqa: E402
-from tools.photos import CALIBRATION, samples  # noqa: E402
 
 
 def main() -> None:

@@ -24,8 +24,12 @@ from edgelr.io.samples import load_samples  # noqa: E402
 from edgelr.measure.latency import interleaved_latency  # noqa: E402
 from edgelr.measure.verify import output_error  # noqa: E402
 from edgelr.passes.quantize import quantize  # noqa: E402
-from tools.bench_yolo import yolo_path  # noqa: E402
-from tools.photos import CALIBRATION, HELD_OUT, samples  # noqa: E402
+from models.data import (  # noqa: E402
+    CALIBRATION,
+    HELD_OUT,
+    samples,
+    yolo_path,  # noqa: E402
+)
 
 HEAD = ["/model.22/cv3.0/cv3.0.2/Conv", "/model.22/cv3.1/cv3.1.2/Conv", "/model.22/cv2.2/cv2.2.2/Conv",
         "/model.22/cv3.2/cv3.2.2/Conv"]

@@ -25,8 +25,12 @@ from edgelr import (
 )
 from edgelr.measure.latency import interleaved_latency  # noqa: E402
 from edgelr.measure.profile import compare_models  # noqa: E402
-from tools.bench_yolo import yolo_path  # noqa: E402
-from tools.photos import CALIBRATION, HELD_OUT, samples  # noqa: E402
+from models.data import (  # noqa: E402
+    CALIBRATION,
+    HELD_OUT,
+    samples,
+    yolo_path,  # noqa: E402
+)
 
 
 def main() -> None:

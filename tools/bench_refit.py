@@ -33,8 +33,13 @@ from edgelr.io.samples import load_samples, samples_from_arrays  # noqa: E402
 from edgelr.measure.detection import detection_agreement  # noqa: E402
 from edgelr.measure.latency import interleaved_latency  # noqa: E402
 from edgelr.measure.verify import output_error  # noqa: E402
-from tools.bench_yolo import yolo_path  # noqa: E402
-from tools.photos import CALIBRATION, HELD_OUT, detection_heldout, samples  # noqa: E402
+from models.data import (  # noqa: E402
+    CALIBRATION,
+    HELD_OUT,
+    detection_heldout,
+    samples,
+    yolo_path,  # noqa: E402
+)
 
 
 def main() -> None:

@@ -26,8 +26,13 @@ from edgelr.io.samples import samples_from_arrays  # noqa: E402
 from edgelr.measure.latency import interleaved_latency  # noqa: E402
 from edgelr.measure.verify import output_error  # noqa: E402
 from edgelr.passes.quantize import quantize  # noqa: E402
-from tools.bench_yolo import _channel_errors, yolo_path  # noqa: E402
-from tools.photos import CALIBRATION, HELD_OUT, samples  # noqa: E402
+from models.data import (  # noqa: E402
+    CALIBRATION,
+    HELD_OUT,
+    samples,
+    yolo_path,  # noqa: E402
+)
+from tools.bench_yolo import _channel_errors  # noqa: E402
 
 
 def main() -> None:

@@ -33,13 +33,7 @@ from edgelr.measure.detection import detection_agreement  # noqa: E402
 from edgelr.measure.latency import interleaved_latency  # noqa: E402
 from edgelr.measure.verify import output_error  # noqa: E402
 from edgelr.passes.quantize import quantize  # noqa: E402
-from tools.photos import CALIBRATION, HELD_OUT, detection_heldout, samples  # noqa: E402
-
-
-def yolo_path() -> Path:
-    import nudenet
-
-    return Path(nudenet.__file__).parent / "320n.onnx"
+from models.data import CALIBRATION, HELD_OUT, detection_heldout, samples, yolo_path  # noqa: E402
 
 
 def main() -> None:

@@ -1,95 +1,29 @@
-"""Real photographs (scikit-image ships them) as detector inputs, split into calibration and held-out.
+"""Real photographs (scikit-image ships them) as detector inputs, as .npz files: calibration and held-out.
 
     python tools/photos.py --size 320 --out calib.npz --heldout heldout.npz --input images
 
-No photo is in both sets; each gives its letterboxed full view plus random crops (seeded).
+The photos and how they are cut are in models/data.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import numpy as np
 
-CALIBRATION = ["coffee", "rocket", "chelsea", "camera", "coins", "clock", "moon", "brick", "gravel", "page", "cell"]
-HELD_OUT = ["astronaut", "hubble_deep_field", "immunohistochemistry", "retina", "text", "grass", "colorwheel"]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def photo(name: str) -> np.ndarray:
-    """An RGB uint8 photo from skimage.data (grey ones are stacked to three channels)."""
-    import skimage.data
-
-    image = np.asarray(getattr(skimage.data, name)())
-    if image.dtype == bool:
-        image = image.astype(np.uint8) * 255
-    if image.ndim == 2:
-        image = np.stack([image] * 3, axis=-1)
-    return image[..., :3]
-
-
-def letterbox(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize keeping the aspect ratio, pad to size x size with grey 114 (YOLO's convention); CHW float 0..1."""
-    from PIL import Image
-
-    h, w = image.shape[:2]
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
-    canvas = np.full((size, size, 3), 114, dtype=np.uint8)
-    top, left = (size - nh) // 2, (size - nw) // 2
-    canvas[top : top + nh, left : left + nw] = resized
-    return canvas.transpose(2, 0, 1).astype(np.float32) / 255.0
-
-
-def samples(names: list[str], size: int, crops: int = 3, seed: int = 0) -> np.ndarray:
-    """(S, 3, size, size) float32: each photo whole, then `crops` random crops, some mirrored."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for name in names:
-        image = photo(name)
-        out.append(letterbox(image, size))
-        h, w = image.shape[:2]
-        for _ in range(crops):
-            frac = rng.uniform(0.5, 0.85)
-            ch, cw = int(h * frac), int(w * frac)
-            y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-            crop = image[y : y + ch, x : x + cw]
-            if rng.random() < 0.5:
-                crop = crop[:, ::-1]
-            out.append(letterbox(np.ascontiguousarray(crop), size))
-    return np.stack(out)
-
-
-def face_mosaics(faces: slice, grid: int, size: int) -> np.ndarray:
-    """(S, 3, size, size) float32: grid x grid tiles of scikit-image's LFW faces (real 25x25 face photos,
-    grey), upscaled; a detector trained on people finds a face in most tiles."""
-    return lfw_mosaics(slice(*faces.indices(100)), grid, size)  # the first 100 of lfw_subset are faces
-
-
-def lfw_mosaics(images: slice, grid: int, size: int) -> np.ndarray:
-    """(S, 3, size, size) float32: grid x grid tiles of any of scikit-image's 200 LFW images (0..99 faces,
-    100..199 other 25x25 crops of the same photos), upscaled; as face_mosaics, over the whole set."""
-    import skimage.data
-    from PIL import Image
-
-    chosen = skimage.data.lfw_subset()[images]
-    cell = size // grid
-    out = []
-    for start in range(0, len(chosen) - grid * grid + 1, grid * grid):
-        canvas = np.full((size, size), 114, np.uint8)
-        for k, tile in enumerate(chosen[start : start + grid * grid]):
-            tile = Image.fromarray((tile * 255).astype(np.uint8)).resize((cell, cell), Image.BILINEAR)
-            row, col = divmod(k, grid)
-            canvas[row * cell : (row + 1) * cell, col * cell : (col + 1) * cell] = np.asarray(tile)
-        out.append(np.stack([canvas] * 3).astype(np.float32) / 255.0)
-    return np.stack(out)
-
-
-def detection_heldout(size: int = 320) -> np.ndarray:
-    """Held-out images for detection agreement: the held-out photos (3 crops each) and mosaics of faces
-    50..99 (faces 0..49 may be used for training)."""
-    return np.concatenate([samples(HELD_OUT, size, 3, seed=1), face_mosaics(slice(50, 100), 3, size),
-                           face_mosaics(slice(50, 100), 4, size)])
+from models.data import (  # noqa: E402, F401
+    CALIBRATION,
+    HELD_OUT,
+    detection_heldout,
+    face_mosaics,
+    lfw_mosaics,
+    photo,
+    samples,
+)
 
 
 def main() -> None:
@@ -100,9 +34,14 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="calibration .npz")
     parser.add_argument("--heldout", help="held-out .npz")
     args = parser.parse_args()
-    np.savez(args.out, **{args.input: samples(CALIBRATION, args.size, args.crops, seed=0)})
-    if args.heldout:
-        np.savez(args.heldout, **{args.input: samples(HELD_OUT, args.size, args.crops, seed=1)})
+    for path, names, seed in ((args.out, CALIBRATION, 0), (args.heldout, HELD_OUT, 1)):
+        if path is None:
+            continue
+        if Path(path).exists():
+            sys.exit(f"{path}: exists; pick another name (nothing is overwritten)")
+        arrays = samples(names, args.size, args.crops, seed=seed)
+        np.savez(path, **{args.input: arrays})
+        print(f"wrote {path}: {len(arrays)} samples of {len(names)} photos, '{args.input}' {list(arrays.shape)}")
 
 
 if __name__ == "__main__":
