@@ -7,7 +7,7 @@ A config is a small frozen dataclass with a `kind` (its name in a recipe) and a 
 serialises to {"_type": kind, "_version": version, field: value, ...} with only the fields that differ
 from their defaults, and `config_from_dict` reads that back, naming any unknown field or wrong type.
 Passes are onnx-ir passes (`ir.passes.InPlacePass`): `pass_(model)` checks `requires`, runs `call`,
-and returns a PassResult; ours carry a `details` dict (what changed, for the report). What passes leave
+and returns a PassResult; ours carry the pass's own typed result beside it. What passes leave
 for the ones after them (the calibration samples, the factorization, the float model before
 quantization) lives on the Context, which the pipeline (edgelr.api) owns.
 """
@@ -50,9 +50,10 @@ class PassConfig:
 
 @dataclass
 class PassDetails(ir.passes.PassResult):
-    """onnx-ir's PassResult plus what the pass did, as JSON-ready values."""
+    """onnx-ir's PassResult plus the pass's own typed result (FactorizeResult, PruneResult, the quantizer's
+    summary, the names refit)."""
 
-    details: dict = field(default_factory=dict)
+    result: Any = None
 
 
 @dataclass

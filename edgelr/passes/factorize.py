@@ -239,7 +239,7 @@ class FactorizePass(EdgelrPass):
         ctx.factorized = Factorized(config, ctx.path, layers, result, analysis, aliases)
         if ctx.pristine:
             ctx.references = analysis.references
-        return PassDetails(model, bool(result.factorized), {"factorized": len(result.factorized)})
+        return PassDetails(model, bool(result.factorized), result)
 
     def allocate(self, model: ir.Model, layers: list[Layer], analysis: Analysis) -> tuple[ir.Model, list[Layer], FactorizeResult]:
         """Choose the ranks and rewrite the model; a search (edgelr.search) overrides this."""

@@ -711,4 +711,4 @@ class PrunePass(EdgelrPass):
         ctx.pruned = {"ratio": self.config.ratio, "groups_pruned": len(result.pruned), "groups": len(result.groups),
                       "unprunable_groups": len(result.unprunable), "params_before": result.params_before,
                       "params_after": result.params_after, "data_aware": result.data_aware}
-        return PassDetails(model, bool(result.pruned), ctx.pruned)
+        return PassDetails(model, bool(result.pruned), result)

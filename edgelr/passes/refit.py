@@ -377,7 +377,7 @@ class RefitPass(EdgelrPass):
                          done.analysis.grams, config.max_error, quantized=quantized)
 
         result.refit = _cached(done, "int8" if quantized is not None else None, compressed, quantized, run)
-        return PassDetails(model, bool(result.refit), {"refit": len(result.refit)})
+        return PassDetails(model, bool(result.refit), result.refit)
 
 
 def _cached(done, scheme: str | None, compressed: ir.Model, quantized: ir.Model | None, run) -> list[str]:
