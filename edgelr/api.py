@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import onnx_ir as ir
+
 from edgelr.deploy.targets import Target, load_target
 from edgelr.errors import EdgelrError
 from edgelr.io import model as model_io
@@ -117,7 +119,12 @@ def compress(
         ctx = Context(source, samples, Path(calib) if calib is not None else None, tmp, resolved, progress, path=source)
         for i, config in enumerate(recipe.passes):
             ctx.later = tuple(recipe.passes[i + 1:])
-            done = make_pass(config, ctx)(model)
+            try:
+                done = make_pass(config, ctx)(model)
+            except ir.passes.PreconditionError as exc:  # onnx-ir wraps what `requires` raised
+                if isinstance(exc.__cause__, EdgelrError):
+                    raise EdgelrError(f"{recipe.where(i)}: {exc.__cause__}") from None
+                raise
             model = done.model
             ctx.pristine = ctx.pristine and not done.modified
             if ctx.later:  # passes that work on files (timing, quantization, probes) read the model from here

@@ -113,6 +113,9 @@ class Recipe:
                                   "pass --calib DATA.npz")
             if config.kind == "refit" and not factorized:
                 raise EdgelrError(f"{self.where(i)}: refit refits the pairs a factorize pass made: put a factorize pass before it")
+            if config.kind == "refit" and any(isinstance(c, QuantizeConfig) and c.scheme != "int8" for c in self.passes[:i]):
+                raise EdgelrError(f"{self.where(i)}: a refit reads the inputs of a static int8 model only: "
+                                  "put it before the quantize pass")
             factorized = factorized or isinstance(config, FactorizeConfig)
             if isinstance(config, QuantizeConfig) and any(isinstance(c, QuantizeConfig) for c in self.passes[i + 1:]):
                 raise EdgelrError(f"{self.where(i)}: quantize appears twice; a model is quantized once")

@@ -113,6 +113,8 @@ BAD = [
     ("refit-first", "passes:\n- {_type: refit}\n- {_type: factorize, params: 0.5}\n", ":2:", "factorize pass before it"),
     ("needs-calibration", "passes:\n- {_type: factorize, params: 0.5}\n- {_type: quantize, scheme: int8}\n", ":3:",
      "needs calibration data"),
+    ("refit-after-dynamic", "passes:\n- {_type: factorize, params: 0.5}\n- {_type: quantize, scheme: int8-dynamic}\n"
+     "- {_type: refit}\n", ":4:", "before the quantize pass"),
     ("quantize-twice", "passes:\n- {_type: quantize, scheme: int8-dynamic}\n- {_type: quantize, scheme: int8-dynamic}\n",
      ":2:", "twice"),
 ]
