@@ -13,6 +13,7 @@ import onnx
 import pytest
 
 from edgelr.api import compress, flag_passes
+from edgelr.cli import main
 from edgelr.demo import build_model, synthetic_images
 from edgelr.errors import EdgelrError
 from edgelr.passes.base import config_from_dict
@@ -36,6 +37,14 @@ def demo(tmp_path, monkeypatch):
 def edgelr(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "edgelr", "-q", *map(str, args)], capture_output=True, text=True,
                           timeout=600)
+
+
+def edgelr_here(capsys, *args) -> subprocess.CompletedProcess:
+    """The command in this process (a crash would raise here: the CLI only catches EdgelrError)."""
+    capsys.readouterr()
+    code = main(["-q", *map(str, args)])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
 
 
 def test_shipped_recipes_load_validate_and_round_trip():
@@ -121,27 +130,27 @@ BAD = [
 
 
 @pytest.mark.parametrize("name,text,line,message", BAD, ids=[b[0] for b in BAD])
-def test_a_bad_recipe_is_one_line_naming_its_line(demo, name, text, line, message):
+def test_a_bad_recipe_is_one_line_naming_its_line(demo, capsys, name, text, line, message):
     (demo / "r.yaml").write_text(text)
     calib = [] if name == "needs-calibration" else ["--calib", demo / "calib.npz"]
-    run = edgelr("compress", demo / "m.onnx", "-o", demo / "o.onnx", "--recipe", demo / "r.yaml", *calib)
+    run = edgelr_here(capsys, "compress", demo / "m.onnx", "-o", demo / "o.onnx", "--recipe", demo / "r.yaml", *calib)
     assert run.returncode == 1 and "Traceback" not in run.stderr
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and f"r.yaml{line}" in lines[0] and message in lines[0], run.stderr
     assert not (demo / "o.onnx").exists()
 
 
-def test_recipe_and_flags_together_are_refused(demo):
+def test_recipe_and_flags_together_are_refused(demo, capsys):
     (demo / "r.yaml").write_text("passes:\n- {_type: factorize, params: 0.5}\n")
-    run = edgelr("compress", demo / "m.onnx", "-o", demo / "o.onnx", "--recipe", demo / "r.yaml", "--params", "0.5")
+    run = edgelr_here(capsys, "compress", demo / "m.onnx", "-o", demo / "o.onnx", "--recipe", demo / "r.yaml", "--params", "0.5")
     assert run.returncode == 1 and "--recipe gives the passes" in run.stderr
-    run = edgelr("compress", demo / "m.onnx", "-o", demo / "o.onnx", "--recipe", demo / "missing.yaml")
+    run = edgelr_here(capsys, "compress", demo / "m.onnx", "-o", demo / "o.onnx", "--recipe", demo / "missing.yaml")
     assert run.returncode == 1 and "recipe not found" in run.stderr
 
 
-def test_write_recipe_never_overwrites(demo):
+def test_write_recipe_never_overwrites(demo, capsys):
     (demo / "r.yaml").write_text("mine\n")
-    run = edgelr("compress", demo / "m.onnx", "-o", demo / "o.onnx", "--params", "0.5", "--write-recipe", demo / "r.yaml")
+    run = edgelr_here(capsys, "compress", demo / "m.onnx", "-o", demo / "o.onnx", "--params", "0.5", "--write-recipe", demo / "r.yaml")
     assert run.returncode == 1 and "exists" in run.stderr
     assert (demo / "r.yaml").read_text() == "mine\n" and not (demo / "o.onnx").exists()
 
@@ -156,6 +165,6 @@ def test_the_target_sets_the_activation_type(demo, target, activations):
     assert Recipe.from_yaml(recipe.to_yaml()).target == target
 
 
-def test_an_unknown_target_is_refused_before_any_work(demo):
-    run = edgelr("compress", demo / "m.onnx", "-o", demo / "o.onnx", "--params", "0.5", "--target", "pi9")
+def test_an_unknown_target_is_refused_before_any_work(demo, capsys):
+    run = edgelr_here(capsys, "compress", demo / "m.onnx", "-o", demo / "o.onnx", "--params", "0.5", "--target", "pi9")
     assert run.returncode == 1 and "unknown target 'pi9'" in run.stderr and not (demo / "o.onnx").exists()
