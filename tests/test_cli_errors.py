@@ -201,6 +201,18 @@ CASES = [
     # ONNX Runtime rejects the sample (1x1 image, 3x3 kernel): its own log line must not reach the user
     ("calib-does-not-run", "compress {conv_nopad} -o {out} --params 0.5 --calib {too_small}", ["sample 0"]),
     ("inspect-calib-names", "inspect {mlp} --calib {wrong_name}", ["'z'"]),
+    # sizes: --shapes, and the one-line hint where a dynamic dim has no size (--calib, --shapes, model metadata)
+    ("profile-no-sizes", "profile {conv} --runs 1", ["input 'x' has dynamic dims [N, 3, H, W]",
+                                                     "give --shapes x=1x3x640x640 (or --calib DATA.npz)"]),
+    ("export-no-sizes", "export {conv} --target x86-cpu -o {out}", ["give --shapes x=1x3x640x640"]),
+    ("profile-shapes-text", "profile {conv} --shapes x:1x3x8x8", ["--shapes", "NAME=DIMS", "e.g. x=1x3x640x640"]),
+    ("export-shapes-rank", "export {conv} --target x86-cpu -o {out} --shapes x=1x3x8", ["has 3 dims"]),
+    ("inspect-shapes-name", "inspect {conv} --shapes y=1x3x8x8", ["--shapes", "'y'", "its inputs: x"]),
+    ("profile-calib-outside-shapes", "profile {conv} --calib {too_small} --shapes x=1x3x8x8", ["--calib", "--shapes"]),
+    ("profile-threads-0", "profile {mlp} --threads 0", ["--threads"]),
+    ("export-threads-tensorrt", "export {mlp} --target rtx -o {out} --threads 2", ["--threads", "TensorRT"]),
+    ("export-precision-ort", "export {mlp} --target x86-cpu -o {out} --precision int8", ["--precision int8"]),
+    ("profile-unknown-target", "profile {mlp} --target pi9", ["unknown target 'pi9'"]),
     # the budget
     ("params-0", "compress {mlp} -o {out} --params 0", ["--params", "(0, 1]"]),
     ("params-1.5", "compress {mlp} -o {out} --params 1.5", ["--params", "(0, 1]"]),

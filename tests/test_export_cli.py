@@ -31,6 +31,9 @@ def model(tmp_path_factory) -> Path:
     return d / "m.onnx"
 
 
+SIZE = ["--shapes", "image=1x3x32x32"]  # the demo model's batch is dynamic, and it has no size metadata
+
+
 def _fails_cleanly(run: subprocess.CompletedProcess, *words: str) -> None:
     assert run.returncode == 1, run.stderr
     assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
@@ -51,7 +54,7 @@ def test_x86_bundle_and_a_second_export_replaces_it(model, tmp_path):
     assert manifest["target"]["name"] == "x86-cpu" and (out / "run.py").is_file()
     assert "wrote" in run.stdout and "model.onnx" in run.stdout
     (out / "stale.txt").write_text("from an earlier export")
-    assert _edgelr("export", model, "--target", "x86-cpu", "-o", out).returncode == 0
+    assert _edgelr("export", model, "--target", "x86-cpu", "-o", out, *SIZE).returncode == 0
     assert not (out / "stale.txt").exists()  # replaced whole, never merged
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
 
@@ -66,7 +69,7 @@ def test_rtx_engine_from_the_command_line(model, tmp_path):
     run = _edgelr("export", model, "--target", "rtx", "-o", tmp_path / "q", "--precision", "int8", "--calib", calib)
     assert run.returncode == 0, run.stderr
     assert json.loads((tmp_path / "q" / "manifest.json").read_text())["precision"] == "int8"
-    _fails_cleanly(_edgelr("export", model, "--target", "rtx", "-o", tmp_path / "n", "--precision", "int8"),
+    _fails_cleanly(_edgelr("export", model, "--target", "rtx", "-o", tmp_path / "n", "--precision", "int8", *SIZE),
                    "calibration")
     assert not (tmp_path / "n").exists()
 
@@ -74,7 +77,7 @@ def test_rtx_engine_from_the_command_line(model, tmp_path):
 def test_a_user_target_file_works(model, tmp_path):
     mine = tmp_path / "mydevice.toml"
     mine.write_text((Path(__file__).parents[1] / "targets" / "x86-cpu.toml").read_text().replace("threads = 1", "threads = 3"))
-    run = _edgelr("export", model, "--target", mine, "-o", tmp_path / "b")
+    run = _edgelr("export", model, "--target", mine, "-o", tmp_path / "b", *SIZE)
     assert run.returncode == 0, run.stderr
     assert json.loads((tmp_path / "b" / "manifest.json").read_text())["target"]["threads"] == 3
 
@@ -135,13 +138,13 @@ def _mount(where: Path, options: str):
 
 def test_a_full_disk_leaves_nothing(model, tmp_path):
     with _mount(tmp_path / "full", "size=256k") as full:
-        _fails_cleanly(_edgelr("export", model, "--target", "x86-cpu", "-o", full / "b"), "could not write", "space")
+        _fails_cleanly(_edgelr("export", model, "--target", "x86-cpu", "-o", full / "b", *SIZE), "could not write", "space")
         assert list(full.iterdir()) == []
 
 
 def test_a_read_only_destination_is_refused(model, tmp_path):
     with _mount(tmp_path / "ro", "size=1m,ro") as ro:
-        run = _edgelr("export", model, "--target", "x86-cpu", "-o", ro / "b")
+        run = _edgelr("export", model, "--target", "x86-cpu", "-o", ro / "b", *SIZE)
         _fails_cleanly(run, str(ro))
         assert list(ro.iterdir()) == []
 
@@ -156,13 +159,13 @@ def _ssh_flags(sshd) -> list:
 def test_to_copies_the_bundle_and_runs_it_on_the_device(sshd, model, tmp_path, target):
     dest = tmp_path / "device" / "yolo"
     run = _edgelr("export", model, "--target", target, "-o", tmp_path / "b", "--to", f"{sshd['host']}:{dest}",
-                  *_ssh_flags(sshd))
+                  *_ssh_flags(sshd), *SIZE)
     assert run.returncode == 0, run.stderr
     assert _snapshot(dest) == _snapshot(tmp_path / "b")  # every file, byte for byte
     assert "parity passed" in run.stdout and "copied to" in run.stdout
     # again: the earlier bundle on the device is replaced
     assert _edgelr("export", model, "--target", target, "-o", tmp_path / "b", "--to", f"{sshd['host']}:{dest}",
-                   *_ssh_flags(sshd)).returncode == 0
+                   *_ssh_flags(sshd), *SIZE).returncode == 0
     assert not list(dest.parent.glob("*partial*"))
 
 
@@ -171,7 +174,7 @@ def test_to_a_changed_bundle_is_refused_on_the_device(sshd, model, tmp_path):
     from edgelr.errors import EdgelrError
     from edgelr.measure.remote import Device, copy_bundle, run_bundle
 
-    done = export(model, "x86-cpu", tmp_path / "b", progress=False)
+    done = export(model, "x86-cpu", tmp_path / "b", shapes={"image": ((1, 3, 32, 32),) * 3}, progress=False)
     kw = sshd["kw"]
     device = Device(sshd["host"], port=kw["port"], identity=kw["identity"], known_hosts=kw["known_hosts"], timeout=30)
     copy_bundle(device, done.out_dir, str(tmp_path / "dev"))
@@ -188,20 +191,66 @@ def test_to_with_a_bad_host_key_or_port_writes_nothing(sshd, model, tmp_path):
     flags = _ssh_flags(sshd)
     wrong = [*flags[:4], "--known-hosts", sshd["dir"] / "wrong_known_hosts", *flags[6:]]
     _fails_cleanly(_edgelr("export", model, "--target", "x86-cpu", "-o", tmp_path / "b",
-                           "--to", f"{sshd['host']}:{tmp_path / 'dev'}", *wrong), "host key does NOT match")
+                           "--to", f"{sshd['host']}:{tmp_path / 'dev'}", *wrong, *SIZE), "host key does NOT match")
     other_port = [*flags[:0], "--port", free_port(), *flags[2:]]
     _fails_cleanly(_edgelr("export", model, "--target", "x86-cpu", "-o", tmp_path / "b",
-                           "--to", f"{sshd['host']}:{tmp_path / 'dev'}", *other_port), "unreachable")
+                           "--to", f"{sshd['host']}:{tmp_path / 'dev'}", *other_port, *SIZE), "unreachable")
     assert not (tmp_path / "b").exists() and not (tmp_path / "dev").exists()
 
 
 def test_to_a_full_or_forbidden_device_folder(sshd, model, tmp_path):
     flags = _ssh_flags(sshd)
     run = _edgelr("export", model, "--target", "x86-cpu", "-o", tmp_path / "b", "--to", f"{sshd['host']}:/sys/edgelr/b",
-                  *flags)
+                  *flags, *SIZE)
     _fails_cleanly(run, "copying the bundle", "/sys/edgelr")
     with _mount(tmp_path / "full", "size=64k") as full:
         run = _edgelr("export", model, "--target", "x86-cpu", "-o", tmp_path / "b2", "--to", f"{sshd['host']}:{full / 'b'}",
-                      *flags)
+                      *flags, *SIZE)
         _fails_cleanly(run, "No space left")
         assert list(full.iterdir()) == []  # the partial copy was removed
+
+
+# --- a real detector, as a newcomer types it: no --calib, no --shapes (the size is in the model's metadata) ----------
+@pytest.fixture(scope="module")
+def yolo() -> Path:
+    nudenet = pytest.importorskip("nudenet")
+    return Path(nudenet.__file__).parent / "320n.onnx"
+
+
+@pytest.mark.slow
+def test_yolo_rpi5_bundle_without_calib(yolo, tmp_path):
+    run = _edgelr("export", yolo, "--target", "rpi5", "-o", tmp_path / "pi")
+    assert run.returncode == 0, run.stderr
+    assert "inputs: images 1x3x320x320 (the model's metadata: imgsz, batch)" in run.stdout
+    manifest = json.loads((tmp_path / "pi" / "manifest.json").read_text())
+    assert manifest["inputs"][0]["shape"] == ["batch", 3, "height", "width"]
+    assert manifest["inputs"][0]["reference_shape"] == [1, 3, 320, 320]
+    assert manifest["outputs"][0]["reference_shape"] == [1, 22, 2100]
+    assert manifest["parity"]["checked"]["max_rel_error"] <= manifest["parity"]["tolerance"]  # run.py under 1.19.2
+    assert (tmp_path / "pi" / "model.ort").stat().st_size > 0
+
+
+def test_yolo_rtx_engine_without_calib(yolo, tmp_path):
+    pytest.importorskip("tensorrt_rtx_bindings", reason="needs TensorRT for RTX: pip install -e .[trt]")
+    from edgelr.deploy.tensorrt import gpu_available
+
+    run = _edgelr("export", yolo, "--target", "rtx", "-o", tmp_path / "e")
+    assert run.returncode == 0, run.stderr
+    manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    assert manifest["precision"] == "fp16" and (tmp_path / "e" / "model.engine").stat().st_size > 0
+    assert manifest["profile"] == {"images": {"min": [1, 3, 320, 320], "opt": [1, 3, 320, 320], "max": [1, 3, 320, 320]}}
+    if not gpu_available():
+        assert manifest["parity"] == "skipped: no GPU"
+        assert "GPU parity check skipped: no GPU on this machine" in run.stdout
+
+
+def test_yolo_without_size_metadata_gets_the_shapes_hint(yolo, tmp_path):
+    proto = onnx.load(str(yolo))
+    del proto.metadata_props[:]
+    bare = tmp_path / "bare.onnx"
+    onnx.save(proto, bare)
+    for target in ("rpi5", "rtx"):
+        _fails_cleanly(_edgelr("export", bare, "--target", target, "-o", tmp_path / target),
+                       "input 'images' has dynamic dims [batch, 3, height, width]; "
+                       "give --shapes images=1x3x640x640 (or --calib DATA.npz)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bare.onnx"]

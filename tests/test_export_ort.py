@@ -41,10 +41,13 @@ BUNDLE_FILES = {"model.ort", "model.required_operators.config", "BUILD.md", "run
 
 
 # --- helpers -----------------------------------------------------------------------------------------------
-def make_bundle(model: Path, target, folder: Path, feed=None) -> tuple[Path, dict]:
+def make_bundle(model: Path, target, folder: Path, feed=None, shapes=None) -> tuple[Path, dict]:
     folder.mkdir()
     return folder, write_ort_bundle(model, load_target(target) if isinstance(target, str) else target, folder,
-                                    feed, progress=False)
+                                    feed, shapes=shapes, progress=False)
+
+
+CONVNET_SIZE = {"x": ((1, 3, 9, 8),) * 3}  # convnet's batch is dynamic, and it has no size metadata
 
 
 def run_py(bundle: Path, *args, pythonpath: Path | None = None) -> tuple[int, dict]:
@@ -148,7 +151,7 @@ def yolo_bundles(yolo_models, photo, tmp_path_factory) -> dict[str, tuple[Path, 
 def small_bundle(tmp_path_factory) -> tuple[Path, dict, Path]:
     root = tmp_path_factory.mktemp("small")
     source = small_model(root)
-    bundle, manifest = make_bundle(source, "rpi5", root / "bundle")
+    bundle, manifest = make_bundle(source, "rpi5", root / "bundle", shapes=CONVNET_SIZE)
     return bundle, manifest, source
 
 
@@ -161,7 +164,7 @@ def test_small_model_rpi5_bundle(small_bundle):
     assert manifest["onnxruntime"]["runtime_version"] == manifest["onnxruntime"]["converted_with"] == RPI_RUNTIME
     assert manifest["onnxruntime"]["reference_outputs_from"] == ort.__version__
     assert manifest["opset"] == {"ai.onnx": 17}
-    # no feed: a generated input, the dynamic batch set to 1
+    # no feed: a random input at the size given as shapes
     assert manifest["inputs"][0]["shape"] == ["N", 3, 9, 8] and manifest["inputs"][0]["reference_shape"] == [1, 3, 9, 8]
     assert manifest["outputs"][0]["name"] == "y" and manifest["outputs"][0]["dtype"] == "float32"
     config = (bundle / "model.required_operators.config").read_text()
@@ -211,7 +214,7 @@ def test_onnx_bundle_for_x86_keeps_external_weights(tmp_path):
     source.parent.mkdir()
     onnx.save(convnet(np.random.default_rng(1)).proto, source, save_as_external_data=True,
               all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
-    bundle, manifest = make_bundle(source, "x86-cpu", tmp_path / "bundle")
+    bundle, manifest = make_bundle(source, "x86-cpu", tmp_path / "bundle", shapes=CONVNET_SIZE)
     assert manifest["model"] == "model.onnx" and "BUILD.md" not in manifest["files"]
     assert manifest["onnxruntime"]["runtime_version"] == ort.__version__  # "installed"
     check_bundle(bundle, manifest, source)
@@ -246,7 +249,7 @@ def test_older_onnxruntime_is_refused(tmp_path):
     target = tmp_path / "pi-new-ort.toml"
     target.write_text('description = "a Pi with the newest onnxruntime"\narch = "aarch64"\nbackend = "onnxruntime"\n'
                       'precision = "fp32"\nformat = "ort"\nruntime_version = "installed"\n')
-    bundle, manifest = make_bundle(small_model(tmp_path), load_target(target), tmp_path / "bundle")
+    bundle, manifest = make_bundle(small_model(tmp_path), load_target(target), tmp_path / "bundle", shapes=CONVNET_SIZE)
     assert manifest["onnxruntime"]["runtime_version"] == ort.__version__
     older = ort_runtime(RPI_RUNTIME, progress=False)
     status, report = run_py(bundle, pythonpath=older.path)
@@ -285,12 +288,12 @@ def test_bad_inputs_are_one_line_errors(small_bundle, tmp_path):
 
     folders = itertools.count()
 
-    def error(feed=None, model=source, target=rpi5, dest=None) -> str:
+    def error(feed=None, model=source, target=rpi5, dest=None, shapes=CONVNET_SIZE) -> str:
         if dest is None:
             dest = tmp_path / f"bundle{next(folders)}"
             dest.mkdir()
         with pytest.raises(EdgelrError) as caught:
-            write_ort_bundle(model, target, dest, feed, progress=False)
+            write_ort_bundle(model, target, dest, feed, shapes=shapes if model == source else None, progress=False)
         assert "\n" not in str(caught.value)
         return str(caught.value)
 
@@ -315,14 +318,17 @@ def test_bad_inputs_are_one_line_errors(small_bundle, tmp_path):
     onnx.save(make_model([helper.make_node("Identity", ["s"], ["t"])],
                          [helper.make_tensor_value_info("s", TensorProto.STRING, [2])],
                          [helper.make_tensor_value_info("t", TensorProto.STRING, [2])]), text_model)
-    assert "input 's' is a tensor(string), which edgelr cannot make up; pass real inputs as feed" in \
+    assert "input 's' is a tensor(string), which edgelr cannot make up; pass real inputs (--calib DATA.npz)" in \
         error(model=text_model, target=load_target("x86-cpu"))
+    assert "input 'x' has dynamic dims [N, 3, 9, 8]; give --shapes x=1x3x9x8 (or --calib DATA.npz)" in error(shapes=None)
 
 
-def test_dynamic_image_size_needs_a_feed(yolo, tmp_path):
-    """YOLOv8n's height and width are dynamic: set to 1 they do not make an image the model can run."""
-    with pytest.raises(EdgelrError, match=r"generated inputs \(dynamic dims set to 1\): .*; pass real inputs as feed$"):
-        write_ort_bundle(yolo, load_target("rpi5"), tmp_path, progress=False)
+def test_random_inputs_the_model_cannot_run_say_what_to_give(yolo, tmp_path):
+    """YOLOv8n's height and width are dynamic: a 1x1 image is not one the model can run."""
+    with pytest.raises(EdgelrError, match=r"cannot run the model on random inputs \(images 1x3x1x1\): .*; give the sizes "
+                                          r"it takes with --shapes, or real inputs with --calib$"):
+        write_ort_bundle(yolo, load_target("rpi5"), tmp_path, shapes={"images": ((1, 3, 1, 1),) * 3}, progress=False)
+    assert not any(tmp_path.iterdir())
 
 
 def test_run_py_reports_bad_options_as_json(small_bundle):

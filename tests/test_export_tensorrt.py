@@ -150,9 +150,16 @@ def test_yolo_fp16_with_dynamic_batch_and_size(yolo, rtx, tmp_path):
     assert sum(n.op_type == "Conv" and types[n.output[0]] == TensorProto.FLOAT16 for n in graph.node) == 64
 
 
-def test_yolo_without_shapes_or_samples_names_the_dynamic_input(yolo, rtx, tmp_path):
-    with pytest.raises(EdgelrError, match=r"input 'images' has dynamic dims \[batch, 3, height, width\].*min/opt/max"):
-        build_engine(yolo, rtx, dest(tmp_path), precision="fp32")
+def test_yolo_without_shapes_or_samples_takes_its_size_from_its_metadata(yolo, rtx, tmp_path):
+    """Ultralytics writes imgsz = [320, 320] and batch = 1 into the model: the profile needs nothing else."""
+    manifest = build_engine(yolo, rtx, dest(tmp_path), precision="fp32", progress=False)
+    assert manifest["profile"] == {"images": {"min": [1, 3, 320, 320], "opt": [1, 3, 320, 320], "max": [1, 3, 320, 320]}}
+    check_manifest(tmp_path / "engine", manifest, "fp32", {"model.engine"})
+    bare = onnx.load(str(yolo))
+    del bare.metadata_props[:]
+    with pytest.raises(EdgelrError, match=r"input 'images' has dynamic dims \[batch, 3, height, width\]; "
+                                          r"give --shapes images=1x3x640x640 \(or --calib DATA.npz\)$"):
+        build_engine(save(bare, tmp_path, "bare.onnx"), rtx, dest(tmp_path, "bare"), precision="fp32")
 
 
 def test_int8_without_calibration_data_is_a_clear_error(yolo, rtx, tmp_path):
@@ -184,7 +191,7 @@ def test_dynamic_batch_builds_with_a_profile(dynamic_batch, rtx, tmp_path):
 
 
 def test_dynamic_batch_without_a_profile_fails_clearly(dynamic_batch, rtx, tmp_path):
-    with pytest.raises(EdgelrError, match=r"input 'x' has dynamic dims \[N, 3, 9, 8\].*--shapes x=1x3x9x8:1x3x9x8:4x3x9x8"):
+    with pytest.raises(EdgelrError, match=r"input 'x' has dynamic dims \[N, 3, 9, 8\]; give --shapes x=1x3x9x8 \(or --calib"):
         build_engine(dynamic_batch, rtx, dest(tmp_path), precision="fp32")
 
 
@@ -199,7 +206,7 @@ def test_dynamic_batch_without_a_profile_fails_clearly(dynamic_batch, rtx, tmp_p
 def test_bad_profile_shapes_are_clear_errors(dynamic_batch, rtx, tmp_path, triple, message):
     with pytest.raises(EdgelrError, match=message):
         build_engine(dynamic_batch, rtx, dest(tmp_path), precision="fp32", shapes={"x": triple})
-    with pytest.raises(EdgelrError, match="shapes given for y, which the model does not have"):
+    with pytest.raises(EdgelrError, match="--shapes given for 'y', which the model does not have; its inputs: x"):
         build_engine(dynamic_batch, rtx, dest(tmp_path, "other"), precision="fp32", shapes={"y": triple})
 
 
@@ -236,6 +243,20 @@ def test_a_qdq_model_is_used_as_is_at_int8(tmp_path, rtx):
     check_manifest(tmp_path / "engine", manifest, "int8", {"model.engine"})
     with pytest.raises(EdgelrError, match="already quantized.*export it with precision int8"):
         build_engine(qdq_model(tmp_path), rtx, dest(tmp_path, "fp16"), precision="fp16")
+
+
+def test_int8_takes_the_activation_type_the_target_wants(dynamic_batch, rtx, tmp_path):
+    """The Q/DQ flavour comes from edgelr.passes.quantize.activations_for, as compress quantizes for the target."""
+    from edgelr.passes.quantize import activations_for
+
+    assert activations_for(rtx) == "int8-symmetric"
+    samples = {"x": np.random.default_rng(3).random((4, 1, 3, 9, 8), dtype=np.float32)}
+    manifest = build_engine(dynamic_batch, rtx, dest(tmp_path), samples, precision="int8", progress=False)
+    check_manifest(tmp_path / "engine", manifest, "int8", {"model.engine", "model.int8.onnx"})
+    assert "symmetric" in manifest["graph"] and "4 calibration samples" in manifest["graph"]
+    graph = onnx.load(str(tmp_path / "engine" / "model.int8.onnx"))
+    zero_points = [onnx.numpy_helper.to_array(t) for t in graph.graph.initializer if t.name.endswith("_zero_point")]
+    assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
 
 
 def test_target_precision_is_the_default_and_the_argument_overrides_it(tmp_path, rtx):

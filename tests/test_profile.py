@@ -13,10 +13,14 @@ import pytest
 
 from edgelr import FactorizeConfig, compress
 from edgelr.demo import build_model, synthetic_images
+from edgelr.errors import EdgelrError
 from edgelr.measure.profile import (
+    RunSettings,
     compare_models,
+    host_arch,
     per_layer_ratios,
     profile_model,
+    run_settings,
     sample_feed,
 )
 
@@ -71,6 +75,50 @@ def test_profile_bad_input(demo, args, message):
         args += ["--calib", demo / "calib.npz"]
     run = _cli("profile", *args)
     assert run.returncode == 1 and "Traceback" not in run.stderr and message in run.stderr
+
+
+@pytest.fixture(scope="module")
+def yolo() -> Path:
+    nudenet = pytest.importorskip("nudenet")
+    return Path(nudenet.__file__).parent / "320n.onnx"
+
+
+def test_cli_profiles_yolo_without_calib(yolo, tmp_path):
+    """As a newcomer types it: the size comes from the model's own metadata (Ultralytics' imgsz, batch)."""
+    run = _cli("profile", yolo, "--runs", 3, "--warmup", 1, "--json", tmp_path / "p.json")
+    assert run.returncode == 0, run.stderr
+    assert "inputs: images 1x3x320x320 (the model's metadata: imgsz, batch)" in run.stdout
+    data = json.loads((tmp_path / "p.json").read_text())["A"]
+    assert data["runs"] == 3 and data["threads"] == 1 and data["latency_ms"]["p50"] > 0 and len(data["nodes"]) >= 30
+
+
+def test_cli_profile_takes_the_targets_threads_and_says_whose_timings_they_are(demo, tmp_path):
+    calib = ["--calib", demo / "calib.npz", "--runs", 2, "--warmup", 0, "--json", tmp_path / "p.json"]
+    run = _cli("profile", demo / "m.onnx", "--target", "rpi5", *calib)
+    assert run.returncode == 0, run.stderr
+    data = json.loads((tmp_path / "p.json").read_text())["A"]
+    assert data["threads"] == 4 and data["target"] == "rpi5"  # targets/rpi5.toml: threads = 4
+    assert "note: target 'rpi5' is aarch64 and this host is" in run.stdout or host_arch() == "aarch64"
+    assert "XNNPACKExecutionProvider" in run.stdout  # the target's preferred provider: used, or why not
+    run = _cli("profile", demo / "m.onnx", "--target", "rpi5", "--threads", 2, *calib)
+    assert run.returncode == 0 and json.loads((tmp_path / "p.json").read_text())["A"]["threads"] == 2, run.stderr
+    run = _cli("profile", demo / "m.onnx", "--target", "rtx", *calib)
+    assert run.returncode == 0, run.stderr
+    assert "note: target 'rtx' runs tensorrt-rtx on its GPU; these are ONNX Runtime CPU timings on this host" in run.stdout
+    run = _cli("profile", demo / "m.onnx", "--target", "x86-cpu", *calib)
+    assert run.returncode == 0 and ("note:" not in run.stdout) == (host_arch() == "x86_64"), run.stdout
+
+
+def test_run_settings():
+    from edgelr.deploy.targets import load_target
+
+    assert run_settings() == RunSettings(1)
+    assert run_settings(threads=3).threads == 3
+    rpi5 = run_settings(load_target("rpi5"))
+    assert rpi5.threads == 4 and rpi5.target == "rpi5" and rpi5.providers == ("CPUExecutionProvider",)
+    assert run_settings(load_target("rpi5"), remote="pi@raspberrypi").notes == rpi5.notes[1:] or host_arch() == "aarch64"
+    with pytest.raises(EdgelrError, match="--threads 0"):
+        run_settings(threads=0)
 
 
 @pytest.mark.slow

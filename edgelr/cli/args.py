@@ -41,3 +41,45 @@ def ssh_flags(p: argparse.ArgumentParser, flag: str) -> None:
     p.add_argument("--known-hosts", metavar="FILE", help=f"known_hosts file to verify the device's host key (with {flag})")
     p.add_argument("--timeout", type=float, default=60, metavar="S", help="limit for each remote step (default 60)")
     p.add_argument("--python", default="python3", metavar="PATH", help=f"the device's Python (with {flag}; default python3)")
+
+
+# --- argument groups: each flag defined once, with one meaning, for every command that takes it ----------------
+def add_calib(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", metavar="DATA.npz",
+                   help="sample inputs: an .npz with one array per model input, named after it, samples on the first "
+                        "axis (sizes of dynamic dims, reference outputs, calibration)")
+
+
+def add_shapes(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shapes", action="append", default=[], metavar="NAME=DIMS",
+                   help="the size of an input with dynamic dims, e.g. images=1x3x640x640, or NAME=MIN:OPT:MAX for a "
+                        "TensorRT range (ONNX Runtime runs at OPT); repeat for each input. Default: --calib's "
+                        "samples, else the model's own metadata (Ultralytics' imgsz and batch)")
+
+
+def add_target(p: argparse.ArgumentParser, required: bool = False) -> None:
+    from edgelr.deploy.targets import builtin_targets
+
+    p.add_argument("--target", required=required, metavar="NAME",
+                   help=f"the device: one of targets/ ({', '.join(builtin_targets())}) or your own .toml file; "
+                        "it sets the backend, precision, threads and execution providers")
+
+
+def count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: need 1 or more")
+    return value
+
+
+def add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=count, metavar="N",
+                   help="ONNX Runtime intra-op threads (default: the target's, else 1)")
+
+
+def add_precision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"],
+                   help="the deployed model's numeric format (default: the target's)")

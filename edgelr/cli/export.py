@@ -5,20 +5,25 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgelr.cli.args import ssh_flags
-from edgelr.errors import EdgelrError
+from edgelr.cli.args import (
+    add_calib,
+    add_precision,
+    add_shapes,
+    add_target,
+    add_threads,
+    ssh_flags,
+)
 
 
 def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write the files that run a model on a device (Pi bundle, TensorRT engine)")
     p.add_argument("model", metavar="MODEL.onnx")
-    p.add_argument("--target", required=True, metavar="NAME",
-                   help="a device from targets/ (rpi5, rpi4, x86-cpu, rtx, jetson-orin, gpu) or your own .toml file")
+    add_target(p, required=True)
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="the folder to write (new, empty, or an earlier bundle)")
-    p.add_argument("--calib", metavar="DATA.npz", help="real inputs: reference outputs, INT8 calibration, TensorRT shapes")
-    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], help="override the target's precision (TensorRT)")
-    p.add_argument("--shapes", action="append", default=[], metavar="NAME=MIN:OPT:MAX",
-                   help="TensorRT profile for an input with dynamic dims, e.g. images=1x3x320x320:4x3x320x320:8x3x640x640")
+    add_calib(p)
+    add_shapes(p)
+    add_precision(p)
+    add_threads(p)
     p.add_argument("--sparsity", choices=["2:4"], help="TensorRT: prune weights to 2:4 and build with sparse kernels")
     p.add_argument("--to", metavar="USER@HOST:PATH", help="copy the bundle to the device over SSH and run its check there")
     ssh_flags(p, "--to")
@@ -28,21 +33,16 @@ def run(args) -> int:
     from pathlib import Path
 
     from edgelr.deploy.export import SshOptions, export
-    from edgelr.deploy.targets import parse_shape
+    from edgelr.io.shapes import parse_shapes
     from edgelr.report.tables import human
 
-    shapes = {}
-    for text in args.shapes:
-        name, _, triple = text.partition("=")
-        parts = triple.split(":")
-        if not name or len(parts) != 3:
-            raise EdgelrError(f"--shapes {text!r}: write NAME=MIN:OPT:MAX, e.g. images=1x3x320x320:4x3x320x320:8x3x640x640")
-        shapes[name] = tuple(parse_shape(p, f"--shapes {name}") for p in parts)
+    shapes = parse_shapes(args.shapes, args.model)
     ssh = SshOptions(port=args.port, identity=Path(args.identity) if args.identity else None,
                      known_hosts=Path(args.known_hosts) if args.known_hosts else None, timeout=args.timeout,
                      python=args.python)
     done = export(args.model, args.target, args.output, calib=args.calib, precision=args.precision,
-                  shapes=shapes or None, to=args.to, ssh=ssh, sparsity=args.sparsity, progress=not args.quiet)
+                  shapes=shapes or None, threads=args.threads, to=args.to, ssh=ssh, sparsity=args.sparsity,
+                  progress=not args.quiet)
     files = done.manifest.get("files", {})
     print(f"{done.target.name}: {done.target.description}")
     for name, entry in sorted(files.items()):
@@ -52,6 +52,14 @@ def run(args) -> int:
     if sparse:
         error = f", output error {sparse['output_error']:.3f}" if sparse.get("output_error") is not None else ""
         print(f"2:4 sparse weights in {sparse['layers']} layers{error}")
+    if done.inputs:
+        print(f"inputs: {done.inputs}")
+    parity = done.manifest.get("parity")
+    if done.target.is_tensorrt and isinstance(parity, str):
+        why = " on this machine (the engine was built ahead of time: check it on the GPU that runs it)"
+        print(f"GPU parity check {parity}" + (why if parity == "skipped: no GPU" else ""))
+    elif done.target.is_tensorrt and isinstance(parity, dict):
+        print(f"GPU parity: relative output error {parity['relative_error']:.2e} over {parity['samples']} input(s)")
     print(f"wrote {done.out_dir} in {done.seconds:.1f} s")
     if done.destination:
         print(f"copied to {done.destination}")

@@ -9,7 +9,7 @@ writes into `dest`, an existing empty folder:
     BUILD.md                             the command that builds that minimal onnxruntime for the device
     model.onnx                         format "onnx": the model itself (weights beside it past 1 GB)
     run.py, runner.py                  check the outputs against reference.npz, time the model, print JSON
-    reference.npz                      the inputs (from `feed`, or generated) and the ONNX model's outputs
+    reference.npz                      the inputs (`feed`, or random at edgelr.io.shapes' sizes) and outputs
     manifest.json                      target, versions, opset, input/output specs, checksums, tolerance
 
 An ORT-format file is tied to the release that writes it: onnxruntime reads files from its own and older
@@ -37,12 +37,13 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-import edgelr
 from edgelr.deploy.files import file_entry
 from edgelr.deploy.targets import Target
 from edgelr.errors import EdgelrError
 from edgelr.io import model as model_io
 from edgelr.io.cache import cache_root
+from edgelr.io.shapes import ShapeRange, dims_text, input_feed
+from edgelr.version import __version__
 
 TOLERANCE = 1e-3  # relative output error (||a-b|| / ||b||, per output) the device's run must stay within
 RUN_PY = Path(__file__).with_name("ort_run.py")
@@ -75,12 +76,19 @@ class OrtRuntime:
 
 
 def write_ort_bundle(model_path: Path, target: Target, dest: Path, feed: dict[str, np.ndarray] | None = None,
-                     *, progress: bool = True) -> dict:
-    """Write the bundle for `target` into the empty folder `dest`; returns the manifest (also manifest.json)."""
+                     *, shapes: dict[str, ShapeRange] | None = None, progress: bool = True) -> dict:
+    """Write the bundle for `target` into the empty folder `dest`; returns the manifest (also manifest.json).
+
+    feed: the reference inputs, one array per model input; without it, random inputs at the sizes `shapes`
+    (--shapes) or the model's own metadata give (edgelr.io.shapes; one line naming --shapes if neither does).
+    """
     model_path, dest = Path(model_path), Path(dest)
     _check_target(target)
     _check_dest(dest)
     model = model_io.load(model_path)
+    made_up = feed is None
+    if made_up:  # before the conversion: a model without sizes fails in a moment
+        feed = input_feed(model, shapes=shapes, where=model_path)
     runtime = ort_runtime(target.runtime_version, progress)
     where = model_path.name
     with tempfile.TemporaryDirectory(dir=dest, prefix=".edgelr-") as staging:
@@ -94,7 +102,7 @@ def write_ort_bundle(model_path: Path, target: Target, dest: Path, feed: dict[st
         # the reference first: a bad feed fails in a moment, not after the conversion
         not_loadable = None
         try:
-            inputs, outputs, arrays = _reference(onnx_file, feed, model, where)
+            inputs, outputs, arrays = _reference(onnx_file, feed, model, where, made_up)
         except _NotLoadable as exc:
             not_loadable = str(exc)  # reported after the target's onnxruntime has said what it makes of the model
         if target.format == "ort":
@@ -116,7 +124,7 @@ def write_ort_bundle(model_path: Path, target: Target, dest: Path, feed: dict[st
             "precision": target.precision, "format": target.format, "runtime_version": target.runtime_version,
             "threads": target.threads, "providers": list(target.providers),
         },
-        "edgelr": edgelr.__version__,
+        "edgelr": __version__,
         "source": {"file": model_path.name, "sha256": file_entry(model_path)["sha256"]},
         "model": model_name,
         "model_data": model_data,
@@ -296,18 +304,19 @@ class _NotLoadable(Exception):
     """The installed onnxruntime cannot load the model (the message names the node, as EdgelrError's would)."""
 
 
-def _reference(onnx_file: Path, feed: dict | None, model: ir.Model, where: str) -> tuple[list, list, dict]:
+def _reference(onnx_file: Path, feed: dict, model: ir.Model, where: str, made_up: bool = False) -> tuple[list, list, dict]:
     """Input/output specs, and reference.npz's arrays: the inputs and the ONNX model's outputs, run here."""
     try:
         with model_io.ort_session(onnx_file) as session:
             inputs = [_spec(arg) for arg in session.get_inputs()]
             outputs = [_spec(arg) for arg in session.get_outputs()]
-            arrays = _check_feed(feed, inputs, where) if feed is not None else _generate(inputs, where)
+            arrays = _check_feed(feed, inputs, where)
             try:
                 results = session.run([o["name"] for o in outputs], arrays)
             except Exception as exc:  # noqa: BLE001  (ORT raises its own types for inputs it cannot run)
-                given = "the given inputs" if feed is not None else "generated inputs (dynamic dims set to 1)"
-                advice = "" if feed is not None else "; pass real inputs as feed"
+                sizes = ", ".join(f"{k} {dims_text(v.shape)}" for k, v in arrays.items())
+                given = f"random inputs ({sizes})" if made_up else "the given inputs"
+                advice = "; give the sizes it takes with --shapes, or real inputs with --calib" if made_up else ""
                 raise EdgelrError(f"{where}: ONNX Runtime cannot run the model on {given}: "
                                   f"{_ort_message(str(exc))}{advice}") from None
     except EdgelrError:
@@ -359,25 +368,6 @@ def _check_feed(feed, specs: list[dict], where: str) -> dict[str, np.ndarray]:
             raise EdgelrError(f"{where}: feed['{name}'] has shape {list(array.shape)}; the model takes "
                               f"[{', '.join(map(str, shape))}]")
         out[name] = np.ascontiguousarray(array)
-    return out
-
-
-def _generate(specs: list[dict], where: str) -> dict[str, np.ndarray]:
-    """Deterministic inputs from the specs, dynamic dims set to 1: floats in [0, 1), integers 0 or 1."""
-    rng = np.random.default_rng(0)
-    out = {}
-    for spec in specs:
-        if spec["dtype"] is None:
-            raise EdgelrError(f"{where}: input '{spec['name']}' is a {spec['type']}, which edgelr cannot make up; "
-                              "pass real inputs as feed")
-        dtype = np.dtype(spec["dtype"])
-        shape = [d if isinstance(d, int) else 1 for d in spec["shape"]]
-        if dtype.kind == "f":  # [0, 1) is a valid image, probability or mask alike
-            out[spec["name"]] = rng.random(shape).astype(dtype)
-        elif dtype.kind == "b":
-            out[spec["name"]] = rng.random(shape) < 0.5
-        else:  # 0 and 1: valid as an index, a token id or a mask
-            out[spec["name"]] = rng.integers(0, 2, size=shape).astype(dtype)
     return out
 
 

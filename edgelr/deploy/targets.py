@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgelr.errors import EdgelrError
+from edgelr.io.shapes import parse_dims
 
 TARGETS_DIR = Path(__file__).resolve().parents[2] / "targets"
 
@@ -104,21 +105,13 @@ def _parse(data: dict, path: Path) -> Target:
 
 
 def _shapes(table: dict, bad) -> dict[str, tuple[tuple[int, ...], ...]]:
-    """[shapes] images = ["1x3x320x320", "4x3x320x320", "8x3x640x640"]  (min, opt, max)."""
+    """[shapes] images = ["1x3x320x320", "4x3x320x320", "8x3x640x640"]  (min, opt, max), as --shapes gives them."""
     out = {}
     for name, triple in table.items():
         if not (isinstance(triple, list) and len(triple) == 3):
             raise bad(f"shapes.{name} must list three shapes: min, opt, max (e.g. [\"1x3x320x320\", ...])")
-        out[name] = tuple(parse_shape(s, f"shapes.{name}", bad) for s in triple)
+        try:
+            out[name] = tuple(parse_dims(s, f"shapes.{name}") for s in triple)
+        except EdgelrError as exc:
+            raise bad(str(exc)) from None
     return out
-
-
-def parse_shape(text, where: str, bad=EdgelrError) -> tuple[int, ...]:
-    """'1x3x320x320' -> (1, 3, 320, 320)."""
-    try:
-        dims = tuple(int(d) for d in str(text).lower().split("x"))
-    except ValueError:
-        dims = ()
-    if not dims or any(d < 1 for d in dims):
-        raise bad(f"{where}: '{text}' is not a shape; write it as 1x3x320x320")
-    return dims

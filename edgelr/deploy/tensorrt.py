@@ -42,7 +42,8 @@ from edgelr.deploy.targets import PRECISIONS, Target
 from edgelr.errors import EdgelrError
 from edgelr.io import model as model_io
 from edgelr.io.cache import cache_root
-from edgelr.io.samples import Samples, model_inputs, samples_from_arrays
+from edgelr.io.samples import Samples, samples_from_arrays
+from edgelr.io.shapes import ShapeRange, random_feed, resolve_shapes
 
 ENGINE_FILE = "model.engine"
 MANIFEST_FILE = "manifest.json"
@@ -53,7 +54,7 @@ _PARITY_SAMPLES = 4
 _QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
 _BIG_MODEL_BYTES = 1 << 30  # past this a converted model is saved with external data (protobuf's 2 GB cap)
 
-ShapeTriple = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+ShapeTriple = ShapeRange  # (min, opt, max)
 
 
 # --- the TensorRT module ------------------------------------------------------------------------
@@ -141,10 +142,12 @@ def build_engine(
     """Build a TensorRT engine for TARGET from the ONNX model into the existing empty folder DEST.
 
     feed: sample inputs, one array per model input with samples on the first axis (as in a --calib
-        .npz; a single feed works too), or Samples. They calibrate INT8, fix the optimization profile
-        of dynamic inputs when no shapes are given, and are the reference inputs of the GPU parity check.
+        .npz; a single feed works too), or Samples. They calibrate INT8 (with the activation type
+        edgelr.passes.quantize.activations_for(target) gives), fix the optimization profile of dynamic
+        inputs when no shapes are given, and are the reference inputs of the GPU parity check.
     precision: fp32 | fp16 | int8; overrides target.precision.
-    shapes: input name -> (min, opt, max) shapes for dynamic dims; overrides target.shapes.
+    shapes: input name -> (min, opt, max) shapes for dynamic dims; overrides target.shapes. Without shapes
+        or feed, the model's own metadata sizes them (edgelr.io.shapes.resolve_shapes), else one error line.
     timing_cache: TensorRT's timing cache file, loaded if present and saved after the build
         (full TensorRT only: TensorRT for RTX picks kernels on the device and has no timing cache).
     sparsity: "2:4" to prune the weights to 2:4 and build with SPARSE_WEIGHTS (see the module doc).
@@ -168,7 +171,7 @@ def build_engine(
         sparse = sparsify_2_4(model_path, model, dest / "model.sparse.onnx", samples)
         model_path, model = dest / "model.sparse.onnx", model_io.load(dest / "model.sparse.onnx")
 
-    onnx_path, how, converted = _graph_for(model_path, model, precision, samples, dest, progress)
+    onnx_path, how, converted = _graph_for(model_path, model, precision, samples, dest, progress, target)
     logger = _logger(trt)
     builder = _builder(trt, logger)
     if not hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
@@ -228,7 +231,7 @@ def build_engine(
         "warnings": [_one_line(w) for w in logger.warnings[:20]],
         "parity": None,
     }
-    manifest["parity"] = parity_check(trt, engine, model_path, onnx_path, samples, profile, network)
+    manifest["parity"] = parity_check(trt, engine, model_path, onnx_path, samples, profile, model)
     manifest["total_seconds"] = round(time.perf_counter() - started, 3)
     (dest / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
@@ -265,7 +268,8 @@ def _builder(trt, logger):
 
 
 # --- the graph, in the precision asked for -------------------------------------------------------
-def _graph_for(model_path: Path, model, precision: str, samples: Samples | None, dest: Path, progress: bool):
+def _graph_for(model_path: Path, model, precision: str, samples: Samples | None, dest: Path, progress: bool,
+               target: Target):
     """(ONNX file to parse, how it was made, whether it is a new file in dest)."""
     quantized = any(node.op_type in _QDQ_OPS for node in model.graph)
     half = _mostly_fp16(model)
@@ -292,11 +296,13 @@ def _graph_for(model_path: Path, model, precision: str, samples: Samples | None,
             f"{model_path}: an int8 engine needs calibration data to quantize the model: pass sample inputs "
             "(--calib DATA.npz, one array per model input), or give a model that already has Q/DQ nodes"
         )
-    from edgelr.passes.quantize import quantize
+    from edgelr.passes.quantize import activations_for, quantize
 
     out = dest / "model.int8.onnx"
-    result = quantize(model_path, out, "int8", samples, activations="int8-symmetric", progress=progress)
-    return out, (f"quantized by edgelr (ONNX Runtime static int8, Q/DQ, symmetric, per-channel weights, "
+    activations = activations_for(target)  # the activation type the target's runtime wants, as compress uses it
+    result = quantize(model_path, out, "int8", samples, activations=activations, progress=progress)
+    flavour = "symmetric" if activations == "int8-symmetric" else f"{activations} activations"
+    return out, (f"quantized by edgelr (ONNX Runtime static int8, Q/DQ, {flavour}, per-channel weights, "
                  f"{result['samples']} calibration samples, {result['nodes_quantized']} nodes)"), True
 
 
@@ -451,64 +457,20 @@ def _external_files(onnx_path: Path) -> list[Path]:
 
 # --- optimization profile ------------------------------------------------------------------------
 def _profile(network, model, model_path: Path, shapes: dict, samples: Samples | None) -> dict[str, ShapeTriple]:
-    """Input name -> (min, opt, max) for every input with a dynamic dim; {} for a static model."""
-    declared = {v.name: v for v in model_inputs(model)}
-    inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
-    unknown = sorted(set(shapes or {}) - set(inputs))
-    if unknown:
-        raise EdgelrError(f"shapes given for {', '.join(unknown)}, which the model does not have; its inputs: "
-                          f"{', '.join(inputs)}")
-    sample_feed = samples.feed(0) if samples is not None else {}
+    """Input name -> (min, opt, max) for every input with a dynamic dim or given shapes; {} for a static model.
+    The sizes come from edgelr.io.shapes.resolve_shapes: shapes, samples, the model's metadata."""
+    sizes = resolve_shapes(model, samples=samples, shapes=shapes, where=model_path)
     profile = {}
-    for name, tensor in inputs.items():
-        dims = tuple(tensor.shape)
-        if all(d >= 0 for d in dims) and name not in (shapes or {}):
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        name = tensor.name
+        if all(d >= 0 for d in tuple(tensor.shape)) and name not in (shapes or {}):
             continue
         if getattr(tensor, "is_shape_tensor", False):
             raise EdgelrError(f"{model_path}: input '{name}' is a shape tensor (its values set shapes); edgelr cannot "
                               "profile shape-tensor inputs yet: fix them in the model")
-        if shapes and name in shapes:
-            triple = tuple(tuple(int(d) for d in s) for s in shapes[name])
-        elif name in sample_feed:
-            fixed = tuple(sample_feed[name].shape)
-            triple = (fixed, fixed, fixed)
-        else:
-            raise EdgelrError(
-                f"{model_path}: input '{name}' has dynamic dims {_dims_text(declared.get(name), dims)}: TensorRT needs "
-                f"its min/opt/max shapes: give --shapes {name}={_example(dims, 1)}:{_example(dims, 1)}:{_example(dims, 4)} "
-                "(or [shapes] in the target file), or sample inputs with --calib"
-            )
-        _check_triple(model_path, name, dims, triple)
-        profile[name] = triple
+        profile[name] = sizes.ranges[name]
     return profile
-
-
-def _check_triple(model_path: Path, name: str, dims: tuple[int, ...], triple) -> None:
-    if len(triple) != 3:
-        raise EdgelrError(f"shapes for '{name}' must be three shapes: min, opt, max")
-    for label, shape in zip(("min", "opt", "max"), triple):
-        if len(shape) != len(dims):
-            raise EdgelrError(f"{model_path}: the {label} shape of '{name}', {_x(shape)}, has {len(shape)} dims; "
-                              f"the input has {len(dims)} ({_x(dims)}, -1 = dynamic)")
-        for axis, (want, got) in enumerate(zip(dims, shape)):
-            if got < 1 or (want >= 0 and want != got):
-                raise EdgelrError(f"{model_path}: the {label} shape of '{name}', {_x(shape)}, has {got} in dim {axis}, "
-                                  f"which the model fixes at {want}" if want >= 0 else
-                                  f"{model_path}: the {label} shape of '{name}' must have positive dims, not {_x(shape)}")
-    lo, mid, hi = triple
-    if not all(a <= b <= c for a, b, c in zip(lo, mid, hi)):
-        raise EdgelrError(f"shapes for '{name}' must grow min <= opt <= max in every dim, not "
-                          f"{_x(lo)}, {_x(mid)}, {_x(hi)}")
-
-
-def _dims_text(value, dims: tuple[int, ...]) -> str:
-    if value is not None and value.shape is not None:
-        return "[" + ", ".join(str(d) for d in value.shape.dims) + "]"
-    return "[" + ", ".join(str(d) if d >= 0 else "?" for d in dims) + "]"
-
-
-def _example(dims: tuple[int, ...], batch: int) -> str:
-    return "x".join(str(d) if d >= 0 else str(batch if i == 0 else 320) for i, d in enumerate(dims))
 
 
 def _x(shape) -> str:
@@ -587,13 +549,13 @@ def gpu_available() -> bool:
 
 
 def parity_check(trt, engine_path: Path, model_path: Path, built_from: Path, samples: Samples | None,
-                 profile: dict, network) -> dict | str:
+                 profile: dict, model) -> dict | str:
     """Run the engine on the GPU and ONNX Runtime (CPU) on the same inputs; relative output errors
     against the graph it was built from and, when edgelr converted it, against the source model."""
     cuda = _CudaDriver.open()
     if cuda is None:
         return "skipped: no GPU"
-    feeds = _reference_feeds(samples, profile, network, trt)
+    feeds = _reference_feeds(samples, profile, model)
     try:
         got = _run_engine(trt, cuda, engine_path, feeds)
     except _CannotRunHere as exc:
@@ -614,17 +576,11 @@ class _CannotRunHere(EdgelrError):
 _HARDWARE_REASONS = {"UNSUPPORTED_CC", "OLD_CUDA_DRIVER", "OLD_CUDA_RUNTIME", "INSUFFICIENT_GPU_MEMORY"}
 
 
-def _reference_feeds(samples: Samples | None, profile: dict, network, trt) -> list[dict]:
+def _reference_feeds(samples: Samples | None, profile: dict, model) -> list[dict]:
+    """Up to _PARITY_SAMPLES of the samples, else one random input at each input's OPT size."""
     if samples is not None:
         return [samples.feed(i) for i in range(min(len(samples), _PARITY_SAMPLES))]
-    rng = np.random.default_rng(0)
-    feed = {}
-    for i in range(network.num_inputs):
-        tensor = network.get_input(i)
-        shape = profile[tensor.name][1] if tensor.name in profile else tuple(tensor.shape)
-        dtype = np.dtype(trt.nptype(tensor.dtype))
-        feed[tensor.name] = rng.standard_normal(shape).astype(dtype) if dtype.kind == "f" else np.zeros(shape, dtype)
-    return [feed]
+    return [random_feed(model, resolve_shapes(model, shapes=profile).fixed())]
 
 
 def _relative_error(onnx_path: Path, feeds: list[dict], got: list[dict]) -> float:

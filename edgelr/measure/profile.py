@@ -1,9 +1,12 @@
 """Latency profiling on this machine: end to end and per node, from ONNX Runtime's own profiler.
 
+    feed = sample_feed("model.onnx")                                # --calib's first sample, or sized random inputs
     report = profile_model("model.onnx", feed, runs=50)            # one model
-    both = compare_models({"A": "a.onnx", "B": "b.onnx"}, feed)     # interleaved; per_layer_ratios(both["A"], both["B"])
+    both = compare_models({"A": "a.onnx", "B": "b.onnx"}, feed, settings=run_settings(load_target("rpi5")))
+    comparison(both["A"], both["B"])                                # B / A end to end, and per layer
 
-Timings are ONNX Runtime CPU with a fixed intra-op thread count. Node names are ORT's after its graph
+Timings are ONNX Runtime CPU with a fixed intra-op thread count (a target's, with run_settings, which also
+says when the target is not this machine). Node names are ORT's after its graph
 optimizations (fused nodes get new names, e.g. `conv1_nchwc`), which is what really ran.
 The measurement itself lives in `edgelr.measure.runner` (self-contained, also run on remote devices by
 `edgelr.remote.profile_remote`); this module wraps it in `Profile` objects and compares them.
@@ -11,15 +14,18 @@ The measurement itself lives in `edgelr.measure.runner` (self-contained, also ru
 
 from __future__ import annotations
 
+import platform
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 
 from edgelr.errors import EdgelrError
+from edgelr.io.shapes import input_feed
 from edgelr.measure import runner
+
+CPU = "CPUExecutionProvider"
 
 
 @dataclass
@@ -34,6 +40,8 @@ class Profile:
     nodes: list[dict]  # name, op, total_ms, mean_ms, share; slowest first
     onnxruntime: str = ort.__version__
     host: str | None = None  # None: this machine; else the USER@HOST it was measured on (edgelr.measure.remote)
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    target: str | None = None  # the target whose settings (threads) it ran with
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -44,13 +52,17 @@ def profile_model(path: str | Path, feed: dict, runs: int = 50, warmup: int = 5,
 
 
 def compare_models(models: dict[str, str | Path], feed: dict, runs: int = 50, warmup: int = 5,
-                   threads: int = 1) -> dict[str, Profile]:
-    """End-to-end latency of each model, measured interleaved in one run, and each one's node table."""
+                   threads: int = 1, *, settings: RunSettings | None = None) -> dict[str, Profile]:
+    """End-to-end latency of each model, measured interleaved in one run, and each one's node table.
+    `settings` (run_settings: a target's threads) replaces `threads`."""
+    if settings is not None:
+        threads = settings.threads
     try:
         found = runner.measure(models, feed, runs, warmup, threads)
     except runner.RunnerError as exc:
         raise EdgelrError(str(exc)) from None
-    return {name: Profile(**data) for name, data in found.items()}
+    target = settings.target if settings is not None else None
+    return {name: Profile(**data, target=target) for name, data in found.items()}
 
 
 def layer_of(node_name: str) -> str:
@@ -92,23 +104,69 @@ def per_layer_ratios(a: Profile, b: Profile, aliases: dict[str, str] | None = No
     return sorted(rows, key=lambda r: -r["a_ms"])
 
 
-def sample_feed(path: str | Path, calib: str | Path | None = None, seed: int = 0) -> dict:
-    """The first calibration sample, or random inputs where every input dim is fixed."""
+def sample_feed(path: str | Path, calib: str | Path | None = None, seed: int = 0, shapes: dict | None = None) -> dict:
+    """The first calibration sample, or random inputs at the sizes `shapes` or the model's metadata give
+    (edgelr.io.shapes.input_feed on the model file; SizesUnknown names --shapes when nothing does)."""
     from edgelr.io import model as model_io
-    from edgelr.io.samples import load_samples, model_inputs
+    from edgelr.io.samples import load_samples
 
     model = model_io.load(path)
-    if calib is not None:
-        return load_samples(calib, model).feed(0)
-    rng = np.random.default_rng(seed)
-    feed = {}
-    for value in model_inputs(model):
-        dims = list(value.shape.dims) if value.shape is not None else None
-        if dims is None or any(not isinstance(d, int) or d < 0 for d in dims):
-            raise EdgelrError(
-                f"{path}: input '{value.name}' has dynamic dims {dims}; pass --calib DATA.npz with real inputs"
-            )
-        dtype = value.dtype.numpy() if value.dtype is not None else np.float32
-        kind = np.dtype(dtype).kind
-        feed[value.name] = rng.standard_normal(dims).astype(dtype) if kind == "f" else np.zeros(dims, dtype)
-    return feed
+    samples = load_samples(calib, model) if calib is not None else None
+    return input_feed(model, samples=samples, shapes=shapes, where=path, seed=seed)
+
+
+# --- where and how it runs ---------------------------------------------------------------------------------
+_ARCH_NAMES = {"amd64": "x86_64", "x86_64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "aarch64": "aarch64"}
+
+
+def host_arch() -> str:
+    """This machine's CPU architecture, named as targets name it (x86_64, aarch64)."""
+    machine = platform.machine().lower()
+    return _ARCH_NAMES.get(machine, machine)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How a profile runs: intra-op threads and execution providers, and what to tell the user about them."""
+
+    threads: int
+    providers: tuple[str, ...] = (CPU,)  # those the timed sessions use
+    target: str | None = None
+    notes: tuple[str, ...] = ()          # e.g. the target is another architecture: these timings are this host's
+
+
+def run_settings(target=None, threads: int | None = None, remote: str | None = None) -> RunSettings:
+    """Threads and providers for profiling: `threads` if given, else the target's (a deploy Target, or any
+    object with name, arch, backend, threads, providers), else 1. With no `remote` (USER@HOST), notes say
+    when the target is not this machine, so the timings are this host's, not the device's."""
+    if threads is not None and threads < 1:
+        raise EdgelrError(f"--threads {threads}: need threads >= 1")
+    if target is None:
+        return RunSettings(threads or 1)
+    notes = []
+    backend = getattr(target, "backend", "onnxruntime")
+    if remote is None and backend != "onnxruntime":
+        notes.append(f"target '{target.name}' runs {backend} on its GPU; these are ONNX Runtime CPU timings on this "
+                     f"host ({host_arch()}), not the device's: export it and time it there")
+    elif remote is None and target.arch != host_arch():
+        notes.append(f"target '{target.name}' is {target.arch} and this host is {host_arch()}: these timings are "
+                     "this host's, not the device's (add --on USER@HOST to time it on the device)")
+    # edgelr.measure.runner (which also runs on devices) opens CPU sessions: other providers are not timed
+    others = [p for p in getattr(target, "providers", ()) if p != CPU]
+    if others and backend == "onnxruntime":
+        lacking = [p for p in others if p not in ort.get_available_providers()]
+        why = (f"this onnxruntime ({ort.__version__}) lacks {', '.join(lacking)}" if lacking == others else
+               "edgelr's profiler times CPU sessions only")
+        notes.append(f"target '{target.name}' prefers {', '.join(others)}; {why}: timed on {CPU}")
+    return RunSettings(threads or target.threads, (CPU,), target.name, tuple(notes))
+
+
+def end_to_end_ratio(a: Profile, b: Profile, stat: str = "p50") -> float:
+    """B's latency over A's (below 1: B is faster)."""
+    return b.latency_ms[stat] / a.latency_ms[stat]
+
+
+def comparison(a: Profile, b: Profile, aliases: dict[str, str] | None = None) -> dict:
+    """{"ratio_p50": B / A end to end, "speedup": A / B, "layers": per_layer_ratios(a, b, aliases)}."""
+    ratio = end_to_end_ratio(a, b)
+    return {"ratio_p50": ratio, "speedup": 1 / ratio, "layers": per_layer_ratios(a, b, aliases)}
