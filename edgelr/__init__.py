@@ -1,28 +1,37 @@
-"""edgelr: low-rank factorization, compression and deployment of ONNX models for edge devices."""
+"""edgelr: low-rank factorization, compression and deployment of ONNX models for edge devices.
 
-from edgelr.api import CompressReport, compress  # noqa: E402
-from edgelr.calibration.grams import collect_grams  # noqa: E402
-from edgelr.errors import EdgelrError  # noqa: E402
-from edgelr.graph.layers import find_layers  # noqa: E402
-from edgelr.io.model import load, save  # noqa: E402
-from edgelr.io.samples import Samples, load_samples
-from edgelr.measure.verify import output_error  # noqa: E402
-from edgelr.passes.factorize import FactorizeConfig, FactorizeResult, factorize  # noqa: E402
-from edgelr.version import __version__  # noqa: E402
+The names below are loaded on first use, so `import edgelr` (and the `edgelr` command, which imports
+only what its verb needs) stays quick.
+"""
 
-__all__ = [
-    "__version__",
-    "CompressReport",
-    "EdgelrError",
-    "FactorizeConfig",
-    "FactorizeResult",
-    "Samples",
-    "collect_grams",
-    "compress",
-    "factorize",
-    "find_layers",
-    "load",
-    "load_samples",
-    "output_error",
-    "save",
-]
+from __future__ import annotations
+
+import importlib
+
+from edgelr.version import __version__
+
+_WHERE = {
+    "CompressReport": "edgelr.api", "compress": "edgelr.api",
+    "collect_grams": "edgelr.calibration.grams",
+    "EdgelrError": "edgelr.errors",
+    "find_layers": "edgelr.graph.layers",
+    "load": "edgelr.io.model", "save": "edgelr.io.model",
+    "Samples": "edgelr.io.samples", "load_samples": "edgelr.io.samples",
+    "output_error": "edgelr.measure.verify",
+    "FactorizeConfig": "edgelr.passes.factorize", "FactorizeResult": "edgelr.passes.factorize",
+    "factorize": "edgelr.passes.factorize",
+}
+
+__all__ = ["__version__", *_WHERE]
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'edgelr' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -4,6 +4,7 @@ argument groups they share (args). No logic lives here. May import anything; not
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from edgelr.cli import compress, demo, distill, export, inspect, profile, report
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     except EdgelrError as exc:
         print(f"edgelr {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `edgelr ... | head`: the reader left; nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"edgelr {args.command}: interrupted; nothing was written", file=sys.stderr)
         return 130

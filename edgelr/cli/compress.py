@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from edgelr.cli.args import fraction, positive, removed
+from edgelr.cli.args import add_calib, add_target, fraction, positive, removed
 from edgelr.errors import EdgelrError
 
 
@@ -22,13 +22,11 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-error", type=positive, metavar="E", help="per-layer relative output error gate")
     p.add_argument("--no-refit", action="store_true", help="keep each factorized pair as fitted on the original's "
                    "inputs (default, with --calib: refit it on the inputs the compressed model feeds it)")
-    p.add_argument("--calib", metavar="DATA.npz", help="one array per model input, first axis = samples")
+    add_calib(p)
     p.add_argument("--recipe", metavar="RECIPE.yaml",
                    help="the passes to run, as YAML (recipes/ has examples); instead of the budget, --prune and --quantize flags")
     p.add_argument("--write-recipe", metavar="RECIPE.yaml", help="also write the recipe the flags stand for (a new file)")
-    p.add_argument("--target", metavar="NAME",
-                   help="a device from targets/ (rpi5, rpi4, x86-cpu, rtx, jetson-orin, gpu) or your own .toml file: "
-                        "what quantization and the latency tables aim at")
+    add_target(p)
     p.add_argument("--report", metavar="REPORT.json", help="write the per-layer results as JSON")
     p.add_argument("--float-output", metavar="FLOAT.onnx", help="with --quantize: also keep the model before quantization")
     p.add_argument("--prune", type=removed, metavar="F",
