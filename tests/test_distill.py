@@ -1,4 +1,4 @@
-"""Distillation (edgelr.train.distill): onnx2torch conversion with trainable weights, training against the
+"""Distillation (edgelr.train: distill, convert, data, losses, qat, loop): onnx2torch conversion with trainable weights, training against the
 ONNX teacher, exact resume, write-back into the student graph, and bad input.
 
 Real components throughout: small models built with onnx.helper, ONNX Runtime, torch, onnx2torch;
@@ -23,13 +23,9 @@ if importlib.util.find_spec("onnx2torch") is None:  # not imported here: edgelr.
     pytest.skip("needs onnx2torch (pip install onnx2torch --no-deps)", allow_module_level=True)
 
 from edgelr.errors import EdgelrError
-from edgelr.train.distill import (
-    distill,
-    onnx_info,
-    parameter_sources,
-    to_torch,
-    weights_outside_pairs,
-)
+from edgelr.train.convert import onnx_info, parameter_sources, to_torch
+from edgelr.train.distill import DistillConfig, distill
+from edgelr.train.losses import weights_outside_pairs
 
 warnings.filterwarnings("ignore", message="Using a non-tuple sequence")  # onnx2torch's Slice, under new torch
 
@@ -125,11 +121,14 @@ def pair(tmp_path):
 
 
 def _run(tmp, out="out.onnx", **kw):
+    """distill with a DistillConfig of KW (steps 6, batch 4, on the CPU unless KW says otherwise)."""
     kw.setdefault("steps", 6)
     kw.setdefault("batch", 4)
-    kw.setdefault("progress", False)
     kw.setdefault("device", "cpu")
-    return distill(tmp / "teacher.onnx", tmp / "student.onnx", kw.pop("data", tmp / "data.npz"), tmp / out, **kw)
+    call = {k: kw.pop(k) for k in ("progress", "eval_samples", "task_loss") if k in kw}
+    call.setdefault("progress", False)
+    data = kw.pop("data", tmp / "data.npz")
+    return distill(tmp / "teacher.onnx", tmp / "student.onnx", data, tmp / out, DistillConfig(**kw), **call)
 
 
 def _weights(path) -> dict[str, np.ndarray]:
@@ -316,10 +315,10 @@ def test_deterministic_and_resume_is_bit_identical(pair):
 
 
 def test_quantization_aware_rounds_as_onnx_runtime_uint8():
-    from edgelr.train.distill import _fake_quantize_inputs, _round_input
+    from edgelr.train.qat import fake_quantize_inputs, round_input
 
     conv = torch.nn.Conv2d(3, 4, 3)
-    hooks = _fake_quantize_inputs(conv)
+    hooks = fake_quantize_inputs(conv)
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 3 + 1
     conv(x)  # the range the input reached: min..max, widened to hold 0
     low, high = conv.edgelr_input_range.tolist()
@@ -334,7 +333,7 @@ def test_quantization_aware_rounds_as_onnx_runtime_uint8():
     session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]).SerializeToString())
     want = session.run(None, {"x": x.numpy()})[0]
     x.requires_grad_(True)
-    got = _round_input(conv, (x,))[0]
+    got = round_input(conv, (x,))[0]
     assert np.abs(got.detach().numpy() - want).max() <= 1e-5 * (high - low)
     assert not torch.equal(got, x)
     got.sum().backward()  # straight through: the rounding passes gradients unchanged
@@ -412,7 +411,7 @@ def test_image_folder_default_yolo_preprocessing(pair):
 
     # the preprocessing: letterboxed with grey 114 / 255 (YOLO's) where the image does not reach
     from edgelr.io.model import load
-    from edgelr.train.distill import load_data
+    from edgelr.train.data import load_data
 
     data = load_data(folder, load(pair / "teacher.onnx"))
     plain = data.batch(np.array([0]), None)["x"]
@@ -428,7 +427,7 @@ def test_preprocess_spec_from_the_folder(pair):
     _save_png(folder / "a.png", np.full((16, 16, 3), 200, dtype=np.uint8))
     (folder / "preprocess.json").write_text('{"letterbox": false, "mean": 0.5, "std": 0.25, "channel_order": "BGR"}')
     from edgelr.io.model import load
-    from edgelr.train.distill import load_data
+    from edgelr.train.data import load_data
 
     x = load_data(folder, load(pair / "teacher.onnx")).batch(np.array([0]), None)["x"]
     assert np.allclose(x, (200 / 255 - 0.5) / 0.25, atol=1e-5)
@@ -446,7 +445,7 @@ def _photo_folder(pair, count: int = 4) -> Path:
 
 def test_strong_augmentation_is_seeded_varied_and_in_range(pair):
     from edgelr.io.model import load
-    from edgelr.train.distill import Augment, _hue_matrix, load_data
+    from edgelr.train.data import Augment, hue_matrix, load_data
 
     data = load_data(_photo_folder(pair), load(pair / "teacher.onnx"))
     data.strong = Augment(mosaic=0.5, mixup=0.5)
@@ -460,21 +459,21 @@ def test_strong_augmentation_is_seeded_varied_and_in_range(pair):
     assert not np.array_equal(a[0], a[4])  # the same photo twice in a batch: two different views
     plain = data.batch(np.array([0]), None)["x"]  # no generator: the plain letterboxed photo, as before
     assert np.array_equal(plain, load_data(pair / "photos", load(pair / "teacher.onnx")).batch(np.array([0]), None)["x"])
-    hue = _hue_matrix(1.0)
+    hue = hue_matrix(1.0)
     assert np.allclose(hue @ np.ones(3), 1, atol=1e-5)  # a hue rotation keeps greys grey
     with pytest.raises(EdgelrError, match="augment"):
         _run(pair, data=pair / "photos", augment="heavy")
 
 
 def test_strong_augmentation_gives_grey_photos_colour():
-    from edgelr.train.distill import Augment, _colour
+    from edgelr.train.data import Augment, colour
 
     grey = np.repeat(np.linspace(0, 255, 64, dtype=np.float32).reshape(8, 8, 1), 3, axis=2)
     rng = np.random.default_rng(3)
-    casts = [_colour(grey, rng, Augment(grey=0.0)) for _ in range(8)]
+    casts = [colour(grey, rng, Augment(grey=0.0)) for _ in range(8)]
     assert all(x.shape == (3, 8, 8) and x.min() >= 0 and x.max() <= 255 for x in casts)
     assert all(np.abs(x[0] - x[2]).max() > 1 for x in casts)  # a colour cast: the channels part
-    untinted = _colour(grey, rng, Augment(grey=0.0, tint=0.0))
+    untinted = colour(grey, rng, Augment(grey=0.0, tint=0.0))
     assert np.abs(untinted[0] - untinted[2]).max() < 1e-3  # brightness, contrast, saturation, hue keep grey grey
 
 
@@ -482,7 +481,7 @@ def test_strong_augmentation_bf16_resume_bit_identical(pair):
     calls, hook = _crash_hook()
 
     folder = _photo_folder(pair)
-    common = {"data": folder, "steps": 4, "checkpoint_every": 2, "augment": "strong", "precision": "bf16",
+    common = {"data": folder, "steps": 4, "checkpoint_every": 2, "augment": "strong", "train_precision": "bf16",
               "lr": 1e-3, "task_loss": hook}
     first = _run(pair, "a.onnx", checkpoint=pair / "a.ckpt", **common)
     assert first["steps"] == 4 and all(v <= 1e-4 for v in first["parity"].values())  # saved float32, same outputs
@@ -499,29 +498,29 @@ def test_strong_augmentation_bf16_resume_bit_identical(pair):
     assert not np.array_equal(files[0]["w2"], _weights(pair / "student.onnx")["w2"])
     with pytest.raises(EdgelrError, match="another run"):  # a checkpoint made with another augmentation
         _run(pair, "c.onnx", checkpoint=pair / "a.ckpt", resume=True, **{**common, "augment": True})
-    with pytest.raises(EdgelrError, match="precision"):
-        _run(pair, "d.onnx", **{**common, "precision": "fp16"})
+    with pytest.raises(EdgelrError, match="DistillConfig.train_precision"):
+        _run(pair, "d.onnx", **{**common, "train_precision": "fp16"})
 
 
 def test_scores_are_compared_by_binary_kl(pair):
-    from edgelr.train.distill import _binary_kl, _output_loss, _scales
+    from edgelr.train.losses import binary_kl, output_loss, output_scales
 
     logits = torch.tensor([-8.0, -2.0, 0.5, 3.0])
     p = torch.sigmoid(logits)
     q_logits = (logits + torch.tensor([1.0, -0.5, 0.2, 0.0])).requires_grad_()
-    kl = _binary_kl(p, torch.sigmoid(q_logits))
-    assert float(_binary_kl(p, p)) == pytest.approx(0.0, abs=1e-7) and float(kl.detach()) > 0
+    kl = binary_kl(p, torch.sigmoid(q_logits))
+    assert float(binary_kl(p, p)) == pytest.approx(0.0, abs=1e-7) and float(kl.detach()) > 0
     kl.backward()
     assert torch.allclose(q_logits.grad, (torch.sigmoid(q_logits) - p).detach() / 4, atol=1e-6)  # the logit's distance
 
     teacher = np.concatenate([np.full((2, 4, 5), 100.0), np.full((2, 2, 5), 0.01)], axis=1).astype(np.float32)
-    scale = _scales([[teacher]], per_channel=False, scores=(4, None))[0]
+    scale = output_scales([[teacher]], per_channel=False, scores=(4, None))[0]
     assert float(scale) == pytest.approx(100.0)  # the scores stay out of the boxes' scale
     t = torch.from_numpy(teacher)
     student = t.clone()
     student[:, 4:] = 0.02
-    loss = _output_loss(student, t, torch.from_numpy(scale), (4, None), 25.0)
-    assert float(loss) == pytest.approx(25 * float(_binary_kl(t[:, 4:], student[:, 4:])), rel=1e-5)
+    loss = output_loss(student, t, torch.from_numpy(scale), (4, None), 25.0)
+    assert float(loss) == pytest.approx(25 * float(binary_kl(t[:, 4:], student[:, 4:])), rel=1e-5)
 
     result = _run(pair, steps=3, scores=(4, None), score_weight=25.0)
     assert result["steps"] == 3 and np.isfinite(result["final_loss"])
@@ -530,11 +529,11 @@ def test_scores_are_compared_by_binary_kl(pair):
 
 
 def test_anneal_by_time_decays_to_zero_at_the_limit():
-    from edgelr.train.distill import _schedule
+    from edgelr.train.loop import schedule
 
     spent = [0.0]
-    factor = _schedule(1000, 10, clock=lambda: spent[0])
-    assert factor(0) == pytest.approx(0.1) and factor(50) == pytest.approx(_schedule(1000, 10)(50))
+    factor = schedule(1000, 10, clock=lambda: spent[0])
+    assert factor(0) == pytest.approx(0.1) and factor(50) == pytest.approx(schedule(1000, 10)(50))
     spent[0] = 0.5
     assert factor(50) == pytest.approx(0.5)  # half the time gone: the cosine's midpoint, whatever the step
     spent[0] = 1.2
@@ -618,7 +617,7 @@ def _yolo() -> Path:
 def test_yolo_to_torch_matches_ort():
     path = _yolo()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tools.photos import HELD_OUT, samples
+    from models.data import HELD_OUT, samples
 
     module = to_torch(path)
     info = onnx_info(module)
@@ -637,7 +636,7 @@ def test_yolo_factorized_distilled_on_photos(tmp_path):
     from edgelr import FactorizeConfig, compress
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tools.photos import CALIBRATION, HELD_OUT, photo, samples
+    from models.data import CALIBRATION, HELD_OUT, photo, samples
 
     path = _yolo()
     np.savez(tmp_path / "calib.npz", images=samples(CALIBRATION[:4], 320, crops=1))
@@ -648,8 +647,9 @@ def test_yolo_factorized_distilled_on_photos(tmp_path):
     for name in CALIBRATION[:6]:
         _save_png(folder / f"{name}.png", photo(name))
     (folder / "preprocess.json").write_text('{"size": 320}')  # this model's input size is dynamic
-    result = distill(path, tmp_path / "small.onnx", folder, tmp_path / "tuned.onnx", steps=10, batch=4,
-                     progress=False, device="cpu", eval_samples=tmp_path / "heldout.npz")
+    result = distill(path, tmp_path / "small.onnx", folder, tmp_path / "tuned.onnx",
+                     DistillConfig(steps=10, batch=4, device="cpu"), progress=False,
+                     eval_samples=tmp_path / "heldout.npz")
     assert result["steps"] == 10 and np.isfinite(result["final_loss"])
     assert result["parity"]["output0"] <= 1e-4
     assert result["error_after"]["all"] < 2 * result["error_before"]["all"]  # 10 steps: sane, not yet better
@@ -679,8 +679,13 @@ def test_distill_from_the_command_line(pair):
     assert not (pair / "bad.onnx").exists()
     assert cli("--data", str(pair / "data.npz"), "-o", str(pair / "bad.onnx")).returncode == 2  # no --steps/--epochs
     options = cli("--data", str(pair / "data.npz"), "-o", str(pair / "opts.onnx"), "--steps", "2", "--augment", "none",
-                  "--precision", "bf16", "--quantization-aware")
+                  "--train-precision", "bf16", "--quantization-aware")
     assert options.returncode == 0, options.stderr
+    # --precision is export's deployed format; distill's training compute is --train-precision
+    wrong = cli("--data", str(pair / "data.npz"), "-o", str(pair / "bad.onnx"), "--steps", "2", "--precision", "bf16")
+    assert wrong.returncode == 1 and wrong.stderr.count("\n") == 1 and "--train-precision" in wrong.stderr
+    zero = cli("--data", str(pair / "data.npz"), "-o", str(pair / "bad.onnx"), "--steps", "2", "--batch", "0")
+    assert zero.returncode == 1 and "--batch must be >= 1" in zero.stderr and zero.stderr.count("\n") == 1
     unfactorized = cli("--data", str(pair / "data.npz"), "-o", str(pair / "bad.onnx"), "--steps", "2", "--align-factorized")
     assert unfactorized.returncode == 1 and "no factorized pairs" in unfactorized.stderr
     both = cli("--data", str(pair / "data.npz"), "-o", str(pair / "bad.onnx"), "--steps", "2", "--align-factorized",

@@ -5,10 +5,10 @@
 
 Student: `compress --params F` calibrated on the calibration photos. Training data: a folder of
 scikit-image photos (the calibration ones and others not held out, at full size) and LFW mosaics of
-faces 0..49 (and with --nonfaces of LFW's non-face images 100..199), augmented by edgelr.train.distill
+faces 0..49 (and with --nonfaces of LFW's non-face images 100..199), augmented by edgelr.train.data
 (`--augment strong`: random crops from 5% to all of a photo, letterboxed views, 2x2 mosaics, colour,
 hue and greyscale, mixup; every step sees new views). Evaluation on the held-out photos
-(tools/photos.py), and with --map the detection agreement mAP@0.5 on tools.photos.detection_heldout,
+(models/data.py), and with --map the detection agreement mAP@0.5 on models.data.detection_heldout,
 as tools/bench_yolo.py measures it. Never trained on: the held-out photos, LFW faces 50..99.
 """
 
@@ -31,9 +31,10 @@ from edgelr import (
     FactorizeConfig,  # noqa: E402
     compress,
 )
-from edgelr.train.distill import Augment, distill, weights_outside_pairs  # noqa: E402
-from tools.bench_yolo import _channel_errors, yolo_path  # noqa: E402
-from tools.photos import (  # noqa: E402
+from edgelr.train.data import Augment  # noqa: E402
+from edgelr.train.distill import DistillConfig, distill  # noqa: E402
+from edgelr.train.losses import weights_outside_pairs  # noqa: E402
+from models.data import (  # noqa: E402
     CALIBRATION,
     HELD_OUT,
     detection_heldout,
@@ -41,7 +42,9 @@ from tools.photos import (  # noqa: E402
     lfw_mosaics,
     photo,
     samples,
+    yolo_path,
 )
+from tools.bench_yolo import _channel_errors  # noqa: E402
 
 # scikit-image photos in neither CALIBRATION nor HELD_OUT (files inside the package)
 EXTRA = ["motorcycle_left.png", "motorcycle_right.png", "horse.png", "clock_motion.png", "logo.png", "color.png",
@@ -93,9 +96,10 @@ def main() -> None:
     parser.add_argument("--no-extra", action="store_true", help="train on the calibration photos and faces only")
     parser.add_argument("--nonfaces", action="store_true", help="also LFW's non-face images 100..199, as mosaics")
     parser.add_argument("--augment", choices=["strong", "light", "none"], default="light",
-                        help="edgelr.train.distill's augmentation: strong (crops, mosaics, colour, mixup), light, none")
-    parser.add_argument("--tint", type=float, help="--augment strong's colour cast (edgelr.distill.Augment.tint; 0: none)")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="the student's forward pass")
+                        help="edgelr.train.data's augmentation: strong (crops, mosaics, colour, mixup), light, none")
+    parser.add_argument("--tint", type=float, help="--augment strong's colour cast (edgelr.train.data.Augment.tint; 0: none)")
+    parser.add_argument("--train-precision", choices=["fp32", "bf16"], default="fp32",
+                        help="the training compute: the student's forward pass")
     parser.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime threads")
     parser.add_argument("--time-limit", type=float, help="seconds for the whole distill call: it stops past this, "
                         "its learning rate decayed to 0 by then (anneal_by_time); give more --steps than fit")
@@ -125,15 +129,16 @@ def main() -> None:
         features, feature_weight = ([(f, f) for f in HEAD], 1.0) if args.features else (None, None)
         if args.align_factorized:  # every factorized pair towards the layer it replaced
             features, feature_weight = "factorized", args.align_factorized
-        augment = {"strong": "strong", "light": True, "none": False}[args.augment]
+        augment = args.augment
         if args.augment == "strong" and args.tint is not None:
             augment = Augment(tint=args.tint)
-        done = distill(source, tmp / "student.onnx", tmp / "train", tmp / "tuned.onnx", steps=args.steps, lr=args.lr,
-                       batch=args.batch, seed=args.seed, freeze=freeze, lr_scale=lr_scale, per_channel=args.per_channel,
-                       features=features, feature_weight=feature_weight, augment=augment,
-                       scores=(4, None) if args.score_weight else None, score_weight=args.score_weight or 1.0,
-                       precision=args.precision, time_limit=args.time_limit, anneal_by_time=args.time_limit is not None,
-                       device="cpu",
+        config = DistillConfig(steps=args.steps, lr=args.lr, batch=args.batch, seed=args.seed, freeze=freeze,
+                               lr_scale=lr_scale or (), per_channel=args.per_channel, features=features,
+                               feature_weight=feature_weight, augment=augment,
+                               scores=(4, None) if args.score_weight else None, score_weight=args.score_weight or 1.0,
+                               train_precision=args.train_precision, time_limit=args.time_limit,
+                               anneal_by_time=args.time_limit is not None, device="cpu")
+        done = distill(source, tmp / "student.onnx", tmp / "train", tmp / "tuned.onnx", config,
                        eval_samples=tmp / "heldout.npz", progress=False)
         load_after = os.getloadavg()
         from edgelr.io.model import load
