@@ -10,6 +10,7 @@ import pytest
 import edgelr.api  # noqa: F401  (registers the latency search)
 from edgelr.demo import build_model
 from edgelr.errors import EdgelrError
+from edgelr.graph.lowrank_pair import find_pairs
 from edgelr.io import model as model_io
 from edgelr.passes.base import CONFIGS, Context, make_pass
 from edgelr.passes.factorize import FactorizeConfig, FactorizePass
@@ -42,6 +43,9 @@ def test_passes_run_under_onnx_irs_pass_manager(context):
     assert result.modified and result.model is model
     assert sum(v.const_value.size for v in model.graph.initializers.values()) < params
     assert context.factorized.result.factorized and context.pruned["groups_pruned"] > 0
+    pairs = find_pairs(model.graph)  # the low-rank pair is a named construct, found without knowing node names
+    assert sorted(p.layer for p in pairs) == sorted(r.name for r in context.factorized.result.factorized)
+    assert all(p.down.outputs[0] in p.up.inputs for p in pairs)
 
 
 def test_a_refit_without_a_factorization_is_refused_before_it_runs(context):

@@ -5,11 +5,56 @@ the helpers below are the one place that knows it (refit, profile and distill as
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 import numpy as np
 import onnx_ir as ir
 
 from edgelr.core import lowrank
 from edgelr.graph.layers import Layer, Use
+
+PARTS = ("down", "up")
+_MARK = "/lowrank_"
+
+
+def part_name(node_name: str, part: str) -> str:
+    """The name of the `part` ("down", "up") node a factorized node NODE_NAME became (or "mid": the value between)."""
+    return f"{node_name}{_MARK}{part}"
+
+
+@dataclass(frozen=True)
+class LowRankPair:
+    """A factorized layer in a graph: the node it replaced (by name) and the two nodes that replaced it."""
+
+    layer: str
+    down: ir.Node
+    up: ir.Node
+
+
+def find_pairs(graph: ir.Graph) -> list[LowRankPair]:
+    """Every low-rank pair in the graph, in graph order of their second node."""
+    nodes = {node.name: node for node in graph}
+    pairs = []
+    for node in graph:
+        if node.name.endswith(_MARK + "up"):
+            layer = node.name[: -len(_MARK + "up")]
+            down = nodes.get(part_name(layer, "down"))
+            if down is not None:
+                pairs.append(LowRankPair(layer, down, node))
+    return pairs
+
+
+def pair_of(nodes: Mapping[str, ir.Node], node_name: str) -> list[ir.Node | None]:
+    """[down, up] of the pair that replaced NODE_NAME (None where missing), from a name -> node map."""
+    return [nodes.get(part_name(node_name, part)) for part in PARTS]
+
+
+def unpaired(name: str) -> str:
+    """A pair's node or value name back to the name of the layer it replaced (other names unchanged)."""
+    for part in (*PARTS, "mid"):
+        name = name.replace(_MARK + part, "")
+    return name
 
 
 # --- graph rewriting --------------------------------------------------------------------------
@@ -44,21 +89,21 @@ def pair_nodes(layer: Layer, use: Use, form: str, down: ir.Value, up: ir.Value) 
     node = use.node
     name = node.name
     if node.op_type == "MatMul":
-        first = ir.node("MatMul", [node.inputs[0], down], name=f"{name}/lowrank_down")
-        second = ir.node("MatMul", [first.outputs[0], up], name=f"{name}/lowrank_up")
+        first = ir.node("MatMul", [node.inputs[0], down], name=part_name(name, "down"))
+        second = ir.node("MatMul", [first.outputs[0], up], name=part_name(name, "up"))
     elif node.op_type == "Gemm":
         attrs = node.attributes
         first_inputs = [node.inputs[0], down]
         if use.opset < 11:  # Gemm's C is optional from opset 11
             first_inputs.append(add_initializer(use.node.graph, f"{layer.name}.lowrank_zero", np.zeros(1, down.dtype.numpy())))
-        first = ir.node("Gemm", first_inputs, {"transA": attrs.get_int("transA", 0)}, name=f"{name}/lowrank_down")
+        first = ir.node("Gemm", first_inputs, {"transA": attrs.get_int("transA", 0)}, name=part_name(name, "down"))
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         second_inputs = [first.outputs[0], up] + ([bias] if bias is not None else [])
         second_attrs = {"alpha": attrs.get_float("alpha", 1.0), "beta": attrs.get_float("beta", 1.0)}
-        second = ir.node("Gemm", second_inputs, second_attrs, name=f"{name}/lowrank_up")
+        second = ir.node("Gemm", second_inputs, second_attrs, name=part_name(name, "up"))
     else:
         first, second = _conv_pair(layer, use, form, down, up)
-    first.outputs[0].name = f"{node.outputs[0].name}/lowrank_mid"  # profiles name fused kernels by output
+    first.outputs[0].name = part_name(node.outputs[0].name, "mid")  # profiles name fused kernels by output
     return [first, second]
 
 
@@ -84,8 +129,8 @@ def _conv_pair(layer: Layer, use: Use, form: str, down: ir.Value, up: ir.Value) 
             second_attrs["pads"] = [0, left, 0, right]
         else:  # SAME_* and VALID split exactly: a size-1 kernel with stride 1 needs no padding
             first_attrs["auto_pad"] = second_attrs["auto_pad"] = g.auto_pad
-    first = ir.node("Conv", [node.inputs[0], down], first_attrs, name=f"{node.name}/lowrank_down")
-    second = ir.node("Conv", [first.outputs[0], up, *bias], second_attrs, name=f"{node.name}/lowrank_up")
+    first = ir.node("Conv", [node.inputs[0], down], first_attrs, name=part_name(node.name, "down"))
+    second = ir.node("Conv", [first.outputs[0], up, *bias], second_attrs, name=part_name(node.name, "up"))
     return first, second
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from edgelr.errors import EdgelrError
+from edgelr.graph.lowrank_pair import unpaired
 from edgelr.io.shapes import input_feed
 from edgelr.measure import runner
 
@@ -68,8 +69,7 @@ def compare_models(models: dict[str, str | Path], feed: dict, runs: int = 50, wa
 def layer_of(node_name: str) -> str:
     """The source layer a runtime node belongs to: factorized pairs and ORT's renamed kernels folded."""
     name = node_name.removeprefix("fused ")  # Gemm + Relu -> FusedGemm "fused fc"
-    for suffix in ("/lowrank_down", "/lowrank_up", "/lowrank_mid"):
-        name = name.replace(suffix, "")
+    name = unpaired(name)
     for suffix in ("_nchwc", "_token"):
         if suffix in name:
             name = name[: name.index(suffix)]

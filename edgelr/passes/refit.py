@@ -31,7 +31,7 @@ from edgelr.calibration.grams import input_gram, values_by_sample
 from edgelr.core import lowrank
 from edgelr.errors import EdgelrError
 from edgelr.graph.layers import Layer
-from edgelr.graph.lowrank_pair import factor_weights
+from edgelr.graph.lowrank_pair import PARTS, factor_weights, pair_of, part_name
 from edgelr.io.cache import ArrayCache
 from edgelr.io.model import load, model_bytes
 from edgelr.io.samples import Samples
@@ -105,8 +105,8 @@ def _changeable(compressed: ir.Model, quantized: ir.Model | None, layers: list[L
         nodes = {node.name: node for node in model.graph}
         for layer in layers:
             for use in layer.uses:
-                for part in ("down", "up"):
-                    for value in nodes[f"{use.node.name}/lowrank_{part}"].inputs[1:3]:
+                for part in PARTS:
+                    for value in nodes[part_name(use.node.name, part)].inputs[1:3]:
                         dq = value.producer() if value is not None else None
                         if dq is not None and dq.op_type == "DequantizeLinear":
                             yield from ((tag, v) for v in dq.inputs[:2] if v.const_value is not None)
@@ -242,7 +242,7 @@ def _quantized_inputs(quantized: ir.Model, layers: list[Layer]) -> tuple[set[str
     nodes = {node.name: node for node in quantized.graph}
     usable, inputs = set(), {}
     for layer in layers:
-        pairs = [[nodes.get(f"{use.node.name}/lowrank_{part}") for part in ("down", "up")] for use in layer.uses]
+        pairs = [pair_of(nodes, use.node.name) for use in layer.uses]
         if all(node is not None and _int8_weight(node) is not None for pair in pairs for node in pair):
             usable.add(layer.name)
             inputs.update((use.input.name, pair[0].inputs[0].name) for use, pair in zip(layer.uses, pairs))
@@ -265,8 +265,8 @@ def _set_quantized(quantized: ir.Model, layer: Layer, form: str, factors: lowran
     (scale = max|w| / 127 per channel on the DequantizeLinear's axis, or per tensor)."""
     nodes = {node.name: node for node in quantized.graph}
     for use in layer.uses:
-        for part, array in zip(("down", "up"), factor_weights(layer, form, factors)):
-            dq = _int8_weight(nodes[f"{use.node.name}/lowrank_{part}"])
+        for part, array in zip(PARTS, factor_weights(layer, form, factors)):
+            dq = _int8_weight(nodes[part_name(use.node.name, part)])
             q, scale = dq.inputs[0], dq.inputs[1]
             if scale.const_value.numpy().ndim == 0:
                 step = np.abs(array).max() / 127.0
@@ -279,7 +279,7 @@ def _set_quantized(quantized: ir.Model, layer: Layer, form: str, factors: lowran
             dtype = scale.const_value.dtype.numpy()
             q.const_value = ir.tensor(values, name=q.name)
             scale.const_value = ir.tensor(np.asarray(step, dtype).reshape(scale.const_value.numpy().shape), name=scale.name)
-            _requantize_bias(nodes[f"{use.node.name}/lowrank_{part}"], scale.const_value.numpy())
+            _requantize_bias(nodes[part_name(use.node.name, part)], scale.const_value.numpy())
 
 
 def _requantize_bias(node: ir.Node, weight_scale: np.ndarray) -> None:
@@ -309,9 +309,9 @@ def _values(graph: ir.Graph, names: list[str]) -> list[ir.Value]:
 
 
 def _weights(nodes: dict, layer: Layer) -> list[np.ndarray]:
-    """The current (first, second) weights of the layer's pair (factorize names its nodes NODE/lowrank_*)."""
+    """The current (first, second) weights of the layer's pair (edgelr.graph.lowrank_pair names its nodes)."""
     name = layer.uses[0].node.name
-    return [nodes[f"{name}/lowrank_{part}"].inputs[1].const_value.numpy().astype(np.float64) for part in ("down", "up")]
+    return [nodes[part_name(name, part)].inputs[1].const_value.numpy().astype(np.float64) for part in PARTS]
 
 
 def _dense(layer: Layer, form: str, first: np.ndarray, second: np.ndarray) -> np.ndarray:
@@ -332,7 +332,7 @@ def _set_factors(nodes: dict, layer: Layer, form: str, factors: lowrank.Factors)
     first, second = factor_weights(layer, form, factors)
     for use in layer.uses:
         for part, array in (("down", first), ("up", second)):
-            weight = nodes[f"{use.node.name}/lowrank_{part}"].inputs[1]
+            weight = nodes[part_name(use.node.name, part)].inputs[1]
             dtype = weight.const_value.dtype.numpy()
             weight.const_value = ir.tensor(array.astype(dtype), name=weight.name)
 

@@ -32,6 +32,7 @@ import onnx
 import onnx_ir as ir
 
 from edgelr.errors import EdgelrError
+from edgelr.graph.lowrank_pair import find_pairs
 
 try:
     import torch
@@ -197,7 +198,7 @@ class Objective:
 def factorized_features(s_model: ir.Model, student) -> list[tuple[str, str]]:
     """features="factorized": (tensor, tensor) for the output of every factorized pair of an
     `edgelr compress` student (the pair keeps the output name of the layer it replaced)."""
-    pairs = [(n.outputs[0].name, n.outputs[0].name) for n in s_model.graph if n.name.endswith("/lowrank_up")]
+    pairs = [(pair.up.outputs[0].name,) * 2 for pair in find_pairs(s_model.graph)]
     if not pairs:
         raise EdgelrError(f"{student}: no factorized pairs to align (features='factorized' wants a student from "
                           "edgelr compress); name the tensors instead")
