@@ -32,7 +32,6 @@ from edgelr.passes.quantize import SCHEMES, QuantizeConfig
 from edgelr.passes.refit import RefitConfig
 from edgelr.recipe import Recipe
 from edgelr.report.tables import result_json, write_json
-from edgelr.search import latency as _registers_the_latency_search  # noqa: F401
 
 
 @dataclass
@@ -45,6 +44,7 @@ class CompressReport:
     latency: dict | None = None  # with a latency budget: predicted vs measured per search round, table use
     quantized: dict | None = None  # with quantize: what edgelr.passes.quantize did
     pruned: dict | None = None  # with prune: what edgelr.passes.prune did
+    distilled: dict | None = None  # with distill: steps, seconds, final loss
     passes: list[dict] = field(default_factory=list)  # the recipe that ran (configs as dicts)
     target: str | None = None
 
@@ -54,7 +54,7 @@ class CompressReport:
         if self.result is not None:
             data.update(result_json(self.result))
         data["output_error"] = self.output_error
-        for name in ("latency", "quantized", "pruned"):
+        for name in ("latency", "quantized", "pruned", "distilled"):
             if getattr(self, name) is not None:
                 data[name] = getattr(self, name)
         return data
@@ -144,7 +144,8 @@ def compress(
         if report is not None and ctx.factorized is not None:
             _measure_layers(ctx.factorized, output, samples)
     done = CompressReport(source, output, result, errors, time.perf_counter() - start, ctx.latency, ctx.quantized,
-                          ctx.pruned, [c.to_dict() for c in recipe.passes], recipe.target if resolved is None else resolved.name)
+                          ctx.pruned, ctx.distilled, [c.to_dict() for c in recipe.passes],
+                          recipe.target if resolved is None else resolved.name)
     if report is not None:
         write_json(done.to_json(), report)
     return done

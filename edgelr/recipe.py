@@ -15,18 +15,23 @@ file and line.
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+import edgelr.passes  # noqa: F401  (registers every pass a recipe may name)
+import edgelr.search.latency  # noqa: F401
 from edgelr.errors import EdgelrError
 from edgelr.passes.base import PassConfig, config_from_dict
 from edgelr.passes.factorize import FactorizeConfig
 from edgelr.passes.quantize import QuantizeConfig
 
 _TOP = ("target", "passes")
+# passes that live above the passes/ stage, imported only when a recipe names them (training imports torch)
+_PROVIDERS = {"distill": "edgelr.train.distill"}
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,8 @@ class Recipe:
         item_nodes = _value(node, "passes").value
         configs, lines = [], []
         for item, item_node in zip(items, item_nodes):
+            if isinstance(item, dict) and item.get("_type") in _PROVIDERS:
+                importlib.import_module(_PROVIDERS[item["_type"]])
             line = item_node.start_mark.line + 1
             fields = _key_lines(item_node) if isinstance(item_node, yaml.MappingNode) else {}
             configs.append(config_from_dict(item, lambda key, fields=fields, line=line: f"{name}:{fields.get(key, line)}"))

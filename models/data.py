@@ -6,6 +6,7 @@ random crops), and LFW face mosaics. `python tools/photos.py` writes them as .np
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -96,3 +97,35 @@ def detection_heldout(size: int = 320) -> np.ndarray:
     50..99 (faces 0..49 may be used for training)."""
     return np.concatenate([samples(HELD_OUT, size, 3, seed=1), face_mosaics(slice(50, 100), 3, size),
                            face_mosaics(slice(50, 100), 4, size)])
+
+
+# scikit-image photos in neither CALIBRATION nor HELD_OUT (files inside the package)
+EXTRA = ["motorcycle_left.png", "motorcycle_right.png", "horse.png", "clock_motion.png", "logo.png", "color.png",
+         "microaneurysms.png", "phantom.png", "chessboard_RGB.png"]
+
+
+def training_folder(folder: Path, extra: bool, nonfaces: bool = False) -> int:
+    """Unlabeled training images for distilling the detector, written as PNGs into FOLDER (with a
+    preprocess.json): the calibration photos, mosaics of LFW faces 0..49, optionally LFW's non-face crops
+    and the EXTRA photos. Never a held-out photo or face. Returns the number of images."""
+    import skimage
+    from PIL import Image
+
+    def save(name: str, chw: np.ndarray) -> None:
+        Image.fromarray((chw.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(folder / name)
+
+    for name in CALIBRATION:
+        Image.fromarray(photo(name)).save(folder / f"{name}.png")
+    for grid in (2, 3, 4):
+        for i, mosaic in enumerate(face_mosaics(slice(0, 50), grid, 320)):
+            save(f"faces{grid}_{i}.png", mosaic)
+    if nonfaces:  # LFW's non-face crops (100..199), 25x25 grey, as mosaics too
+        for grid in (3, 5):
+            for i, mosaic in enumerate(lfw_mosaics(slice(100, 200), grid, 320)):
+                save(f"nonfaces{grid}_{i}.png", mosaic)
+    if extra:
+        base = Path(skimage.__file__).parent / "data"
+        for name in EXTRA:
+            Image.open(base / name).convert("RGB").save(folder / name)
+    (folder / "preprocess.json").write_text(json.dumps({"size": 320}))
+    return len(list(folder.glob("*.png")))

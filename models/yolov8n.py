@@ -14,7 +14,10 @@
    the post-training model and the distilled one, beside ONNX Runtime's INT8 of the original, and all
    of them timed interleaved (ONNX Runtime CPU, 1 thread).
 
-Everything lands in --out: the models, `recipe.json` with every number, and the distillation log.
+Steps 1 and 2-3 are the shipped recipes recipes/yolov8n-latency50-int8.yaml (its budget replaced by
+--params or --latency) and recipes/yolov8n-distill-int8.yaml (its teacher, photos, time limit and
+options filled in from the flags), each run by edgelr.compress. Everything lands in --out: the models
+and `recipe.json` with every number.
 """
 
 from __future__ import annotations
@@ -23,26 +26,34 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from edgelr import (
-    FactorizeConfig,  # noqa: E402
-    compress,
-)
+from edgelr import compress  # noqa: E402
 from edgelr.io.model import load  # noqa: E402
 from edgelr.io.samples import load_samples, samples_from_arrays  # noqa: E402
 from edgelr.measure.detection import detection_agreement  # noqa: E402
 from edgelr.measure.latency import interleaved_latency  # noqa: E402
 from edgelr.measure.verify import output_error  # noqa: E402
-from edgelr.passes.quantize import quantize  # noqa: E402
-from edgelr.train.distill import distill, weights_outside_pairs  # noqa: E402
-from tools.bench_distill import training_folder  # noqa: E402
-from tools.bench_yolo import yolo_path  # noqa: E402
-from tools.photos import CALIBRATION, HELD_OUT, detection_heldout, samples  # noqa: E402
+from edgelr.passes.factorize import FactorizeConfig  # noqa: E402
+from edgelr.passes.quantize import QuantizeConfig, quantize  # noqa: E402
+from edgelr.recipe import load_recipe  # noqa: E402
+from edgelr.train.distill import DistillConfig  # noqa: E402
+from models.data import (  # noqa: E402
+    CALIBRATION,
+    HELD_OUT,
+    detection_heldout,
+    samples,
+    training_folder,
+    yolo_path,
+)
+
+RECIPES = ROOT / "recipes"
 
 
 def main() -> None:
@@ -78,30 +89,31 @@ def main() -> None:
     training_folder(out / "train", True, nonfaces=True)
 
     # 1. compress (the float model is what distillation trains)
-    config = FactorizeConfig(params=args.params) if args.params is not None else FactorizeConfig(latency=args.latency)
+    budget = FactorizeConfig(params=args.params) if args.params is not None else FactorizeConfig(latency=args.latency)
+    first = [budget if isinstance(c, FactorizeConfig) else c for c in load_recipe(RECIPES / "yolov8n-latency50-int8.yaml").passes
+             if args.quantize or not isinstance(c, QuantizeConfig)]
     student = out / "student.float.onnx"
     if args.quantize:
-        done = compress(teacher, out / "student.ptq.onnx", config, calib=out / "calib.npz", quantize=args.quantize,
-                        float_output=student)
+        done = compress(teacher, out / "student.ptq.onnx", first, calib=out / "calib.npz", float_output=student)
     else:
-        done = compress(teacher, student, config, calib=out / "calib.npz")
+        done = compress(teacher, student, first, calib=out / "calib.npz")
     keep_float = done.result.keep_float
 
-    # 2. distill
-    freeze = ["*dfl*"]  # the DFL conv's fixed arange weights
-    if not args.train_all:
-        freeze += weights_outside_pairs(student)
-    trained = distill(teacher, student, out / "train", out / "distilled.float.onnx", steps=args.steps, lr=args.lr,
-                      freeze=freeze, augment="strong", precision="bf16", time_limit=args.minutes * 60,
-                      per_channel=False, features=None if args.no_align else "factorized",
-                      quantization_aware=bool(args.quantize) and not args.no_qat,
-                      anneal_by_time=True, eval_samples=out / "heldout.npz", checkpoint=out / "distill.ckpt")
-
-    # 3. quantize, as compress did
+    # 2. distill, 3. quantize with the same layers left in float, calibrated on the same photos as step 1
+    tuning, quantizing = load_recipe(RECIPES / "yolov8n-distill-int8.yaml").passes
+    tuning = replace(tuning, teacher=str(teacher), data=str(out / "train"), steps=args.steps, lr=args.lr,
+                     time_limit=args.minutes * 60, pairs_only=not args.train_all,
+                     features=None if args.no_align else "factorized",
+                     quantization_aware=bool(args.quantize) and not args.no_qat, checkpoint=str(out / "distill.ckpt"))
+    assert isinstance(tuning, DistillConfig)
+    if args.quantize:
+        trained = compress(student, out / "distilled.int8.onnx", [tuning, replace(quantizing, keep_float=tuple(keep_float))],
+                           calib=out / "calib.npz", float_output=out / "distilled.float.onnx")
+    else:
+        trained = compress(student, out / "distilled.float.onnx", [tuning], calib=out / "calib.npz")
     models = {"original": teacher}
     calib = load_samples(out / "calib.npz", load(teacher))
     if args.quantize:
-        quantize(out / "distilled.float.onnx", out / "distilled.int8.onnx", args.quantize, calib, keep_float=keep_float)
         quantize(teacher, out / "original.int8.onnx", args.quantize, calib)
         models |= {"int8_only": out / "original.int8.onnx", "post_training": out / "student.ptq.onnx",
                    "distilled": out / "distilled.int8.onnx"}
@@ -128,9 +140,11 @@ def main() -> None:
         "budget": {"params": args.params, "latency": args.latency, "quantize": args.quantize},
         "kept_float": keep_float,
         "factorized_layers": len(done.result.factorized),
-        "distillation": {k: trained[k] for k in ("steps", "seconds", "stopped_early", "final_loss") if k in trained}
+        "recipes": {"compress": [c.to_dict() for c in first], "distill_quantize": trained.passes},
+        "distillation": trained.distilled
         | {"training_images": len(list((out / "train").glob("*.png"))),
-           "heldout_error_before": trained["error_before"]["all"], "heldout_error_after": trained["error_after"]["all"]},
+           "heldout_error_before": output_error(teacher, student, heldout)["all"],
+           "heldout_error_after": output_error(teacher, out / "distilled.float.onnx", heldout)["all"]},
         "latency_ms": {k: v * 1e3 for k, v in times.items()},
         "models": rows,
         "seconds": time.perf_counter() - started,

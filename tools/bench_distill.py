@@ -38,42 +38,14 @@ from models.data import (  # noqa: E402
     CALIBRATION,
     HELD_OUT,
     detection_heldout,
-    face_mosaics,
-    lfw_mosaics,
-    photo,
     samples,
+    training_folder,
     yolo_path,
 )
 from tools.bench_yolo import _channel_errors  # noqa: E402
 
-# scikit-image photos in neither CALIBRATION nor HELD_OUT (files inside the package)
-EXTRA = ["motorcycle_left.png", "motorcycle_right.png", "horse.png", "clock_motion.png", "logo.png", "color.png",
-         "microaneurysms.png", "phantom.png", "chessboard_RGB.png"]
 HEAD = ["/model.22/Concat_output_0", "/model.22/Concat_1_output_0", "/model.22/Concat_2_output_0"]
 
-
-def training_folder(folder: Path, extra: bool, nonfaces: bool = False) -> int:
-    import skimage
-    from PIL import Image
-
-    def save(name: str, chw: np.ndarray) -> None:
-        Image.fromarray((chw.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(folder / name)
-
-    for name in CALIBRATION:
-        Image.fromarray(photo(name)).save(folder / f"{name}.png")
-    for grid in (2, 3, 4):
-        for i, mosaic in enumerate(face_mosaics(slice(0, 50), grid, 320)):
-            save(f"faces{grid}_{i}.png", mosaic)
-    if nonfaces:  # LFW's non-face crops (100..199), 25x25 grey, as mosaics too
-        for grid in (3, 5):
-            for i, mosaic in enumerate(lfw_mosaics(slice(100, 200), grid, 320)):
-                save(f"nonfaces{grid}_{i}.png", mosaic)
-    if extra:
-        base = Path(skimage.__file__).parent / "data"
-        for name in EXTRA:
-            Image.open(base / name).convert("RGB").save(folder / name)
-    (folder / "preprocess.json").write_text(json.dumps({"size": 320}))
-    return len(list(folder.glob("*.png")))
 
 
 def main() -> None:

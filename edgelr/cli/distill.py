@@ -42,6 +42,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--preprocess", metavar="SPEC.json", help="image size, letterbox, mean, std, scale (images only)")
     p.add_argument("--freeze", action="append", default=[], metavar="PATTERN", help="keep matching weights fixed")
+    p.add_argument("--pairs-only", action="store_true",
+                   help="train only the factorized pairs' weights (the rest stays fixed)")
     aligned = p.add_mutually_exclusive_group()
     aligned.add_argument("--feature", action="append", default=[], metavar="TENSOR",
                          help="also align this intermediate tensor (same name in both models)")
@@ -81,7 +83,8 @@ def run(args) -> int:
             checkpoint=args.checkpoint, resume=args.resume, preprocess=args.preprocess, freeze=tuple(args.freeze),
             features="factorized" if args.align_factorized else tuple((f, f) for f in args.feature) or None,
             feature_weight=args.feature_weight, augment=args.augment, train_precision=args.train_precision,
-            quantization_aware=args.quantization_aware, time_limit=args.time_limit)
+            quantization_aware=args.quantization_aware, time_limit=args.time_limit,
+            pairs_only=args.pairs_only)
     except ConfigFieldError as exc:
         raise _flag_error(exc) from None
     if args.nproc is not None:

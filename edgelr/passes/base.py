@@ -75,6 +75,7 @@ class Context:
     quantized: dict | None = None  # what the quantize pass did
     pruned: dict | None = None  # what the prune pass did
     latency: dict | None = None  # what a latency search did
+    distilled: dict | None = None  # what a distill pass did
     references: list | None = None  # the original's outputs on the samples, while still pristine
     warnings: list[str] = field(default_factory=list)
 

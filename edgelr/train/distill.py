@@ -37,6 +37,12 @@ import onnx_ir as ir
 from edgelr.errors import EdgelrError
 from edgelr.io import model as model_io
 from edgelr.io.samples import model_inputs
+from edgelr.passes.base import (
+    FunctionalEdgelrPass,
+    PassConfig,
+    PassDetails,
+    register_pass,
+)
 from edgelr.train.convert import (
     check_conversion,
     need_torch,
@@ -86,7 +92,7 @@ class ConfigFieldError(EdgelrError):
 
 
 @dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(PassConfig):
     """How to distil: the training options of `distill` (the models, data and output are its arguments).
 
     steps / epochs: how long (exactly one of them). batch: samples per step (the global batch: a
@@ -140,6 +146,12 @@ class DistillConfig:
         output's scale. On YOLOv8n the mean KL is ~1/25 of the boxes' relative squared error:
         score_weight 25 weighs them alike.
 
+    pairs_only: train only the weights of the factorized pairs (everything else frozen, as freeze would):
+        on YOLOv8n that generalised better to held-out photos than training every weight.
+    data: in a recipe (the distill pass), what to train on: a folder of images or an .npz of model inputs;
+        None: the calibration samples. teacher: in a recipe, the teacher model; None: the model the
+        pipeline was given. (The verb `distill` takes both as arguments instead.)
+
     Serialised as {"_type": "distill", "_version": 1, field: value, ...} (the fields that differ from
     their defaults) by `to_dict`, and read back by `from_dict`, as the pass configs are.
     """
@@ -172,6 +184,9 @@ class DistillConfig:
     quantization_aware: bool = False
     scores: tuple[int, int | None] | None = None
     score_weight: float = 1.0
+    pairs_only: bool = False
+    data: str | None = None
+    teacher: str | None = None
 
     def __post_init__(self):
         def put(name, value):
@@ -250,6 +265,13 @@ class DistillConfig:
             bad("train_precision", f"must be 'fp32' or 'bf16' (the training compute; the saved model is float32), "
                                    f"not {self.train_precision!r}")
         flag("quantization_aware")
+        flag("pairs_only")
+        for name in ("data", "teacher"):
+            value = getattr(self, name)
+            if value is not None:
+                if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+                    bad(name, f"must be a path, got {value!r}")
+                put(name, os.fspath(value))
         scores = self.scores
         if scores is not None:
             if not (isinstance(scores, Sequence) and not isinstance(scores, str) and len(scores) == 2
@@ -297,6 +319,9 @@ class DistillConfig:
         object.__setattr__(self, "lr_scale", tuple((k, float(v)) for k, v in pairs))
 
     # --- serialisation ---------------------------------------------------------------------------
+    def needs_calibration(self) -> str | None:
+        return "it trains on the calibration samples unless its data names a folder or an .npz" if self.data is None else None
+
     def to_dict(self) -> dict[str, Any]:
         """{"_type": "distill", "_version": 1, field: value, ...}: the fields that differ from their
         defaults, as JSON / YAML write them (lists, mappings, an Augment as a mapping)."""
@@ -432,7 +457,8 @@ def distill(teacher: str | os.PathLike, student: str | os.PathLike, data, out: s
     warnings.filterwarnings("ignore", message="Using a non-tuple sequence", category=UserWarning)
     world, device = join(device)
     try:
-        module = to_torch(student, freeze=config.freeze)
+        freeze = config.freeze + tuple(weights_outside_pairs(student) if config.pairs_only else ())
+        module = to_torch(student, freeze=freeze)
         info = onnx_info(module)
         out_names = list(info.outputs)
         set_outputs(module, out_names + [s for _, s in features])
@@ -531,3 +557,18 @@ def _resolve_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise EdgelrError(f"device '{device}': no CUDA GPU is available to torch here; use 'cpu' or 'auto'")
     return device
+
+
+@register_pass(DistillConfig)
+class DistillPass(FunctionalEdgelrPass):
+    """The pipeline's model (the student) trained towards the model as given (the teacher) on the config's
+    data or the calibration samples; the next pass gets the trained model."""
+
+    def call(self, model: ir.Model) -> PassDetails:
+        ctx, config = self.context, self.config
+        data = config.data if config.data is not None else ctx.calib
+        out = ctx.workdir / f"distilled-{len(list(ctx.workdir.iterdir()))}.onnx"
+        teacher = config.teacher if config.teacher is not None else ctx.source
+        done = distill(teacher, ctx.path, data, out, config, progress=ctx.progress)
+        ctx.distilled = {k: done[k] for k in ("steps", "seconds", "stopped_early", "final_loss") if k in done}
+        return PassDetails(model_io.load(out), True, done)
