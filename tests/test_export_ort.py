@@ -129,7 +129,7 @@ def yolo() -> Path:
 @pytest.fixture(scope="module")
 def photo() -> dict[str, np.ndarray]:
     pytest.importorskip("skimage")
-    from tools.photos import samples
+    from models.data import samples
 
     return {"images": samples(["astronaut"], 320, crops=0)}  # (1, 3, 320, 320) float32, a real photograph
 

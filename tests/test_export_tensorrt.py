@@ -52,7 +52,7 @@ def yolo_factorized(yolo, tmp_path_factory) -> Path:
 def photos() -> dict[str, np.ndarray]:
     """Ten real photos, 320x320, samples on the first axis (the --calib .npz layout)."""
     pytest.importorskip("skimage")
-    from tools.photos import CALIBRATION, samples
+    from models.data import CALIBRATION, samples
 
     return {"images": samples(CALIBRATION[:10], 320, crops=0, seed=0)}
 
