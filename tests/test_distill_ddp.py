@@ -206,7 +206,7 @@ def test_config_round_trips_and_names_unknown_fields():
     assert DistillConfig.from_dict(json.loads(json.dumps(data))) == config
     assert DistillConfig(steps=3, augment=True).augment == "light" and DistillConfig(steps=3, augment=False).augment == "none"
 
-    with pytest.raises(EdgelrError, match="DistillConfig has no field 'bach'") as e:
+    with pytest.raises(EdgelrError, match="distill has no field 'bach'") as e:
         DistillConfig.from_dict({"_type": "distill", "steps": 3, "bach": 4})
     assert "\n" not in str(e.value) and "batch" in str(e.value)  # the fields it has
     with pytest.raises(EdgelrError, match="version"):

@@ -5,34 +5,26 @@ from __future__ import annotations
 import argparse
 
 
-def fraction(text: str) -> float:
+def _number(text: str, fits, why: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{text} is outside (0, 1]: give the fraction to keep, e.g. 0.5")
+    if not fits(value):
+        raise argparse.ArgumentTypeError(f"{text} {why}")
     return value
+
+
+def fraction(text: str) -> float:
+    return _number(text, lambda v: 0 < v <= 1, "is outside (0, 1]: give the fraction to keep, e.g. 0.5")
 
 
 def positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} must be positive, e.g. 0.05")
-    return value
+    return _number(text, lambda v: v > 0, "must be positive, e.g. 0.05")
 
 
 def removed(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is outside [0, 1): give the fraction of channels to remove, e.g. 0.25")
-    return value
+    return _number(text, lambda v: 0 <= v < 1, "is outside [0, 1): give the fraction of channels to remove, e.g. 0.25")
 
 
 def ssh_flags(p: argparse.ArgumentParser, flag: str) -> None:

@@ -165,7 +165,10 @@ def _default(f: dataclasses.Field):
 
 
 def _plain(value):
-    """A config value as YAML/JSON writes it (mappings as dicts, sequences as lists)."""
+    """A config value as YAML/JSON writes it (mappings as dicts, sequences as lists, a nested options
+    dataclass as a mapping with its _type)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {"_type": type(value).__name__.lower(), **{k: _plain(v) for k, v in dataclasses.asdict(value).items()}}
     if isinstance(value, Mapping):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -215,8 +218,14 @@ def _type_problem(value, hint) -> str | None:
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             return f"expected a list, got {value!r}"
-        item = typing.get_args(hint)[0] if typing.get_args(hint) else Any
-        return next((f"item {i}: {p}" for i, v in enumerate(value) if (p := _type_problem(v, item))), None)
+        args = typing.get_args(hint)
+        if origin is tuple and args and args[-1] is not Ellipsis:  # tuple[A, B]: one type per position
+            if len(value) != len(args):
+                return f"expected {len(args)} items, got {value!r}"
+            items = list(args)
+        else:  # tuple[A, ...] or list[A]
+            items = [args[0] if args else Any] * len(value)
+        return next((f"item {i}: {p}" for i, (v, a) in enumerate(zip(value, items)) if (p := _type_problem(v, a))), None)
     return None
 
 

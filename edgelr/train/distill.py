@@ -41,6 +41,7 @@ from edgelr.passes.base import (
     FunctionalEdgelrPass,
     PassConfig,
     PassDetails,
+    config_from_dict,
     register_pass,
 )
 from edgelr.train.convert import (
@@ -301,6 +302,8 @@ class DistillConfig(PassConfig):
         augment = self.augment
         if isinstance(augment, (bool, np.bool_)) or augment is None:
             augment = "light" if augment else "none"
+        if isinstance(augment, Mapping):  # as to_dict writes an Augment
+            augment = _augment_from_dict(augment)
         if not (isinstance(augment, Augment) or augment in AUGMENTS):
             raise ConfigFieldError("augment", f"must be 'light', 'strong', 'none' (or True / False) or an "
                                               f"edgelr.train.data.Augment, not {self.augment!r}")
@@ -322,50 +325,15 @@ class DistillConfig(PassConfig):
     def needs_calibration(self) -> str | None:
         return "it trains on the calibration samples unless its data names a folder or an .npz" if self.data is None else None
 
-    def to_dict(self) -> dict[str, Any]:
-        """{"_type": "distill", "_version": 1, field: value, ...}: the fields that differ from their
-        defaults, as JSON / YAML write them (lists, mappings, an Augment as a mapping)."""
-        data: dict[str, Any] = {"_type": self.kind, "_version": self.version}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if value != f.default:
-                data[f.name] = _plain(value)
-        return data
-
     @classmethod
     def from_dict(cls, data: Mapping) -> DistillConfig:
         """The config `to_dict` wrote (or a recipe's mapping): an unknown or misspelt field is an error naming it."""
         if not isinstance(data, Mapping):
             raise EdgelrError(f"DistillConfig.from_dict takes a mapping of fields, got {type(data).__name__}")
-        kind = data.get("_type", cls.kind)
-        if kind != cls.kind:
-            raise EdgelrError(f"DistillConfig.from_dict: _type is {kind!r}, not {cls.kind!r}")
-        version = data.get("_version", cls.version)
-        if version != cls.version:
-            raise EdgelrError(f"DistillConfig.from_dict: {cls.kind} version {version!r}; this edgelr reads "
-                              f"version {cls.version}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        values = {}
-        for key, value in data.items():
-            if key in ("_type", "_version"):
-                continue
-            if key not in names:
-                raise EdgelrError(f"DistillConfig has no field {key!r}; its fields: {', '.join(names)}")
-            values[key] = value
-        augment = values.get("augment")
-        if isinstance(augment, Mapping):
-            values["augment"] = _augment_from_dict(augment)
-        return cls(**values)
-
-
-def _plain(value):
-    if isinstance(value, Augment):
-        return {"_type": "augment", **{k: _plain(v) for k, v in dataclasses.asdict(value).items()}}
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+        config = config_from_dict({"_type": cls.kind, **data})
+        if not isinstance(config, cls):
+            raise EdgelrError(f"DistillConfig.from_dict: _type is {data.get('_type')!r}, not {cls.kind!r}")
+        return config
 
 
 def _augment_from_dict(data: Mapping) -> Augment:
