@@ -31,6 +31,15 @@ def _own_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("EDGELR_CACHE", str(tmp_path_factory.getbasetemp() / "edgelr-cache"))
 
 
+@pytest.fixture()
+def demo(tmp_path, monkeypatch):
+    """edgelr demo's small convnet (m.onnx) and 8 calibration images (calib.npz), with a cold cache of its own."""
+    monkeypatch.setenv("EDGELR_CACHE", str(tmp_path / "cache"))
+    onnx.save(build_model(), tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", image=synthetic_images(8, seed=1))
+    return tmp_path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

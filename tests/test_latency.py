@@ -10,16 +10,8 @@ import onnx
 import pytest
 
 from edgelr import FactorizeConfig, compress
-from edgelr.demo import build_model, synthetic_images
+from edgelr.demo import synthetic_images
 from edgelr.search.latency import LATENCY_ROUNDS
-
-
-@pytest.fixture()
-def demo(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDGELR_CACHE", str(tmp_path / "cache"))
-    onnx.save(build_model(), tmp_path / "m.onnx")
-    np.savez(tmp_path / "calib.npz", image=synthetic_images(8, seed=1))
-    return tmp_path
 
 
 @pytest.mark.slow

@@ -8,13 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import onnx
 import pytest
 
 from edgelr.api import compress, flag_passes
 from edgelr.cli import main
-from edgelr.demo import build_model, synthetic_images
 from edgelr.errors import EdgelrError
 from edgelr.passes.base import config_from_dict
 from edgelr.passes.factorize import FactorizeConfig
@@ -24,14 +21,6 @@ from edgelr.passes.refit import RefitConfig
 from edgelr.recipe import Recipe, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture()
-def demo(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDGELR_CACHE", str(tmp_path / "cache"))
-    onnx.save(build_model(), tmp_path / "m.onnx")
-    np.savez(tmp_path / "calib.npz", image=synthetic_images(8, seed=1))
-    return tmp_path
 
 
 def edgelr(*args) -> subprocess.CompletedProcess:
