@@ -86,6 +86,10 @@ def run(args) -> int:
         kept = done.latency["kept_round"]
         print(f"kept round {kept}" + ("" if done.latency["within_budget"] else ", the fastest: no round met the budget"))
         print(f"latency tables: {done.latency['layer_timings']} layer timings new, cached in {done.latency['table']}")
+    if done.distilled:
+        d = done.distilled
+        print(f"distilled {d['steps']} steps in {d['seconds']:.0f} s, final loss {d['final_loss']:.4g}"
+              + (" (stopped at the time limit)" if d.get("stopped_early") else ""))
     if done.quantized:
         q = done.quantized
         kept = q.get("kept_float") or []
