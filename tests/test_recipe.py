@@ -4,6 +4,8 @@ naming the file and line."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -157,3 +159,21 @@ def test_the_target_sets_the_activation_type(demo, target, activations):
 def test_an_unknown_target_is_refused_before_any_work(demo, capsys):
     run = edgelr_here(capsys, "compress", demo / "m.onnx", "-o", demo / "o.onnx", "--params", "0.5", "--target", "pi9")
     assert run.returncode == 1 and "unknown target 'pi9'" in run.stderr and not (demo / "o.onnx").exists()
+
+
+def test_a_recipe_can_distill_between_passes(demo, capsys):
+    """compress -> distill -> quantize as one recipe: the distill pass trains the factorized model towards
+    the model as given, on the calibration samples, and the quantize pass gets the trained model."""
+    pytest.importorskip("torch")
+    if importlib.util.find_spec("onnx2torch") is None:
+        pytest.skip("needs onnx2torch (pip install onnx2torch --no-deps)")
+    (demo / "r.yaml").write_text("passes:\n- {_type: factorize, params: 0.5}\n- {_type: distill, steps: 2, batch: 4}\n"
+                                 "- {_type: quantize, scheme: int8}\n")
+    run = edgelr_here(capsys, "compress", demo / "m.onnx", "-o", demo / "o.onnx", "--recipe", demo / "r.yaml",
+                      "--calib", demo / "calib.npz", "--float-output", demo / "f.onnx", "--report", demo / "r.json")
+    assert run.returncode == 0, run.stderr
+    assert "distilled 2 steps" in run.stdout and "quantized" in run.stdout
+    report = json.loads((demo / "r.json").read_text())
+    assert [p["_type"] for p in report["passes"]] == ["factorize", "distill", "quantize"]
+    assert report["distilled"]["steps"] == 2 and report["output_error"]["all"] < 0.5
+    assert (demo / "f.onnx").is_file()

@@ -44,7 +44,7 @@ def run(args) -> int:
 
     budget = {"params": args.params, "flops": args.flops, "latency": args.latency, "max_error": args.max_error}
     flags = [name for name, value in budget.items() if value is not None]
-    flags += [name for name in ("prune", "quantize", "float_output") if getattr(args, name) is not None]
+    flags += [name for name in ("prune", "quantize") if getattr(args, name) is not None]
     flags += ["no_refit"] if args.no_refit else []
     if args.recipe:
         if flags:
