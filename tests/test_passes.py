@@ -62,3 +62,18 @@ def test_a_refit_without_a_factorization_is_refused_before_it_runs(context):
 def test_python_errors_name_the_config_field(bad, field):
     with pytest.raises(EdgelrError, match=rf"^{field}\b"):
         bad()
+
+
+def test_fp16_and_sparsity_run_as_passes(context):
+    """The export-time transforms are passes too: a recipe can ask for them."""
+    from edgelr.passes.fp16 import Fp16Config
+    from edgelr.passes.sparsity import SparsityConfig
+
+    model = model_io.load(context.source)
+    done = make_pass(SparsityConfig(), context)(model)
+    assert done.modified and done.result["layers"] > 0
+    weights = [v.const_value.numpy() for v in model.graph.initializers.values() if v.const_value.numpy().ndim == 4]
+    assert any((w == 0).mean() >= 0.5 for w in weights)  # two of every four
+    half = make_pass(Fp16Config(), context)(model_io.load(context.source))
+    assert half.modified and any(v.dtype == ir.DataType.FLOAT16 for v in half.model.graph.initializers.values())
+    assert [v.dtype for v in half.model.graph.inputs] == [ir.DataType.FLOAT]  # the interface stays fp32

@@ -24,7 +24,6 @@ loses accuracy: distill the sparse model back, edgelr distill, where it matters)
 from __future__ import annotations
 
 import ctypes
-import heapq
 import importlib
 import json
 import os
@@ -35,7 +34,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import onnx_ir as ir
 
 from edgelr.deploy.files import file_entry
 from edgelr.deploy.targets import PRECISIONS, Target
@@ -44,6 +42,9 @@ from edgelr.io import model as model_io
 from edgelr.io.cache import cache_root
 from edgelr.io.samples import Samples, samples_from_arrays
 from edgelr.io.shapes import ShapeRange, random_feed, resolve_shapes
+from edgelr.measure.verify import output_error
+from edgelr.passes.fp16 import mostly_fp16, to_fp16
+from edgelr.passes.sparsity import sparsify_2_4
 
 ENGINE_FILE = "model.engine"
 MANIFEST_FILE = "manifest.json"
@@ -52,7 +53,6 @@ _RTX_MODULES = ("tensorrt_rtx", "tensorrt_rtx_bindings")
 # Parity: engine vs ONNX Runtime on at most this many reference inputs.
 _PARITY_SAMPLES = 4
 _QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
-_BIG_MODEL_BYTES = 1 << 30  # past this a converted model is saved with external data (protobuf's 2 GB cap)
 
 ShapeTriple = ShapeRange  # (min, opt, max)
 
@@ -168,7 +168,9 @@ def build_engine(
     if sparsity is not None:
         if sparsity != "2:4":
             raise EdgelrError(f"--sparsity {sparsity}: the only pattern TensorRT runs is 2:4")
-        sparse = sparsify_2_4(model_path, model, dest / "model.sparse.onnx", samples)
+        sparse = sparsify_2_4(model, model_path)
+        model_io.save(model, dest / "model.sparse.onnx")
+        sparse["output_error"] = output_error(model_path, dest / "model.sparse.onnx", samples)["all"] if samples is not None else None
         model_path, model = dest / "model.sparse.onnx", model_io.load(dest / "model.sparse.onnx")
 
     onnx_path, how, converted = _graph_for(model_path, model, precision, samples, dest, progress, target)
@@ -272,7 +274,7 @@ def _graph_for(model_path: Path, model, precision: str, samples: Samples | None,
                target: Target):
     """(ONNX file to parse, how it was made, whether it is a new file in dest)."""
     quantized = any(node.op_type in _QDQ_OPS for node in model.graph)
-    half = _mostly_fp16(model)
+    half = mostly_fp16(model)
     if quantized:
         if precision != "int8":
             raise EdgelrError(
@@ -288,7 +290,7 @@ def _graph_for(model_path: Path, model, precision: str, samples: Samples | None,
         if half:
             return model_path, "as is: the model is fp16", False
         out = dest / "model.fp16.onnx"
-        _to_fp16(model_path, out)
+        to_fp16(model_path, out)
         return out, "converted to fp16 by edgelr (onnxruntime float16 converter; inputs and outputs stay fp32)", True
     # int8 from a float model: quantize here with ONNX Runtime's tools, the Q/DQ layout TensorRT accepts
     if samples is None:
@@ -305,149 +307,6 @@ def _graph_for(model_path: Path, model, precision: str, samples: Samples | None,
     return out, (f"quantized by edgelr (ONNX Runtime static int8, Q/DQ, {flavour}, per-channel weights, "
                  f"{result['samples']} calibration samples, {result['nodes_quantized']} nodes)"), True
 
-
-def sparsify_2_4(model_path: Path, model, out: Path, samples: Samples | None) -> dict:
-    """Zero the two smallest-magnitude weights of every four along the input dimension of each Conv,
-    MatMul and Gemm whose input dimension is a multiple of 4 (TensorRT's 2:4 pattern); save to OUT.
-    Returns {"pattern", "layers", "skipped", "output_error"} (the error on the samples, if any)."""
-    from edgelr.graph.layers import find_layers
-    from edgelr.measure.verify import output_error
-
-    layers, _ = find_layers(model)
-    pruned, skipped = 0, 0
-    for layer in layers:
-        w = layer.weight_array()
-        if layer.is_conv:  # (N, C/groups, *kernel): groups of four input channels at each kernel tap
-            rows = np.moveaxis(w, 1, -1)
-        else:  # MatMul and Gemm(transB=0) store (in x out), Gemm(transB=1) (out x in)
-            rows = w.T if layer.transposed_weight else w
-        if rows.shape[-1] % 4 or w.dtype.kind != "f":
-            skipped += 1
-            continue
-        groups = rows.reshape(*rows.shape[:-1], -1, 4)
-        smallest = np.argsort(np.abs(groups), axis=-1)[..., :2]
-        groups = groups.copy()
-        np.put_along_axis(groups, smallest, 0, axis=-1)
-        rows = groups.reshape(rows.shape)
-        sparse = np.moveaxis(rows, -1, 1) if layer.is_conv else (rows.T if layer.transposed_weight else rows)
-        tensor = ir.tensor(np.ascontiguousarray(sparse), name=layer.weight.name)
-        if layer.weight.const_value is not None:
-            layer.weight.const_value = tensor
-        else:  # a Constant node's output
-            layer.weight.producer().attributes["value"] = ir.AttrTensor("value", tensor)
-        pruned += 1
-    if not pruned:
-        raise EdgelrError(f"{model_path}: no Conv, MatMul or Gemm weight has an input dimension divisible by 4; "
-                          "2:4 sparsity does not apply to this model")
-    model_io.save(model, out)
-    error = output_error(model_path, out, samples)["all"] if samples is not None else None
-    return {"pattern": "2:4", "layers": pruned, "skipped": skipped, "output_error": error}
-
-
-def _mostly_fp16(model) -> bool:
-    sizes = {"FLOAT16": 0, "FLOAT": 0}
-    for value in model.graph.initializers.values():
-        if value.dtype is not None and value.dtype.name in sizes and value.const_value is not None:
-            sizes[value.dtype.name] += value.const_value.nbytes
-    return sizes["FLOAT16"] > sizes["FLOAT"]
-
-
-def _to_fp16(model_path: Path, out: Path) -> None:
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    proto = onnx.load(str(model_path))
-    keep_fp32 = _shape_computations(proto.graph)
-    with warnings.catch_warnings():  # it warns for each weight clamped to fp16's range; that is the intent
-        warnings.simplefilter("ignore")
-        try:
-            half = convert_float_to_float16(proto, keep_io_types=True, node_block_list=keep_fp32,
-                                            disable_shape_infer=_weights(proto) > _BIG_MODEL_BYTES)
-        except Exception as exc:  # noqa: BLE001
-            raise EdgelrError(f"{model_path}: could not convert the model to fp16 ({_one_line(str(exc))})") from None
-    _drop_round_trips(half.graph)
-    _sort_topologically(half.graph)  # the converter appends its input Casts at the end
-    big = _weights(half) > _BIG_MODEL_BYTES
-    onnx.save(half, str(out), save_as_external_data=big, location=out.name + ".data" if big else None)
-
-
-def _shape_computations(graph) -> list[str]:
-    """Names of the nodes that compute from shapes alone (Shape -> Gather -> Cast -> Range -> Mul...):
-    they stay fp32. They are index and coordinate math (YOLO's anchor grid), exact in fp32 and not in
-    fp16 past 2048, and TensorRT for RTX fails to build them in fp16 with dynamic sizes."""
-    constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    derived: set[str] = set()
-    names = []
-    for index, node in enumerate(graph.node):  # ONNX graphs are topologically sorted
-        if not node.name:
-            node.name = f"edgelr_unnamed_{index}"  # the converter blocks nodes by name
-        inputs = [i for i in node.input if i]
-        from_shapes = inputs and all(i in derived or i in constants for i in inputs) and any(i in derived for i in inputs)
-        if node.op_type in ("Shape", "Size") or from_shapes:
-            derived.update(node.output)
-            names.append(node.name)
-    return names
-
-
-def _drop_round_trips(graph) -> None:
-    """Remove the fp32 -> fp16 -> fp32 Cast pairs the converter leaves between two fp32 nodes (lossy, useless)."""
-    import onnx
-
-    def cast_to(node) -> int | None:
-        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
-
-    fp32 = {v.name for v in [*graph.input, *graph.value_info, *graph.output]
-            if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
-    fp32 |= {o for n in graph.node if cast_to(n) == onnx.TensorProto.FLOAT for o in n.output}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    outputs = {o.name for o in graph.output}
-    rename, dropped = {}, set()
-    for node in graph.node:
-        users = consumers.get(node.output[0], []) if cast_to(node) == onnx.TensorProto.FLOAT16 else []
-        if (users and node.input[0] in fp32 and node.output[0] not in outputs
-                and all(cast_to(u) == onnx.TensorProto.FLOAT and u.output[0] not in outputs for u in users)):
-            for user in users:
-                rename[user.output[0]] = node.input[0]
-                dropped.add(id(user))
-            dropped.add(id(node))
-    kept = [n for n in graph.node if id(n) not in dropped]
-    for node in kept:
-        for i, name in enumerate(node.input):
-            node.input[i] = rename.get(name, name)
-    del graph.node[:]
-    graph.node.extend(kept)
-
-
-def _sort_topologically(graph) -> None:
-    """Order nodes so that each comes after the producers of its inputs (Kahn; stable otherwise)."""
-    produced_by = {o: i for i, node in enumerate(graph.node) for o in node.output if o}
-    waiting_on = [{produced_by[name] for name in node.input if name in produced_by} for node in graph.node]
-    users: dict[int, list[int]] = {}
-    for i, producers in enumerate(waiting_on):
-        for p in producers:
-            users.setdefault(p, []).append(i)
-    ready = [i for i, producers in enumerate(waiting_on) if not producers]  # a heap: earliest node first
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        i = heapq.heappop(ready)
-        order.append(i)
-        for user in users.get(i, []):
-            waiting_on[user].discard(i)
-            if not waiting_on[user]:
-                heapq.heappush(ready, user)
-    if len(order) != len(graph.node):  # a cycle: not a valid graph; leave it for the parser to report
-        return
-    nodes = [graph.node[i] for i in order]
-    del graph.node[:]
-    graph.node.extend(nodes)
-
-
-def _weights(proto) -> int:
-    return sum(len(t.raw_data) for t in proto.graph.initializer)
 
 
 def _external_files(onnx_path: Path) -> list[Path]:
