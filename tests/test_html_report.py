@@ -45,7 +45,7 @@ def run_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def page(run_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("html-out") / "report.html"
-    assert write_html_report(run_dir, out) == out
+    assert write_html_report(run_dir, out) == (out, out.with_name("report.page.json"))
     return out
 
 
@@ -132,6 +132,22 @@ def test_text_is_escaped_and_minimal_reports_render(tmp_path):
         "output_error": {},  # no calibration data: no point on the curve, no crash
     }
     (tmp_path / "r.json").write_text(json.dumps(report))
-    html = write_html_report(tmp_path, tmp_path / "r.html").read_text()
+    before = (tmp_path / "r.json").read_text()
+    html = write_html_report(tmp_path, tmp_path / "r.html")[0].read_text()
+    assert (tmp_path / "r.json").read_text() == before  # the page's data went beside it, not over the report
     assert "<script>" not in html and "&lt;script&gt;" in html and "&lt;b&gt;a.onnx" in html and "b&amp;c.onnx" in html
     assert "no whole-model error" in html
+
+
+def test_report_never_overwrites_a_file_it_did_not_write(run_dir, tmp_path):
+    out = tmp_path / "report.html"
+    mine = tmp_path / "report.page.json"
+    mine.write_text('{"my": "notes"}')
+    with pytest.raises(EdgelrError, match="did not write it"):
+        write_html_report(run_dir, out)
+    assert mine.read_text() == '{"my": "notes"}' and not out.exists()
+    mine.unlink()
+    write_html_report(run_dir, out)
+    first = mine.read_text()
+    write_html_report(run_dir, out)  # its own file: written again
+    assert json.loads(mine.read_text())["written_by"] == "edgelr report" and mine.read_text() == first

@@ -14,6 +14,6 @@ def add(sub: argparse._SubParsersAction) -> None:
 def run(args) -> int:
     from edgelr.report.html import write_html_report
 
-    out = write_html_report(args.run_dir, args.output)
-    print(f"wrote {out} and {out.with_suffix('.json')}")
+    page, data = write_html_report(args.run_dir, args.output)
+    print(f"wrote {page} and {data}")
     return 0

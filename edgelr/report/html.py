@@ -405,13 +405,27 @@ def render_html(run_dir: Path, compress: list[tuple[str, dict]], profiles: list[
             + "\n".join(body) + "\n</body></html>\n")
 
 
-def write_html_report(run_dir: Path, out: Path) -> Path:
+WRITTEN_BY = "edgelr report"  # in the page's JSON: a file with it is ours to write again
+
+
+def page_data_path(out: Path) -> Path:
+    """Where the page's data goes: beside it, under a name of its own (report.html -> report.page.json),
+    so that it never lands on a report.json that compress --report wrote."""
+    return out.with_name(out.stem + ".page.json")
+
+
+def write_html_report(run_dir: Path, out: Path) -> tuple[Path, Path]:
     """Read every *.json in RUN_DIR and write one self-contained HTML page to OUT, and the same data as
-    JSON beside it (OUT with .json), both atomically."""
+    JSON beside it (page_data_path), both atomically. An existing data file that this command did not
+    write is refused, before anything is written. Returns (page, data file)."""
     run_dir, out = Path(run_dir), Path(out)
     compress, profiles, ignored = load_run(run_dir)
     if not out.parent.is_dir():
         raise EdgelrError(f"{out}: folder {out.parent} does not exist")
+    data_path = page_data_path(out)
+    if data_path.exists() and not _ours(data_path):
+        raise EdgelrError(f"{data_path}: exists and edgelr report did not write it; it is not overwritten: "
+                          "pick another -o name")
     page = render_html(run_dir, compress, profiles, ignored)
     curve = []
     for name, report in compress:
@@ -419,6 +433,15 @@ def write_html_report(run_dir: Path, out: Path) -> Path:
         if point is not None:
             curve.append({"report": name, "latency_ratio": point[0], "latency_from": point[1],
                           "output_error": _whole_error(report)})
-    data = {"compress": dict(compress), "profiles": dict(profiles), "latency_vs_error": curve, "ignored": ignored}
-    write_json(data, out.with_suffix(".json") if out.suffix != ".json" else out.with_name(out.name + ".data.json"))
-    return write_text(out, page)
+    data = {"written_by": WRITTEN_BY, "compress": dict(compress), "profiles": dict(profiles),
+            "latency_vs_error": curve, "ignored": ignored}
+    write_json(data, data_path)
+    return write_text(out, page), data_path
+
+
+def _ours(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("written_by") == WRITTEN_BY
