@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     distill.add(sub)
     report.add(sub)
     demo.add(sub)
+    for command in sub.choices.values():  # -q before or after the verb
+        command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     return parser
 
 
