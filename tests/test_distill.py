@@ -691,3 +691,14 @@ def test_distill_from_the_command_line(pair):
     both = cli("--data", str(pair / "data.npz"), "-o", str(pair / "bad.onnx"), "--steps", "2", "--align-factorized",
                "--feature", "a2")
     assert both.returncode == 2 and not (pair / "bad.onnx").exists()
+
+
+def test_a_worse_student_is_not_written_unless_asked(pair):
+    """With eval samples, training that raises the held-out error writes the student unchanged (and says so);
+    keep_worse writes the trained one. A learning rate of 3 wrecks this student in a few steps."""
+    wrecked = _run(pair, "kept.onnx", lr=3.0, eval_samples=pair / "eval.npz")
+    assert wrecked["error_after"]["all"] > wrecked["error_before"]["all"] and wrecked["kept"] == "student"
+    assert all(np.array_equal(a, _weights(pair / "kept.onnx")[k]) for k, a in _weights(pair / "student.onnx").items())
+    forced = _run(pair, "forced.onnx", lr=3.0, keep_worse=True, eval_samples=pair / "eval.npz")
+    assert forced["kept"] == "trained"
+    assert any(not np.array_equal(a, _weights(pair / "forced.onnx")[k]) for k, a in _weights(pair / "student.onnx").items())

@@ -42,6 +42,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--preprocess", metavar="SPEC.json", help="image size, letterbox, mean, std, scale (images only)")
     p.add_argument("--freeze", action="append", default=[], metavar="PATTERN", help="keep matching weights fixed")
+    p.add_argument("--keep-worse", action="store_true",
+                   help="with --eval: write the trained model even when its held-out error is higher "
+                        "(default: then the student is written unchanged)")
     p.add_argument("--pairs-only", action="store_true",
                    help="train only the factorized pairs' weights (the rest stays fixed)")
     aligned = p.add_mutually_exclusive_group()
@@ -84,7 +87,7 @@ def run(args) -> int:
             features="factorized" if args.align_factorized else tuple((f, f) for f in args.feature) or None,
             feature_weight=args.feature_weight, augment=args.augment, train_precision=args.train_precision,
             quantization_aware=args.quantization_aware, time_limit=args.time_limit,
-            pairs_only=args.pairs_only)
+            pairs_only=args.pairs_only, keep_worse=args.keep_worse)
     except ConfigFieldError as exc:
         raise _flag_error(exc) from None
     if args.nproc is not None:
@@ -108,6 +111,8 @@ def run(args) -> int:
     if done.get("error_before"):
         print(f"held-out relative output error: {done['error_before']['all']:.4f} before, "
               f"{done['error_after']['all']:.4f} after")
+        if done.get("kept") == "student":
+            print("training raised the held-out error: wrote the student unchanged (--keep-worse writes the trained one)")
     print(f"wrote {done['output']} (parity with torch: {max(done['parity'].values()):.1e})")
     return 0
 

@@ -147,6 +147,8 @@ class DistillConfig(PassConfig):
         output's scale. On YOLOv8n the mean KL is ~1/25 of the boxes' relative squared error:
         score_weight 25 weighs them alike.
 
+    keep_worse: with eval samples, write the trained student even when its held-out error is above the
+        untrained one's (default: then OUT is the student unchanged, and the result says kept="student").
     pairs_only: train only the weights of the factorized pairs (everything else frozen, as freeze would):
         on YOLOv8n that generalised better to held-out photos than training every weight.
     data: in a recipe (the distill pass), what to train on: a folder of images or an .npz of model inputs;
@@ -186,6 +188,7 @@ class DistillConfig(PassConfig):
     scores: tuple[int, int | None] | None = None
     score_weight: float = 1.0
     pairs_only: bool = False
+    keep_worse: bool = False
     data: str | None = None
     teacher: str | None = None
 
@@ -267,6 +270,7 @@ class DistillConfig(PassConfig):
                                    f"not {self.train_precision!r}")
         flag("quantization_aware")
         flag("pairs_only")
+        flag("keep_worse")
         for name in ("data", "teacher"):
             value = getattr(self, name)
             if value is not None:
@@ -463,6 +467,10 @@ def distill(teacher: str | os.PathLike, student: str | os.PathLike, data, out: s
 
                     result["error_before"] = output_error(teacher, student, evaluation)
                     result["error_after"] = output_error(teacher, out, evaluation)
+                    worse = result["error_after"]["all"] > result["error_before"]["all"]
+                    result["kept"] = "trained" if config.keep_worse or not worse else "student"
+                    if result["kept"] == "student":  # training made it worse on held-out data: no gain to ship
+                        model_io.save(model_io.load(student), out)
             written = True
         finally:  # the other processes wait for the output, and fail with rank 0
             if world.size > 1 and not world.from_main(float(written)) and not world.main:
