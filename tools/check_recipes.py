@@ -46,7 +46,8 @@ def main() -> None:
         env = dict(os.environ, EDGELR_CACHE=str(tmp / "cache"))
         for name in args.flows:
             flags, shipped = FLOWS[name]
-            runs = {"flags": [*flags, "--write-recipe", str(tmp / f"{name}.yaml")],
+            report = tmp / f"{name}.report.json"
+            runs = {"flags": [*flags, "--write-recipe", str(tmp / f"{name}.yaml"), "--report", str(report)],
                     "recipe": ["--recipe", str(tmp / f"{name}.yaml")],
                     "shipped recipe": ["--recipe", str(ROOT / "recipes" / shipped)]}
             digests, seconds = {}, {}
@@ -58,8 +59,11 @@ def main() -> None:
                 subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
                 seconds[form] = round(time.perf_counter() - start, 1)
                 digests[form] = hashlib.sha256(out.read_bytes()).hexdigest()
+            done = json.loads(report.read_text())
             rows[name] = {"flags": " ".join(flags), "same_bytes": len(set(digests.values())) == 1,
-                          "sha256": digests, "seconds": seconds}
+                          "sha256": digests, "seconds": seconds,
+                          "factorized_layers": sum(row["form"] != "dense" for row in done["layers"]),
+                          "latency_rounds": done.get("latency", {}).get("rounds")}
             print(f"{name}: {'same bytes' if rows[name]['same_bytes'] else 'DIFFERENT'} {seconds}")
     if args.json:
         Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "flows": rows}, indent=2) + "\n")

@@ -18,7 +18,7 @@ import dataclasses
 import types
 import typing
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -77,7 +77,6 @@ class Context:
     latency: dict | None = None  # what a latency search did
     distilled: dict | None = None  # what a distill pass did
     references: list | None = None  # the original's outputs on the samples, while still pristine
-    warnings: list[str] = field(default_factory=list)
 
     def following(self, config_type: type) -> PassConfig | None:
         """The first config of this type still to run (a search times the model as it will be run)."""
