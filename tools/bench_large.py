@@ -349,17 +349,17 @@ def _phase_child(model: str, output: str, calib: str | None, fraction: float) ->
     t_import = time.perf_counter() - t0
     import onnx_ir
 
-    # edgelr/__init__ re-exports functions named like their modules (compress, factorize): import the modules
     calibrate, factorize, layers, lowrank, model_io = (
-        importlib.import_module(f"edgelr.{m}") for m in ("calibrate", "factorize", "layers", "lowrank", "model_io")
+        importlib.import_module(f"edgelr.{m}")
+        for m in ("calibration.grams", "passes.factorize", "graph.layers", "core.lowrank", "io.model")
     )
     FactorizeConfig = factorize.FactorizeConfig  # noqa: N806
     clock = _PhaseClock()
     wrap = clock.wrap
     wrap(model_io, "load", "load")
     wrap(C, "load_samples", "load_samples")
-    wrap(C, "find_layers", "find_layers")
-    wrap(C, "collect_grams", "calibrate")
+    wrap(factorize, "find_layers", "find_layers")
+    wrap(calibrate, "collect_grams", "calibrate")
     wrap(onnx_ir, "to_proto", "ir.to_proto (model -> protobuf)")
     if calib is not None:  # the plain CLI path never imports onnxruntime: keep it out of the baseline
         import onnxruntime
@@ -367,7 +367,7 @@ def _phase_child(model: str, output: str, calib: str | None, fraction: float) ->
         wrap(onnxruntime.InferenceSession, "__init__", "ORT session init")
         wrap(onnxruntime.InferenceSession, "run", "ORT run")
     wrap(calibrate, "input_gram", "gram accumulation")
-    wrap(C, "factorize", "factorize (total)")
+    wrap(factorize, "factorize", "factorize (total)")
     wrap(factorize, "layer_options", "spectra (layer_options)")
     wrap(layers.Layer, "matrix", "weight read + float64 (Layer.matrix)")
     wrap(lowrank, "cholesky_factor", "cholesky_factor")
