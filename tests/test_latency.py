@@ -117,7 +117,7 @@ def test_latency_report_has_the_search_front_and_measured_layers(demo):
     measured = [r for r in data["layers"] if r["measured_ms_before"] is not None]
     assert len(measured) == len(data["layers"])
     assert all(r["measured_ms_after"] > 0 for r in measured)
-    html = write_html_report(run, run / "r.html").read_text()
+    html = write_html_report(run, run / "r.html")[0].read_text()
     assert "predicted front" in html and "measured per layer" in html
 
 
