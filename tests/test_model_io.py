@@ -6,6 +6,7 @@ import graphs as G
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 
 from edgelr import FactorizeConfig, compress
 from edgelr.io import model as model_io
@@ -52,3 +53,30 @@ def test_lazy_path_gives_the_same_model(tmp_path, monkeypatch):
     assert eager.output_error["all"] == lazy.output_error["all"] or np.isclose(
         eager.output_error["all"], lazy.output_error["all"], rtol=1e-4
     )
+
+
+def test_a_scalar_input_is_calibrated_and_compressed(tmp_path):
+    """A model input of shape [] (a gain, a sample rate) takes one value per sample; calibration feeds ORT
+    a 0-d array (a NumPy scalar is refused by ONNX Runtime)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgelr.errors import EdgelrError
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(32, 32)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Mul", ["y", "gain"], ["out"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32]),
+         helper.make_tensor_value_info("gain", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 32])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", x=rng.normal(size=(8, 1, 32)).astype(np.float32),
+             gain=rng.uniform(0.5, 2, size=8).astype(np.float32))
+    done = compress(tmp_path / "m.onnx", tmp_path / "o.onnx", FactorizeConfig(params=0.5), calib=tmp_path / "calib.npz",
+                    progress=False)
+    assert done.result.factorized and 0 < done.output_error["all"] < 1
+    np.savez(tmp_path / "bad.npz", x=rng.normal(size=(8, 1, 32)).astype(np.float32), gain=np.float32(1.0))
+    with pytest.raises(EdgelrError, match="scalar"):
+        compress(tmp_path / "m.onnx", tmp_path / "p.onnx", FactorizeConfig(params=0.5), calib=tmp_path / "bad.npz",
+                 progress=False)

@@ -29,7 +29,7 @@ class Samples:
 
     def feed(self, index: int) -> dict[str, np.ndarray]:
         return {
-            name: arr[index : index + 1] if self.batched[name] else arr[index]
+            name: arr[index : index + 1] if self.batched[name] else np.asarray(arr[index])  # a scalar input: a 0-d array
             for name, arr in self.arrays.items()
         }
 
@@ -93,6 +93,9 @@ def _check_array(path: Path, name: str, arr: np.ndarray, value: ir.Value) -> boo
         raise EdgelrError(f"{path}: array '{name}' is {arr.dtype}, the model input is {want}; convert it")
     if dims is None:
         return True
+    if not dims and arr.ndim != 1:  # a scalar input (e.g. a sample rate): one value per sample
+        raise EdgelrError(f"{path}: input '{name}' is a scalar; give one value per sample, shape (S,), "
+                          f"not {tuple(arr.shape)}")
     if arr.ndim == len(dims):
         sample_dims, batched = dims[1:], True
         if isinstance(dims[0], int) and dims[0] > 1:
