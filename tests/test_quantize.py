@@ -344,3 +344,22 @@ def test_keep_float_leaves_the_named_layers_in_float_on_float_inputs(tmp_path):
     feed = built.inputs(np.random.default_rng(9))
     reference, quantized = session(path).run(None, feed)[0], session(out).run(None, feed)[0]
     assert np.linalg.norm(quantized - reference) / np.linalg.norm(reference) < 0.05
+
+
+def test_an_old_opset_model_is_upgraded_for_per_channel_int8(tmp_path):
+    """Opset 11 has no per-channel DequantizeLinear: the model is converted to opset 13 first (it crashed
+    with a traceback before), and the result runs and stays close."""
+    from edgelr.api import compress
+    from edgelr.passes.factorize import FactorizeConfig
+
+    rng = np.random.default_rng(0)
+    built = G.convnet(rng, opset=11)
+    onnx.save(built.proto, tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", **built.inputs(rng, count=16))
+    done = compress(tmp_path / "m.onnx", tmp_path / "q.onnx", FactorizeConfig(params=0.5), calib=tmp_path / "calib.npz",
+                    quantize="int8", progress=False)
+    assert done.quantized["opset"].startswith("upgraded from opset 11 to 13")
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    assert any(n.op_type == "DequantizeLinear" for n in model.graph.node)
+    assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 13
+    assert done.output_error["all"] < 0.5

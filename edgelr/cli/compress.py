@@ -95,6 +95,8 @@ def run(args) -> int:
         kept = q.get("kept_float") or []
         print(f"quantized {q['nodes_quantized']} nodes ({q['scheme']}, {q['activations']} activations)"
               + (f"; kept in float, where INT8's error cost more than its speed: {', '.join(kept)}" if kept else ""))
+        if q.get("opset"):
+            print(f"quantization: {q['opset']}")
     if done.output_error:
         print(f"whole-model relative output error on the calibration set: {done.output_error['all']:.4f}")
     else:

@@ -119,10 +119,12 @@ def quantize(
         with quiet():
             if scheme != "int8-dynamic":
                 source = tmp / "branched.onnx" if (tmp / "branched.onnx").exists() else model_path
+                source, opset_note = _per_channel_opset(source, tmp, external)
                 source, preprocess = _preprocess(source, tmp, external) if prepare else (source, "skipped")
-                floated = _static(source, staged, samples, activations, external, progress, model_path, list(keep_float))
+                floated = _static(source, staged, samples, activations, external, progress, model_path, list(keep_float),
+                                  per_channel=opset_note is None or opset_note.startswith("upgraded"))
             else:
-                preprocess, floated = "not needed", []
+                preprocess, floated, opset_note = "not needed", [], None
                 _dynamic(model_path, staged, external, model_path)
         by_op = _quantized_nodes(staged)
         if not by_op:
@@ -143,11 +145,36 @@ def quantize(
         "preprocess": preprocess,
         "seconds": round(time.perf_counter() - started, 3),
     }
+    if opset_note is not None:
+        done["opset"] = opset_note
     if keep_float:
         done["kept_float"] = [name for name in keep_float if name in floated]
     if branches is not None:
         done["low_rank_branches"] = [row.to_json() for row in branches]
     return done
+
+
+PER_CHANNEL_OPSET = 13  # DequantizeLinear's `axis` (per-channel weights) arrived in opset 13
+
+
+def _per_channel_opset(model_path: Path, tmp: Path, external: bool) -> tuple[Path, str | None]:
+    """A model older than opset 13 cannot hold per-channel Q/DQ: convert it to 13 (ONNX's version
+    converter), or, where that fails, quantize its weights per tensor. Returns (model, what was done)."""
+    import onnx
+    from onnx import version_converter
+
+    proto = onnx.load(str(model_path), load_external_data=False)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), PER_CHANNEL_OPSET)
+    if opset >= PER_CHANNEL_OPSET:
+        return model_path, None
+    out = tmp / "opset13.onnx"
+    try:
+        proto = onnx.load(str(model_path))
+        upgraded = version_converter.convert_version(proto, PER_CHANNEL_OPSET)
+        onnx.save(upgraded, str(out), save_as_external_data=external, location=out.name + ".data" if external else None)
+    except Exception as exc:  # noqa: BLE001 - the converter raises bare RuntimeErrors; per-tensor still works
+        return model_path, f"per-tensor weights: opset {opset} has no per-channel DequantizeLinear ({_first_line(exc)})"
+    return out, f"upgraded from opset {opset} to {PER_CHANNEL_OPSET} for per-channel weights"
 
 
 def _preprocess(model_path: Path, tmp: Path, external: bool) -> tuple[Path, str]:
@@ -173,7 +200,7 @@ def _preprocess(model_path: Path, tmp: Path, external: bool) -> tuple[Path, str]
 
 
 def _static(source: Path, staged: Path, samples: Samples, activations: str, external: bool, progress: bool,
-            model_path: Path, keep_float: list[str]) -> list[str]:
+            model_path: Path, keep_float: list[str], per_channel: bool = True) -> list[str]:
     """ORT's static quantization; returns the names of the nodes kept in float on float inputs."""
     from onnxruntime.quantization import (
         CalibrationMethod,
@@ -196,7 +223,7 @@ def _static(source: Path, staged: Path, samples: Samples, activations: str, exte
             str(staged),
             reader,
             quant_format=QuantFormat.QDQ,
-            per_channel=True,
+            per_channel=per_channel,
             activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
             weight_type=QuantType.QInt8,
             op_types_to_quantize=_WEIGHTED_OPS if tensorrt else None,
