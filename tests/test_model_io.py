@@ -80,3 +80,36 @@ def test_a_scalar_input_is_calibrated_and_compressed(tmp_path):
     with pytest.raises(EdgelrError, match="scalar"):
         compress(tmp_path / "m.onnx", tmp_path / "p.onnx", FactorizeConfig(params=0.5), calib=tmp_path / "bad.npz",
                  progress=False)
+
+
+def test_subgraph_layers_and_conv_transpose_are_named_not_passed_over(tmp_path, capsys):
+    """Layers inside an If's branches and a ConvTranspose are not rewritten: inspect lists them with why,
+    and compress's refusal says why instead of 'no layer'."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgelr.cli import main
+
+    rng = np.random.default_rng(0)
+
+    def branch(name: str) -> onnx.GraphProto:
+        w = numpy_helper.from_array(rng.normal(size=(16, 16)).astype(np.float32), f"w_{name}")
+        return helper.make_graph([helper.make_node("MatMul", ["x", f"w_{name}"], [f"y_{name}"], name=f"mm_{name}")],
+                                 name, [], [helper.make_tensor_value_info(f"y_{name}", TensorProto.FLOAT, ["N", 16])], [w])
+
+    wt = numpy_helper.from_array(rng.normal(size=(16, 4, 3, 3)).astype(np.float32), "wt")
+    nodes = [helper.make_node("If", ["flag"], ["y"], then_branch=branch("then"), else_branch=branch("else"), name="choose"),
+             helper.make_node("ConvTranspose", ["img", "wt"], ["up"], name="upsample")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16]),
+                                           helper.make_tensor_value_info("flag", TensorProto.BOOL, []),
+                                           helper.make_tensor_value_info("img", TensorProto.FLOAT, [1, 16, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16]),
+                               helper.make_tensor_value_info("up", TensorProto.FLOAT, None)], [wt])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    assert main(["inspect", str(tmp_path / "m.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "mm_then" in out and "mm_else" in out and "subgraphs are not rewritten yet" in out
+    assert "upsample" in out and "ConvTranspose is not factorized yet" in out
+    assert main(["compress", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"), "--params", "0.5"]) == 1
+    err = capsys.readouterr().err
+    assert "no factorizable" in err and "subgraph" in err and not (tmp_path / "o.onnx").exists()

@@ -193,12 +193,14 @@ class Skipped:
 
 
 def find_layers(model: ir.Model) -> tuple[list[Layer], list[Skipped]]:
-    """Every constant-weight MatMul/Gemm/Conv layer of the main graph, and the nodes passed over."""
+    """Every constant-weight MatMul/Gemm/Conv layer of the main graph, and the weighted nodes passed over
+    (with subgraphs' and ConvTranspose's, which no pass rewrites yet)."""
     graph = model.graph
     name_nodes(graph)
     layers: dict[int, Layer] = {}
     skipped: list[Skipped] = []
     graph_inputs = set(map(id, graph.inputs))
+    skipped += _not_rewritten(graph)
     for node in graph:
         if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm", "Conv"):
             continue
@@ -226,6 +228,22 @@ def find_layers(model: ir.Model) -> tuple[list[Layer], list[Skipped]]:
         else:
             result.append(layer)
     return result, skipped
+
+
+def _not_rewritten(graph: ir.Graph) -> list[Skipped]:
+    """Weighted ops the passes do not rewrite, said aloud rather than passed over: ConvTranspose anywhere,
+    and every MatMul/Gemm/Conv inside an If/Loop/Scan subgraph."""
+    found = []
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm", "Conv", "ConvTranspose"):
+            continue
+        if node.graph is not graph:
+            owner = node.graph.name or "a subgraph"
+            found.append(Skipped(node.name or f"{owner}/{node.op_type}", node.op_type,
+                                 f"inside the If/Loop/Scan subgraph '{owner}': subgraphs are not rewritten yet"))
+        elif node.op_type == "ConvTranspose":
+            found.append(Skipped(node.name, node.op_type, "ConvTranspose is not factorized yet"))
+    return found
 
 
 def name_nodes(graph: ir.Graph) -> None:
