@@ -98,7 +98,7 @@ def compress(
     tables aim at. `float_output` keeps the model before quantization (what edgelr distill trains)."""
     start = time.perf_counter()
     source = Path(source)
-    recipe = _recipe(passes, prune, quantize, refit, calib is not None, target)
+    recipe = as_recipe(passes, prune, quantize, refit, calib is not None, target)
     output = model_io.check_output_path(output, source, calib)
     if report is not None:
         report = model_io.check_output_path(report, source, calib)
@@ -151,7 +151,10 @@ def compress(
     return done
 
 
-def _recipe(passes, prune, quantize, refit: bool, calibrated: bool, target) -> Recipe:
+def as_recipe(passes: FactorizeConfig | Sequence[PassConfig] | Recipe | None, prune: float | None = None,
+              quantize: str | None = None, refit: bool = True, calibrated: bool = True,
+              target: str | Target | None = None) -> Recipe:
+    """The recipe compress runs for these arguments (the flags' sugar spelled out, a target added)."""
     target_name = target.name if isinstance(target, Target) else target
     if passes is None or isinstance(passes, FactorizeConfig):
         configs = flag_passes(passes, prune, quantize, refit, calibrated)

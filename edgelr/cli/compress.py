@@ -37,9 +37,9 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args) -> int:
-    from edgelr.api import compress, flag_passes
+    from edgelr.api import as_recipe, compress
     from edgelr.passes.factorize import FactorizeConfig
-    from edgelr.recipe import Recipe, load_recipe
+    from edgelr.recipe import load_recipe
     from edgelr.report.tables import compression_table
 
     budget = {"params": args.params, "flops": args.flops, "latency": args.latency, "max_error": args.max_error}
@@ -49,22 +49,19 @@ def run(args) -> int:
     if args.recipe:
         if flags:
             raise EdgelrError(f"--recipe gives the passes: drop --{flags[0].replace('_', '-')} (or put it in the recipe)")
-        passes = load_recipe(args.recipe)
+        if args.write_recipe:
+            raise EdgelrError("--write-recipe writes the recipe the flags stand for: with --recipe there is nothing new to write")
+        recipe = as_recipe(load_recipe(args.recipe), target=args.target)
     elif not flags:
         raise EdgelrError("say how far to compress: --params F, --flops F, --latency F, --max-error E, --prune F, "
                           "--quantize SCHEME, or --recipe RECIPE.yaml")
     else:  # pruning or quantization alone keeps every layer dense
-        passes = FactorizeConfig(**{k: v for k, v in budget.items() if v is not None}) if any(budget.values()) else None
-    if args.write_recipe:
-        if args.recipe:
-            raise EdgelrError("--write-recipe writes the recipe the flags stand for: with --recipe there is nothing new to write")
-        recipe = Recipe(tuple(flag_passes(passes, args.prune, args.quantize, not args.no_refit, args.calib is not None)),
-                        args.target)
-        if Path(args.write_recipe).exists():
-            raise EdgelrError(f"{args.write_recipe}: exists; edgelr does not overwrite files, pick another name")
-    done = compress(args.model, args.output, passes, calib=args.calib, report=args.report, progress=not args.quiet,
-                    quantize=args.quantize, prune=args.prune, float_output=args.float_output, refit=not args.no_refit,
-                    target=args.target)
+        factorize = FactorizeConfig(**{k: v for k, v in budget.items() if v is not None}) if any(budget.values()) else None
+        recipe = as_recipe(factorize, args.prune, args.quantize, not args.no_refit, args.calib is not None, args.target)
+    if args.write_recipe and Path(args.write_recipe).exists():
+        raise EdgelrError(f"{args.write_recipe}: exists; edgelr does not overwrite files, pick another name")
+    done = compress(args.model, args.output, recipe, calib=args.calib, report=args.report, progress=not args.quiet,
+                    float_output=args.float_output)
     if args.write_recipe:
         recipe.save(args.write_recipe)
     if done.pruned:

@@ -78,6 +78,10 @@ class Context:
     distilled: dict | None = None  # what a distill pass did
     references: list | None = None  # the original's outputs on the samples, while still pristine
 
+    def scratch(self, stem: str) -> Path:
+        """A new file name in the pipeline's scratch folder (removed with it)."""
+        return self.workdir / f"{stem}-{len(list(self.workdir.iterdir()))}.onnx"
+
     def following(self, config_type: type) -> PassConfig | None:
         """The first config of this type still to run (a search times the model as it will be run)."""
         return next((c for c in self.later if isinstance(c, config_type)), None)

@@ -37,7 +37,7 @@ class Fp16Pass(FunctionalEdgelrPass):
     def call(self, model: ir.Model) -> PassDetails:
         if mostly_fp16(model):
             return PassDetails(model, False)
-        out = self.context.workdir / f"fp16-{len(list(self.context.workdir.iterdir()))}.onnx"
+        out = self.context.scratch("fp16")
         to_fp16(self.context.path, out)
         return PassDetails(load(out), True)
 

@@ -420,7 +420,7 @@ class QuantizePass(FunctionalEdgelrPass):
         ctx, config = self.context, self.config
         factorized = ctx.factorized
         keep = list(config.keep_float) + [n for n in (factorized.result.keep_float if factorized else []) if n not in config.keep_float]
-        out = ctx.workdir / f"quantized-{len(list(ctx.workdir.iterdir()))}.onnx"
+        out = ctx.scratch("quantized")
         ctx.quantized = quantize(ctx.path, out, config.scheme, ctx.samples, activations=config.activations_on(ctx.target),
                                  progress=ctx.progress, keep_float=keep)
         ctx.float_model = model

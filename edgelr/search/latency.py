@@ -38,8 +38,6 @@ FLOAT_CANDIDATES = 6  # with a static int8 quantize pass after it: layers measur
 
 @register_pass(FactorizeConfig, when=lambda config: config.latency is not None)
 class LatencySearchPass(FactorizePass):
-    warnings: list[str]
-
     def allocate(self, model: ir.Model, layers: list[Layer], analysis: Analysis) -> tuple[ir.Model, list[Layer], FactorizeResult]:
         """Search against measured latency: factorize, measure the whole model, correct, again.
 
@@ -57,14 +55,11 @@ class LatencySearchPass(FactorizePass):
         the floor is the median of every such measurement, and the budget holds beside it, for what will run.
         """
         ctx, config = self.context, self.config
-        self.warnings = []
         source, samples, progress, key = ctx.path, ctx.samples, ctx.progress, analysis.key
         quantizing = ctx.following(QuantizeConfig)
         quantize = quantizing.scheme if quantizing else None
         activations = quantizing.activations_on(ctx.target) if quantizing else "uint8"
         threads, elsewhere = _threads(ctx.target)
-        if elsewhere:
-            self.warnings.append(elsewhere)
         table = LatencyTable(threads=threads, quantize=quantize, activations=activations)
         feed = samples.feed(0)
         target = config.latency
@@ -137,7 +132,7 @@ class LatencySearchPass(FactorizePass):
         t_original = measured["original"]
         front = [{"predicted_ratio": 1 - (result.dense_cost - cost) / t_original, "predicted_error": math.sqrt(e2)}
                  for cost, e2 in result.front]
-        result.warnings.extend(self.warnings)
+        result.warnings.extend([elsewhere] if elsewhere else [])
         ctx.latency = {"target": table.target, "front": front, "quantized_only_ratio": floor if quantize else None,
                        "table": str(table.path), "layer_timings": table.measured, "rounds": rounds,
                        "kept_round": best + 1, "within_budget": within}

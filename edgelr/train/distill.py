@@ -543,7 +543,7 @@ class DistillPass(FunctionalEdgelrPass):
     def call(self, model: ir.Model) -> PassDetails:
         ctx, config = self.context, self.config
         data = config.data if config.data is not None else ctx.calib
-        out = ctx.workdir / f"distilled-{len(list(ctx.workdir.iterdir()))}.onnx"
+        out = ctx.scratch("distilled")
         teacher = config.teacher if config.teacher is not None else ctx.source
         done = distill(teacher, ctx.path, data, out, config, progress=ctx.progress)
         ctx.distilled = {k: done[k] for k in ("steps", "seconds", "stopped_early", "final_loss") if k in done}
