@@ -10,6 +10,7 @@ given, on every output.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -24,7 +25,8 @@ from edgelr.errors import EdgelrError
 from edgelr.io import model as model_io
 from edgelr.io.samples import load_samples
 from edgelr.measure.profile import compare_models, layer_times, sample_feed
-from edgelr.measure.verify import output_error
+from edgelr.measure.task import recognise
+from edgelr.measure.verify import judge
 from edgelr.passes.base import Context, PassConfig, make_pass
 from edgelr.passes.factorize import FactorizeConfig, FactorizeResult
 from edgelr.passes.prune import PruneConfig
@@ -39,7 +41,7 @@ class CompressReport:
     source: Path
     output: Path
     result: FactorizeResult | None  # None when no factorize pass ran
-    output_error: dict[str, float]  # whole-model relative error on the calibration samples
+    output_error: dict[str, float]  # per output and channel group, and the worst (edgelr.core.objective)
     seconds: float
     latency: dict | None = None  # with a latency budget: predicted vs measured per search round, table use
     quantized: dict | None = None  # with quantize: what edgelr.passes.quantize did
@@ -47,6 +49,8 @@ class CompressReport:
     distilled: dict | None = None  # with distill: steps, seconds, final loss
     passes: list[dict] = field(default_factory=list)  # the recipe that ran (configs as dicts)
     target: str | None = None
+    task: dict | None = None  # the task metric against the original, and on what it was judged
+    judged_on: str = "calibration"  # or "held-out": the samples output_error and task were measured on
 
     def to_json(self) -> dict:
         data = {"source": str(self.source), "output": str(self.output), "seconds": round(self.seconds, 3),
@@ -54,6 +58,9 @@ class CompressReport:
         if self.result is not None:
             data.update(result_json(self.result))
         data["output_error"] = self.output_error
+        data["judged_on"] = self.judged_on
+        if self.task is not None:
+            data["task"] = self.task
         for name in ("latency", "quantized", "pruned", "distilled"):
             if getattr(self, name) is not None:
                 data[name] = getattr(self, name)
@@ -89,13 +96,21 @@ def compress(
     float_output: str | os.PathLike | None = None,
     refit: bool = True,
     target: str | Target | None = None,
+    heldout: str | os.PathLike | None = None,
+    metric: str | None = None,
+    floor: float | None = None,
 ) -> CompressReport:
     """Run PASSES on SOURCE and write OUTPUT; with CALIB the passes are data-aware and the result is
     measured on it against SOURCE. PASSES is a recipe, a list of pass configs, or a FactorizeConfig with
     the flags' sugar around it: `prune` (a fraction of channels to remove first), `quantize` ("int8":
     static, calibrated on CALIB; "int8-lowrank"; "int8-dynamic") and `refit` (flag_passes says the order).
     `target` (a name from targets/, a .toml path, or a Target) sets what quantization and latency
-    tables aim at. `float_output` keeps the model before quantization (what edgelr distill trains)."""
+    tables aim at. `float_output` keeps the model before quantization (what edgelr distill trains).
+
+    The result is judged on HELDOUT (else on CALIB) by the objective (each output and channel group on
+    its own scale) and by the task metric: `metric` (a kind of edgelr.measure.task, or "none"), else the
+    recipe's, else what the model's metadata says. A result under the metric's `floor` is not written:
+    EdgelrError says what it measured."""
     start = time.perf_counter()
     source = Path(source)
     recipe = as_recipe(passes, prune, quantize, refit, calib is not None, target)
@@ -114,9 +129,16 @@ def compress(
     resolved = target if isinstance(target, Target) else load_target(recipe.target) if recipe.target else None
     model = model_io.load(source)
     samples = load_samples(calib, model) if calib is not None else None
+    task = recognise(model, metric if metric is not None else recipe.metric, floor if floor is not None else recipe.floor)
+    if heldout is not None and samples is None:
+        raise EdgelrError("--heldout judges a calibrated compression: give --calib DATA.npz too")
+    judged = load_samples(heldout, model) if heldout is not None else samples
+    if task is not None and judged is None:
+        raise EdgelrError(f"the {task.kind} metric is judged on samples: give --calib DATA.npz (and --heldout)")
     with tempfile.TemporaryDirectory(prefix=".edgelr-", dir=output.parent) as tmp:
         tmp = Path(tmp).resolve()
-        ctx = Context(source, samples, Path(calib) if calib is not None else None, tmp, resolved, progress, path=source)
+        ctx = Context(source, samples, Path(calib) if calib is not None else None, tmp, resolved, progress, path=source,
+                      task=task, judged=judged)
         for i, config in enumerate(recipe.passes):
             ctx.later = tuple(recipe.passes[i + 1:])
             try:
@@ -137,15 +159,25 @@ def compress(
         del model
         ctx.float_model = None  # verification below loads both files in ONNX Runtime; free the graphs first
         try:
-            errors = output_error(source, output, samples, ctx.references) if samples is not None else {}
+            verdict = (judge(source, output, judged, task, ctx.references if heldout is None else None, ctx.objective)
+                       if judged is not None else None)
         except Exception:
             model_io.remove(output)  # a model ONNX Runtime cannot run is no result
             raise
+        if verdict is not None and not verdict.passed:
+            for path in (p for p in (output, float_output) if p is not None):
+                model_io.remove(path)
+            raise EdgelrError(f"{output}: not written: {verdict.score.line()} on {verdict.samples} "
+                              f"{'held-out' if heldout is not None else 'calibration'} samples, under its floor; "
+                              f"loosen the budget, or lower the floor (--floor)")
+        errors = verdict.errors if verdict is not None else {}
         if report is not None and ctx.factorized is not None:
             _measure_layers(ctx.factorized, output, samples)
     done = CompressReport(source, output, result, errors, time.perf_counter() - start, ctx.latency, ctx.quantized,
                           ctx.pruned, ctx.distilled, [c.to_dict() for c in recipe.passes],
-                          recipe.target if resolved is None else resolved.name)
+                          recipe.target if resolved is None else resolved.name,
+                          verdict.to_json() if verdict is not None and task is not None else None,
+                          "held-out" if heldout is not None else "calibration")
     if report is not None:
         write_json(done.to_json(), report)
     return done
@@ -165,7 +197,7 @@ def as_recipe(passes: FactorizeConfig | Sequence[PassConfig] | Recipe | None, pr
     if isinstance(passes, Recipe):
         if target_name is not None and passes.target is not None and target_name != passes.target:
             raise EdgelrError(f"--target {target_name}: the recipe names target {passes.target!r}; give one")
-        return passes if target_name is None else Recipe(passes.passes, target_name, passes.path, passes.lines)
+        return passes if target_name is None else dataclasses.replace(passes, target=target_name)
     passes = tuple(passes)
     if not passes or not all(isinstance(c, PassConfig) for c in passes):
         raise EdgelrError("passes: give a list of pass configs (FactorizeConfig, QuantizeConfig, ...)")

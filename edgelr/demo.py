@@ -110,8 +110,8 @@ def run_demo(progress: bool = True, folder: str | Path | None = None) -> int:
 
         print("\n== verify on held-out images (relative output error of the whole model)")
         held = load_samples(heldout, model)
-        err = output_error(source, done.output, held)["all"]
-        err_plain = output_error(source, plain.output, held)["all"]
+        err = output_error(source, done.output, held)["worst"]
+        err_plain = output_error(source, plain.output, held)["worst"]
         print(f"data-aware (whitened) SVD: {err:.3g}")
         print(f"plain SVD, same budget:    {err_plain:.3g}  ({err_plain / err:.1f}x the error)")
         size0, size1 = source.stat().st_size, done.output.stat().st_size

@@ -2,6 +2,8 @@
 
     # recipes/yolov8n-latency50-int8.yaml
     target: x86-cpu              # optional: what quantization and latency tables aim at
+    metric: detect               # optional: the task metric that gates the result (else the model's metadata says)
+    floor: 0.9                   # optional: the least that metric may be (else its default)
     passes:
       - {_type: factorize, latency: 0.5}
       - {_type: quantize, scheme: int8}
@@ -22,14 +24,15 @@ from pathlib import Path
 
 import yaml
 
-import edgelr.passes  # noqa: F401  (registers every pass a recipe may name)
+import edgelr.passes
 import edgelr.search.latency  # noqa: F401
 from edgelr.errors import EdgelrError
+from edgelr.measure.task import TASKS
 from edgelr.passes.base import PassConfig, config_from_dict
 from edgelr.passes.factorize import FactorizeConfig
 from edgelr.passes.quantize import QuantizeConfig
 
-_TOP = ("target", "passes")
+_TOP = ("target", "metric", "floor", "passes")
 # passes that live above the passes/ stage, imported only when a recipe names them (training imports torch)
 _PROVIDERS = {"distill": "edgelr.train.distill"}
 
@@ -41,9 +44,11 @@ class Recipe:
     path: Path | None = field(default=None, compare=False)  # where it was read from (errors name it)
     lines: tuple[int, ...] = field(default=(), compare=False)  # each pass's line in that file
     flags: tuple[str, ...] = field(default=(), compare=False)  # or the command-line flag each pass came from
+    metric: str | None = None  # a task kind (edgelr.measure.task.TASKS) or "none"
+    floor: float | None = None
 
     def to_dict(self) -> dict:
-        data = {"target": self.target} if self.target is not None else {}
+        data = {key: getattr(self, key) for key in ("target", "metric", "floor") if getattr(self, key) is not None}
         return data | {"passes": [c.to_dict() for c in self.passes]}
 
     def to_yaml(self) -> str:
@@ -84,6 +89,11 @@ class Recipe:
         target = data.get("target")
         if target is not None and not isinstance(target, str):
             raise EdgelrError(f"{name}:{keys['target']}: target: expected a name from targets/ or a .toml path, got {target!r}")
+        metric, floor = data.get("metric"), data.get("floor")
+        if metric is not None and metric not in (*TASKS, "none"):
+            raise EdgelrError(f"{name}:{keys['metric']}: metric: expected one of {', '.join((*TASKS, 'none'))}, got {metric!r}")
+        if floor is not None and (isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 < floor <= 1):
+            raise EdgelrError(f"{name}:{keys['floor']}: floor: expected a number in (0, 1], got {floor!r}")
         items = data.get("passes")
         if not isinstance(items, list) or not items:
             raise EdgelrError(f"{name}:{keys.get('passes', 1)}: 'passes' must be a non-empty list of passes, "
@@ -97,7 +107,8 @@ class Recipe:
             fields = _key_lines(item_node) if isinstance(item_node, yaml.MappingNode) else {}
             configs.append(config_from_dict(item, lambda key, fields=fields, line=line: f"{name}:{fields.get(key, line)}"))
             lines.append(line)
-        return cls(tuple(configs), target, Path(path) if path is not None else None, tuple(lines))
+        return cls(tuple(configs), target, Path(path) if path is not None else None, tuple(lines), metric=metric,
+                   floor=float(floor) if floor is not None else None)
 
     def where(self, index: int) -> str:
         """File and line of pass `index` (for errors); the pass's position when the recipe came from flags."""

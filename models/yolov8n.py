@@ -127,7 +127,7 @@ def main() -> None:
     for name, path in models.items():
         if name == "original":
             continue
-        rows[name] = {"heldout_error": output_error(teacher, path, heldout)["all"],
+        rows[name] = {"heldout_error": output_error(teacher, path, heldout)["worst"],
                       "map50": detection_agreement(teacher, path, scenes)["map50"]}
     times = interleaved_latency(models, heldout.feed(0), rounds=args.rounds)
     for name, row in rows.items():
@@ -143,8 +143,8 @@ def main() -> None:
         "recipes": {"compress": [c.to_dict() for c in first], "distill_quantize": trained.passes},
         "distillation": trained.distilled
         | {"training_images": len(list((out / "train").glob("*.png"))),
-           "heldout_error_before": output_error(teacher, student, heldout)["all"],
-           "heldout_error_after": output_error(teacher, out / "distilled.float.onnx", heldout)["all"]},
+           "heldout_error_before": output_error(teacher, student, heldout)["worst"],
+           "heldout_error_after": output_error(teacher, out / "distilled.float.onnx", heldout)["worst"]},
         "latency_ms": {k: v * 1e3 for k, v in times.items()},
         "models": rows,
         "seconds": time.perf_counter() - started,

@@ -41,7 +41,7 @@ def test_budget_is_met_and_more_budget_buys_less_error(demo, metric):
         budget, after = _budget_and_total(done, metric)
         assert done.result.budget_reached and after <= budget
         assert after >= 0.9 * budget  # the leftover is spent, not wasted
-        errors.append(done.output_error["all"])
+        errors.append(done.output_error["worst"])
     assert errors[0] > errors[1] > errors[2]
 
 
@@ -70,8 +70,8 @@ def test_whitened_beats_plain_on_held_out_inputs(demo):
     compress(demo / "m.onnx", demo / "w.onnx", config, calib=demo / "calib.npz", progress=False)
     compress(demo / "m.onnx", demo / "p.onnx", config, progress=False)
     held = load_samples(demo / "held.npz", model_io.load(demo / "m.onnx"))
-    whitened = output_error(demo / "m.onnx", demo / "w.onnx", held)["all"]
-    plain = output_error(demo / "m.onnx", demo / "p.onnx", held)["all"]
+    whitened = output_error(demo / "m.onnx", demo / "w.onnx", held)["worst"]
+    plain = output_error(demo / "m.onnx", demo / "p.onnx", held)["worst"]
     assert whitened < 0.75 * plain
 
 

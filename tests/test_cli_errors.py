@@ -310,8 +310,8 @@ def test_compress_writes_model_and_report(files, tmp_path):
     assert totals["params_after"] <= 0.5 * totals["params_before"] + 1e-9
     assert totals["flops_before"] is not None  # known from the calibration samples
     assert data["data_aware"] is True
-    assert set(data["output_error"]) >= {"y", "all"}
-    assert 0 <= data["output_error"]["all"] < 1
+    assert set(data["output_error"]) >= {"y", "worst"}
+    assert 0 <= data["output_error"]["worst"] < 1
     assert "layer" in result.stdout and "total" in result.stdout and "fc1" in result.stdout
     assert "whole-model relative output error" in result.stdout
 

@@ -93,7 +93,7 @@ def test_a_corrupt_calibration_entry_is_recomputed(demo):
     for entry in (demo / "cache").glob("*/*.npz"):
         entry.write_bytes(entry.read_bytes()[:100])  # truncated, as after a crash or a full disk
     done = compress(demo / "m.onnx", demo / "b.onnx", FactorizeConfig(params=0.5), calib=demo / "calib.npz", progress=False)
-    assert done.output_error["all"] > 0
+    assert done.output_error["worst"] > 0
     assert all(e.stat().st_size > 100 for e in (demo / "cache").glob("*/*.npz"))
 
 

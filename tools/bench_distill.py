@@ -136,7 +136,7 @@ def main() -> None:
               "data_seconds_per_step": done["data_seconds_per_step"],
               "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
               "first_loss": done["losses"][0][1] if done["losses"] else None, "final_loss": done["final_loss"],
-              "heldout_error_before": done["error_before"]["all"], "heldout_error_after": done["error_after"]["all"],
+              "heldout_error_before": done["error_before"]["worst"], "heldout_error_after": done["error_after"]["worst"],
               "heldout_by_channel_before": channels["student"], "heldout_by_channel_after": channels["tuned"]}
     if detection is not None:
         result.update(detection)

@@ -66,8 +66,8 @@ def main() -> None:
                                 quantize=None if kind == "float" else kind, progress=False)
                 ranks[name, kind] = [(r.name, r.form, r.rank) for r in done.result.layers]
                 refit[f"{name}, {kind}"] = len(done.result.refit)
-                rows[f"{name}, {kind}"] = {"heldout_error": output_error(source, path, heldout)["all"],
-                                           "calibration_error": output_error(source, path, calib)["all"],
+                rows[f"{name}, {kind}"] = {"heldout_error": output_error(source, path, heldout)["worst"],
+                                           "calibration_error": output_error(source, path, calib)["worst"],
                                            "map50": detection_agreement(source, path, scenes)["map50"]}
         # refit rewrites int8 weights and their scales: ONNX Runtime must still fuse every layer
         int8 = {name: tmp / f"{name}.int8.onnx" for name in ("fitted_on_original_inputs", "refit")}

@@ -49,7 +49,7 @@ def main() -> None:
         quantize(source, plain, "int8", calib, progress=False)
         info = quantize(source, branched, "int8-lowrank", calib, progress=False)
         rows = sorted(info["low_rank_branches"], key=lambda r: -r["outlier_ratio"])
-        whole = {name: {"heldout_error": output_error(source, path, heldout)["all"],
+        whole = {name: {"heldout_error": output_error(source, path, heldout)["worst"],
                         "top_class_agreement": _channel_errors(source, path, heldout)["top_class_agreement"]}
                  for name, path in (("int8", plain), ("int8-lowrank", branched))}
         lat = interleaved_latency({"original": source, "int8": plain, "int8-lowrank": branched}, heldout.feed(0),

@@ -73,7 +73,7 @@ def main() -> None:
             compress(source, tmp / "plain.onnx", config, progress=False)
             models["plain"] = tmp / "plain.onnx"
         heldout = load_samples(tmp / "heldout.npz", load(source))
-        err = {name: output_error(source, path, heldout)["all"] for name, path in models.items() if name != "original"}
+        err = {name: output_error(source, path, heldout)["worst"] for name, path in models.items() if name != "original"}
         channels = _channel_errors(source, tmp / "whitened.onnx", heldout)
         by_photo = _photo_errors(source, models, heldout, 1 + args.crops)
         scenes = samples_from_arrays({"images": detection_heldout()}, load(source))
@@ -86,7 +86,7 @@ def main() -> None:
         "damping": args.damping,
         "photos": {"calibration": CALIBRATION, "held_out": HELD_OUT, "crops_per_photo": args.crops},
         "heldout_error": {**err, "plain": err_p, "plain_over_whitened": err_p / err_w if err_p else None},
-        "calibration_error": {"whitened": whitened.output_error["all"]},
+        "calibration_error": {"whitened": whitened.output_error["worst"]},
         "predicted_error": whitened.result.predicted_error2 ** 0.5,  # the allocation's own estimate
         "sensitivity": not args.no_sensitivity,
         "refit_layers": len(whitened.result.refit),  # refit on the compressed model's own inputs

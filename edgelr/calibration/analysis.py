@@ -16,6 +16,7 @@ import onnx_ir as ir
 
 from edgelr.calibration.grams import cached_grams
 from edgelr.calibration.sensitivity import PROBE_SAMPLES, layer_sensitivity
+from edgelr.core.objective import Objective
 from edgelr.graph.layers import Layer
 from edgelr.io import model as model_io
 from edgelr.io.cache import ArrayCache, content_key
@@ -32,27 +33,36 @@ class Analysis:
     spectra: dict  # (layer, form) -> error-by-rank curve; factorize fills in what it computes
     sensitivity: dict | None  # layer name -> whole-model error^2 per unit of its own
     damping: float
+    objective: Objective | None = None  # the output groups errors are measured by (None without samples)
     warnings: list[str] = field(default_factory=list)
     _known: tuple = ()
 
     def keep(self, layers: list[Layer]) -> None:
         """Cache what was computed since `analyse` (the spectra factorize filled in, a new sensitivity)."""
         if self.key is not None and (len(self.spectra), self.sensitivity is not None) != self._known:
-            ArrayCache("spectra").put(_spectra_key(self.key, self.damping), _pack_analysis(self.spectra, self.sensitivity, layers))
+            ArrayCache("spectra").put(self._cache_key(), _pack_analysis(self.spectra, self.sensitivity, layers))
+
+    def _cache_key(self) -> str:
+        return _spectra_key(self.key, self.damping, self.objective)
 
 
 def analyse(path: Path, model: ir.Model, layers: list[Layer], samples: Samples | None, calib: Path | None,
-            damping: float, sensitivity: bool = True, progress: bool = True) -> Analysis:
+            damping: float, sensitivity: bool = True, progress: bool = True,
+            objective: Objective | None = None) -> Analysis:
     """The model at PATH (loaded as MODEL) and its layers on the samples; sensitivities are probed only
-    when `sensitivity` is asked for and not cached."""
+    when `sensitivity` is asked for and not cached. `objective`: the output groups to measure by (by
+    default read from the model's own outputs on the samples)."""
     key = content_key(path, model, Path(calib)) if samples is not None else None
     grams, references = cached_grams(model, layers, samples, key, progress) if samples is not None else (None, None)
-    spectra, measured = _cached_analysis(key, layers, damping)
-    done = Analysis(key, grams, references, spectra, measured, damping, _known=(len(spectra), measured is not None))
+    if objective is None and references:
+        objective = Objective.of(references)
+    spectra, measured = _cached_analysis(key, layers, damping, objective)
+    done = Analysis(key, grams, references, spectra, measured, damping, objective,
+                    _known=(len(spectra), measured is not None))
     if samples is not None and sensitivity and measured is None:
         if model_io.model_bytes(model) <= SENSITIVITY_MAX_BYTES:
             try:
-                done.sensitivity = layer_sensitivity(path, layers, grams, spectra, damping, samples, progress)
+                done.sensitivity = layer_sensitivity(path, layers, grams, spectra, damping, samples, objective, progress)
             except Exception as exc:  # noqa: BLE001  (a refinement: a model ORT cannot probe is still compressed)
                 done.warnings.append(f"layer sensitivity not measured ({model_io.first_line(exc)}): "
                                      "layers' errors are weighed alike")
@@ -62,10 +72,10 @@ def analyse(path: Path, model: ir.Model, layers: list[Layer], samples: Samples |
     return done
 
 
-def _cached_analysis(key: str | None, layers: list, damping: float) -> tuple[dict, dict | None]:
+def _cached_analysis(key: str | None, layers: list, damping: float, objective: Objective | None) -> tuple[dict, dict | None]:
     """From an earlier run on the same model, samples and damping: (layer, form) -> error-by-rank curve,
     and the layers' sensitivities (None if not measured)."""
-    hit = ArrayCache("spectra").get(_spectra_key(key, damping)) if key is not None else None
+    hit = ArrayCache("spectra").get(_spectra_key(key, damping, objective)) if key is not None else None
     if hit is None or hit.get("layers") is None or hit["layers"].tolist() != [layer.name for layer in layers]:
         return {}, None
     spectra = {(layers[int(i)].name, form): curve for name, curve in hit.items() if name[0].isdigit()
@@ -76,8 +86,9 @@ def _cached_analysis(key: str | None, layers: list, damping: float) -> tuple[dic
     return spectra, sensitivity
 
 
-def _spectra_key(key: str, damping: float) -> str:
-    return f"{key}-damping{damping:g}-probe{PROBE_SAMPLES}"  # sensitivities probed otherwise are not reused
+def _spectra_key(key: str, damping: float, objective: Objective | None) -> str:
+    # sensitivities probed otherwise, or measured by other output groups, are not reused
+    return f"{key}-damping{damping:g}-probe{PROBE_SAMPLES}-objective{objective.key if objective else ''}"
 
 
 def _pack_analysis(spectra: dict, sensitivity: dict | None, layers: list) -> dict:

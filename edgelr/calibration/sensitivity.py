@@ -5,7 +5,9 @@ branch the outputs barely read, or right before a large output, changes the whol
 different amounts. As in ASVD's sensitivity-based rank search (and HAWQ's Hessian traces for mixed
 precision), we measure that end to end, once per layer: truncate the layer to a relative error e (its own
 whitened truncation, so the direction of the error is the real one), run a few calibration samples, and
-take s = E^2 / e^2, E the whole model's relative output error. To first order the model's error^2 is then
+take s = E^2 / e^2, E^2 the objective's sum of its groups' relative errors squared
+(edgelr.core.objective: each output, and each group of channels of one scale, on its own scale; a
+detector's class scores count as much as its box pixels). To first order the model's E^2 is then
 sum_l s_l e_l^2, which is what the allocation minimises (with no s_l below the median one: see
 factorize._weights), and what its predicted errors are.
 
@@ -22,6 +24,7 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from edgelr.core import lowrank
+from edgelr.core.objective import Objective
 from edgelr.graph.layers import Layer, find_layers
 from edgelr.io import model as model_io
 from edgelr.io.samples import Samples
@@ -32,8 +35,8 @@ GROUP_BYTES = 64 << 20  # residual weights added to one probing model (more go i
 
 
 def layer_sensitivity(source, layers: list[Layer], grams: Mapping[str, np.ndarray], spectra: dict,
-                      damping: float, samples: Samples, progress: bool = True) -> dict[str, float]:
-    """Layer name -> s, the whole-model error^2 per unit of the layer's own relative error^2.
+                      damping: float, samples: Samples, objective: Objective, progress: bool = True) -> dict[str, float]:
+    """Layer name -> s, the objective's error^2 per unit of the layer's own relative error^2.
     `spectra`: factorize's memo of error-by-rank curves, read and filled in."""
     from edgelr.calibration.spectra import spectrum
 
@@ -57,27 +60,21 @@ def layer_sensitivity(source, layers: list[Layer], grams: Mapping[str, np.ndarra
             form, rank, _ = probes[layer.name]
             delta = _residual_weight(layer, form, rank, grams[layer.name], damping)
             gates.append(_add_probe(model.graph, fresh[layer.name], delta, len(gates)))
-        num = dict.fromkeys(gates, 0.0)
-        den = 0.0
+        meters = {gate: objective.meter() for gate in gates}
         with model_io.ort_session(model) as session:
             names = [o.name for o in session.get_outputs()]
             closed = {g: np.zeros((), dtype=np.float32) for g in gates}
             for i in picked:
                 feed = samples.feed(int(i))
-                base = _float_outputs(session.run(names, feed | closed))  # the error counts float outputs only
-                den += sum(float(np.sum(b**2)) for b in base)
+                base = dict(zip(names, session.run(names, feed | closed)))
                 for gate in gates:
-                    out = _float_outputs(session.run(names, feed | closed | {gate: np.ones((), dtype=np.float32)}))
-                    num[gate] += sum(float(np.sum((o - b) ** 2)) for o, b in zip(out, base))
+                    out = session.run(names, feed | closed | {gate: np.ones((), dtype=np.float32)})
+                    meters[gate].add(base, dict(zip(names, out)))
                     bar.update()
         for layer, gate in zip(group, gates):
-            result[layer.name] = num[gate] / max(den, 1e-30) / probes[layer.name][2]
+            result[layer.name] = meters[gate].total2() / probes[layer.name][2]
     bar.close()
     return result
-
-
-def _float_outputs(outputs: list) -> list[np.ndarray]:
-    return [np.asarray(o, dtype=np.float64) for o in outputs if np.asarray(o).dtype.kind == "f"]
 
 
 def _probe_rank(residual: np.ndarray, max_rank: int) -> int:

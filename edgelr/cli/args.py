@@ -19,6 +19,10 @@ def fraction(text: str) -> float:
     return _number(text, lambda v: 0 < v <= 1, "is outside (0, 1]: give the fraction to keep, e.g. 0.5")
 
 
+def unit_fraction(text: str) -> float:
+    return _number(text, lambda v: 0 < v <= 1, "is outside (0, 1]: give the least the metric may be, e.g. 0.9")
+
+
 def positive(text: str) -> float:
     return _number(text, lambda v: v > 0, "must be positive, e.g. 0.05")
 
@@ -40,6 +44,17 @@ def add_calib(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", metavar="DATA.npz",
                    help="sample inputs: an .npz with one array per model input, named after it, samples on the first "
                         "axis (sizes of dynamic dims, reference outputs, calibration)")
+
+
+def add_judge(p: argparse.ArgumentParser) -> None:
+    """What the result is judged by, and on what: every verb that writes a compressed model."""
+    p.add_argument("--heldout", metavar="DATA.npz",
+                   help="inputs the fit does not see, to judge the result on (as --calib; default: the --calib samples)")
+    p.add_argument("--metric", choices=["detect", "classify", "embed", "mask", "none"],
+                   help="the task metric that gates the result: detect (mAP@0.5 agreement), classify (top-1 "
+                        "agreement), embed (cosine), mask (IoU); default: what the model's metadata says, else none")
+    p.add_argument("--floor", type=unit_fraction, metavar="F",
+                   help="the least the task metric may be (default: 0.90 detect and mask, 0.95 classify, 0.98 embed)")
 
 
 def add_shapes(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from edgelr.cli.args import add_calib, add_target, fraction, positive, removed
+from edgelr.cli.args import add_calib, add_judge, add_target, fraction, positive, removed
 from edgelr.errors import EdgelrError
 
 
@@ -23,6 +23,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-refit", action="store_true", help="keep each factorized pair as fitted on the original's "
                    "inputs (default, with --calib: refit it on the inputs the compressed model feeds it)")
     add_calib(p)
+    add_judge(p)
     p.add_argument("--recipe", metavar="RECIPE.yaml",
                    help="the passes to run, as YAML (recipes/ has examples); instead of the budget, --prune and --quantize flags")
     p.add_argument("--write-recipe", metavar="RECIPE.yaml", help="also write the recipe the flags stand for (a new file)")
@@ -61,7 +62,7 @@ def run(args) -> int:
     if args.write_recipe and Path(args.write_recipe).exists():
         raise EdgelrError(f"{args.write_recipe}: exists; edgelr does not overwrite files, pick another name")
     done = compress(args.model, args.output, recipe, calib=args.calib, report=args.report, progress=not args.quiet,
-                    float_output=args.float_output)
+                    float_output=args.float_output, heldout=args.heldout, metric=args.metric, floor=args.floor)
     if args.write_recipe:
         recipe.save(args.write_recipe)
     if done.pruned:
@@ -81,7 +82,8 @@ def run(args) -> int:
             print(f"latency round {r['round']}: predicted {r['predicted_ratio']:.3f}, measured {r['measured_ratio']:.3f} "
                   "of the original" + (f" (quantized alone, timed beside it: {alone:.3f})" if alone else ""))
         kept = done.latency["kept_round"]
-        print(f"kept round {kept}" + ("" if done.latency["within_budget"] else ", the fastest: no round met the budget"))
+        print(f"kept round {kept}" + ("" if done.latency["within_budget"] else
+                                      f", the fastest {done.latency.get('kept_because', '')}: no round met the budget"))
         print(f"latency tables: {done.latency['layer_timings']} layer timings new, cached in {done.latency['table']}")
     if done.distilled:
         d = done.distilled
@@ -95,7 +97,13 @@ def run(args) -> int:
         if q.get("opset"):
             print(f"quantization: {q['opset']}")
     if done.output_error:
-        print(f"whole-model relative output error on the calibration set: {done.output_error['all']:.4f}")
+        groups = [f"{k} {v:.4f}" for k, v in done.output_error.items() if "[" in k]
+        print(f"relative output error on the {done.judged_on} samples, each output and channel group on its own "
+              f"scale: worst {done.output_error['worst']:.4f}" + (f" ({', '.join(groups)})" if groups else ""))
+        if done.task:
+            t = done.task
+            print(f"task: {t['metric']} {t['value']:.3f} against the original (floor {t['floor']:.2f}), "
+                  f"on {t['samples']} {done.judged_on} samples")
     else:
         print("no calibration data: plain SVD, whole-model error not measured (pass --calib DATA.npz)")
     print(f"wrote {done.output}" + (f" and {args.report}" if args.report else "") + f" in {done.seconds:.1f} s")

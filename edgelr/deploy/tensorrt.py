@@ -170,7 +170,7 @@ def build_engine(
             raise EdgelrError(f"--sparsity {sparsity}: the only pattern TensorRT runs is 2:4")
         sparse = sparsify_2_4(model, model_path)
         model_io.save(model, dest / "model.sparse.onnx")
-        sparse["output_error"] = output_error(model_path, dest / "model.sparse.onnx", samples)["all"] if samples is not None else None
+        sparse["output_error"] = output_error(model_path, dest / "model.sparse.onnx", samples)["worst"] if samples is not None else None
         model_path, model = dest / "model.sparse.onnx", model_io.load(dest / "model.sparse.onnx")
 
     onnx_path, how, converted = _graph_for(model_path, model, precision, samples, dest, progress, target)

@@ -67,6 +67,8 @@ class Context:
     target: Any = None  # an edgelr.deploy.targets.Target, or None: ONNX Runtime CPU here, 1 thread
     progress: bool = True
     path: Path | None = None  # a file holding the model as the current pass receives it
+    task: Any = None  # edgelr.measure.task.Task: the metric that gates the result (None: none known)
+    judged: Samples | None = None  # the samples the result is judged on (held-out when given)
     later: tuple[PassConfig, ...] = ()  # the configs still to run after the current one
     pristine: bool = True  # no pass has changed the model yet
     # left by passes for the ones after them
@@ -77,6 +79,7 @@ class Context:
     latency: dict | None = None  # what a latency search did
     distilled: dict | None = None  # what a distill pass did
     references: list | None = None  # the original's outputs on the samples, while still pristine
+    objective: Any = None  # edgelr.core.objective.Objective: the output groups every error is measured by
 
     def scratch(self, stem: str) -> Path:
         """A new file name in the pipeline's scratch folder (removed with it)."""

@@ -231,7 +231,8 @@ class FactorizePass(EdgelrPass):
                               + (f" ({reasons})" if reasons else ""))
         aliases = layer_aliases(layers)  # before the pass replaces the nodes
         probe = config.sensitivity and config.ranks is None
-        analysis = analyse(ctx.path, model, layers, ctx.samples, ctx.calib, config.damping, probe, ctx.progress)
+        analysis = analyse(ctx.path, model, layers, ctx.samples, ctx.calib, config.damping, probe, ctx.progress,
+                           ctx.objective)
         model, layers, result = self.allocate(model, layers, analysis)
         analysis.keep(layers)
         result.skipped = skipped
@@ -239,6 +240,7 @@ class FactorizePass(EdgelrPass):
         ctx.factorized = Factorized(config, ctx.path, layers, result, analysis, aliases)
         if ctx.pristine:
             ctx.references = analysis.references
+        ctx.objective = ctx.objective or analysis.objective
         return PassDetails(model, bool(result.factorized), result)
 
     def allocate(self, model: ir.Model, layers: list[Layer], analysis: Analysis) -> tuple[ir.Model, list[Layer], FactorizeResult]:

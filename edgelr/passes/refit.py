@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from edgelr.calibration.analysis import SENSITIVITY_MAX_BYTES
 from edgelr.calibration.grams import input_gram, values_by_sample
 from edgelr.core import lowrank
+from edgelr.core.objective import Objective
 from edgelr.errors import EdgelrError
 from edgelr.graph.layers import Layer
 from edgelr.graph.lowrank_pair import PARTS, factor_weights, pair_of, part_name
@@ -42,7 +43,8 @@ from edgelr.passes.factorize import FactorizeResult
 
 def refit(original: ir.Model, compressed: ir.Model, layers: list[Layer], result: FactorizeResult,
           samples: Samples, damping: float, progress: bool = True, grams: Mapping[str, np.ndarray] | None = None,
-          max_error: float | None = None, quantized: ir.Model | None = None) -> list[str]:
+          max_error: float | None = None, quantized: ir.Model | None = None,
+          objective: Objective | None = None) -> list[str]:
     """Refit the factorized pairs of COMPRESSED (factorize's output, in place) towards ORIGINAL's layers
     on the calibration samples; `layers` and `result` are factorize's. Returns the names refit (a layer
     keeps its factors where refit ones, fitted on half the samples, do not fit the other half better;
@@ -68,7 +70,7 @@ def refit(original: ir.Model, compressed: ir.Model, layers: list[Layer], result:
         usable, inputs = _quantized_inputs(quantized, chosen)
         student, chosen = quantized, [layer for layer in chosen if layer.name in usable]
     levels = _levels(original.graph, chosen)
-    before = output_error(original, student, samples).get("all", 0.0) if chosen else 0.0
+    before = output_error(original, student, samples, objective=objective).get("worst", 0.0) if chosen else 0.0
     saved = _snapshot(compressed, quantized, chosen, rows)
     changed = set()
     for level in tqdm(levels, desc="refitting", unit="level", disable=not progress, leave=False):
@@ -90,7 +92,7 @@ def refit(original: ir.Model, compressed: ir.Model, layers: list[Layer], result:
                 if quantized is not None:
                     _set_quantized(quantized, layer, row.form, factors)
                 changed.add(layer.name)
-    if changed and output_error(original, student, samples).get("all", 0.0) >= before:
+    if changed and output_error(original, student, samples, objective=objective).get("worst", 0.0) >= before:
         _restore(saved)  # better layer by layer, worse end to end (a small random convnet did this)
         return []
     return [layer.name for layer in chosen if layer.name in changed]
@@ -374,7 +376,7 @@ class RefitPass(EdgelrPass):
 
         def run() -> list[str]:
             return refit(load(done.before), compressed, done.layers, result, ctx.samples, config.damping, ctx.progress,
-                         done.analysis.grams, config.max_error, quantized=quantized)
+                         done.analysis.grams, config.max_error, quantized=quantized, objective=ctx.objective)
 
         result.refit = _cached(done, "int8" if quantized is not None else None, compressed, quantized, run)
         return PassDetails(model, bool(result.refit), result.refit)
@@ -388,7 +390,8 @@ def _cached(done, scheme: str | None, compressed: ir.Model, quantized: ir.Model 
         return run()
     allocation = sorted((row.name, row.form, row.rank) for row in result.layers if row.rank)
     # the INT8 state holds scales from ONNX Runtime's quantizer: another version may calibrate differently
-    what = repr((key, allocation, result.keep_float, config.damping, config.max_error, scheme, ort.__version__))
+    objective = done.analysis.objective.key if done.analysis.objective else None  # it judges whether a refit is kept
+    what = repr((key, allocation, result.keep_float, config.damping, config.max_error, scheme, objective, ort.__version__))
     name = hashlib.sha256(what.encode()).hexdigest()[:32]
     cache = ArrayCache("refit")
     state = cache.get(name)

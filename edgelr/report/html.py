@@ -81,8 +81,8 @@ def _whole_error(report: dict) -> float | None:
     errors = report.get("output_error") or {}
     if not isinstance(errors, dict):
         return None
-    if _num(errors.get("all")) is not None:
-        return _num(errors["all"])
+    if _num(errors.get("worst")) is not None:
+        return _num(errors["worst"])
     values = [_num(v) for v in errors.values() if _num(v) is not None]
     return max(values) if values else None
 
@@ -265,7 +265,7 @@ def _compress_section(name: str, report: dict) -> str:
         ("kept", f"{_fmt(pr, '.3f') or '?'} of the params, {_fmt(fr, '.3f') or '?'} of the FLOPs of these layers"),
         ("whole-model error", "not measured (no calibration data)" if err is None else
          f"{err:.4f} relative, on the calibration set"
-         + "".join(f"; {escape(str(k))}: {_fmt(v)}" for k, v in (report.get("output_error") or {}).items() if k != "all")),
+         + "".join(f"; {escape(str(k))}: {_fmt(v)}" for k, v in (report.get("output_error") or {}).items() if k != "worst")),
     ]
     lat = report.get("latency")
     if isinstance(lat, dict):

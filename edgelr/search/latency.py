@@ -18,7 +18,7 @@ from edgelr.core.costs import LatencyBudget
 from edgelr.graph.layers import Layer, find_layers
 from edgelr.io import model as model_io
 from edgelr.measure.latency import interleaved_latency
-from edgelr.measure.verify import output_error
+from edgelr.measure.verify import compare_outputs, judge
 from edgelr.passes.base import register_pass
 from edgelr.passes.factorize import (
     FactorizeConfig,
@@ -33,7 +33,9 @@ from edgelr.search.tables import LatencyTable
 LATENCY_ROUNDS = 6  # most end in 1-2; a search that keeps landing just outside its window needs the rest
 MEASURE_ROUNDS = 20  # x 3 runs of each model, interleaved, per measurement
 LATENCY_SLACK = 0.01  # the search aims this far below the target: one model's ratio moves this much between runs
-FLOAT_CANDIDATES = 6  # with a static int8 quantize pass after it: layers measured for staying in float
+FLOAT_CANDIDATES = 6
+GATE_ROUNDS = 4  # with a task metric: more rounds, to back off from a saving that broke it (halving the gap)
+GATE_RESOLUTION = 0.02  # of the original's latency: closer than this to a breaking saving is close enough  # with a static int8 quantize pass after it: layers measured for staying in float
 
 
 @register_pass(FactorizeConfig, when=lambda config: config.latency is not None)
@@ -68,7 +70,8 @@ class LatencySearchPass(FactorizePass):
         memo = f"saving|{key}|{target}|{config.max_error}|{config.damping}|{config.conv_form}|{config.sensitivity}|{quantize}"
         float_layers = None
         if quantize == "int8" and len(samples) >= 2:  # which layers to quantize is part of the search (LatencyBudget)
-            float_layers = _float_layers(source, model, layers, samples, key, sensitivity, table, activations, progress)
+            float_layers = _float_layers(source, model, layers, samples, key, sensitivity, table, activations, progress,
+                                         analysis.objective)
             memo += "|float-choice"
 
         def allocation(saving: float) -> tuple[ir.Model, list[Layer], FactorizeResult]:
@@ -79,6 +82,17 @@ class LatencySearchPass(FactorizePass):
                                                   latency=budget, spectra=analysis.spectra, sensitivity=sensitivity)
 
         aim = target - LATENCY_SLACK
+        task = ctx.task
+        gate = f"|{task.kind}>={task.floor}" if task is not None else ""
+        memo += gate
+
+        def holds(path: Path) -> tuple[bool, float | None]:
+            """Whether the round's model keeps the task metric over its floor (against the original)."""
+            if task is None:
+                return True, None
+            score = judge(ctx.source, path, ctx.judged, task, objective=ctx.objective).score
+            return score.passed, score.value
+
         with tempfile.TemporaryDirectory(prefix="edgelr-rounds-", dir=ctx.workdir) as tmp:
             timed = {"original": source}
             if quantize:
@@ -93,7 +107,8 @@ class LatencySearchPass(FactorizePass):
                 floors += [start["quantized"] / start["original"]] if quantize else []
                 saving = max((floors[0] if quantize else 1.0) - aim, 0.0) * start["original"]
             rounds, kept, asked = [], [], []
-            for i in range(LATENCY_ROUNDS):
+            broke = None  # the least saving whose model fell under the task metric's floor
+            for i in range(LATENCY_ROUNDS + (GATE_ROUNDS if task is not None else 0)):
                 candidate, _, result = allocation(saving)
                 table.save()
                 timed["compressed"] = Path(tmp) / "round.onnx"
@@ -108,21 +123,34 @@ class LatencySearchPass(FactorizePass):
                 floors += [measured["quantized"] / measured["original"]] if quantize else []
                 floor = float(np.median(floors)) if quantize else 1.0
                 error = result.predicted_error2
+                held, value = holds(timed["compressed"])
                 rounds.append({"round": i + 1, "saving_asked_s": saving,
                                "predicted_ratio": floor - predicted / measured["original"],
                                "measured_ratio": ratio, "quantized_only_ratio": floors[-1] if quantize else None,
-                               "predicted_error2": error})
+                               "predicted_error2": error, "task_metric": value, "task_held": held})
                 high = aim + LATENCY_SLACK / 2
-                kept.append((ratio <= high, ratio <= target, error, ratio, i, saving))
+                kept.append((held, ratio <= high, ratio <= target, error, ratio, i, saving))
+                if not held:  # too far: back off halfway towards the most a round saved within the floor
+                    broke = saving if broke is None else min(broke, saving)
+                    safe = max((k[6] for k in kept if k[0]), default=0.0)
+                    if broke - safe < GATE_RESOLUTION * measured["original"]:
+                        break
+                    saving = (safe + broke) / 2
+                    continue
                 low = 0.0 if remembered and i == 0 else aim - LATENCY_SLACK
                 asked.append(saving / measured["original"])
                 if low <= ratio <= high or not result.budget_reached or saving <= 0:
                     break
-                delivered = sum(floor - r["measured_ratio"] for r in rounds) / sum(asked)  # of what was asked, all rounds
+                delivered = sum(floor - r["measured_ratio"] for r in rounds if r["task_held"]) / sum(asked)
                 if delivered <= 0:
                     break
                 saving = (floor - aim) / delivered * measured["original"]
-        _, within, _, _, best, saving = min(kept, key=lambda k: (not k[0], k[2] if k[0] else k[3]))
+                if broke is not None and saving >= broke:  # the budget lies past the floor: close in on it
+                    if broke - asked[-1] * measured["original"] < GATE_RESOLUTION * measured["original"]:
+                        break
+                    saving = (asked[-1] * measured["original"] + broke) / 2
+        # the kept round: held the floor; then within the window; then the least predicted error, else the fastest
+        held, _, within, _, _, best, saving = min(kept, key=lambda k: (not k[0], not k[1], k[3] if k[1] else k[4]))
         # the kept round again, on the pass's own model (deterministic: the same allocation and factors)
         result = factorize(model, config, analysis.grams, layers=layers, progress=progress,
                            latency=LatencyBudget(table, saving, float_layers), spectra=analysis.spectra,
@@ -135,7 +163,8 @@ class LatencySearchPass(FactorizePass):
         result.warnings.extend([elsewhere] if elsewhere else [])
         ctx.latency = {"target": table.target, "front": front, "quantized_only_ratio": floor if quantize else None,
                        "table": str(table.path), "layer_timings": table.measured, "rounds": rounds,
-                       "kept_round": best + 1, "within_budget": within}
+                       "kept_round": best + 1, "within_budget": within and held,
+                       "kept_because": f"that keeps {task.kind} over its floor {task.floor:g}" if task is not None and broke is not None else ""}
         return model, layers, result
 
 
@@ -151,14 +180,14 @@ def _threads(target) -> tuple[int, str | None]:
 
 
 def _float_layers(source: Path, model, layers: list, samples, key: str, sensitivity: dict | None,
-                  table: LatencyTable, activations: str, progress: bool) -> dict[str, tuple[float, float]]:
+                  table: LatencyTable, activations: str, progress: bool, objective) -> dict[str, tuple[float, float]]:
     """Layer name -> (seconds added, error^2 removed) by leaving that layer in float in the INT8 model,
     for the FLOAT_CANDIDATES layers whose INT8 error, measured alone and weighed by sensitivity, is
     largest; each measured on the whole model (quantized without it, its error on the calibration
     samples, its time interleaved with the all-INT8 model's). Cached with the latency tables."""
     from edgelr.passes.svdquant import int8_errors
 
-    memo = f"float|{key}|"
+    memo = f"float|{key}|{objective.key if objective else ''}|"
     known = {layer.name: table.entries.get(memo + layer.name) for layer in layers}
     if not any(known.values()):
         own = int8_errors(model, layers, samples, progress=progress)
@@ -166,20 +195,21 @@ def _float_layers(source: Path, model, layers: list, samples, key: str, sensitiv
         score = {name: e * weight.get(name, 1.0) for name, e in own.items() if e > 0}
         chosen = sorted(score, key=score.get, reverse=True)[:FLOAT_CANDIDATES]
         known = _measure_float_layers(source, [layer for layer in layers if layer.name in chosen], samples,
-                                       activations, progress)
+                                       activations, progress, objective)
         table.entries.update({memo + name: list(v) for name, v in known.items()})
         table.save()
     return {name: tuple(v) for name, v in known.items() if v and v[1] > 0}
 
 
-def _measure_float_layers(source: Path, layers: list, samples, activations: str, progress: bool) -> dict[str, tuple[float, float]]:
+def _measure_float_layers(source: Path, layers: list, samples, activations: str, progress: bool,
+                          objective) -> dict[str, tuple[float, float]]:
     with tempfile.TemporaryDirectory(prefix="edgelr-float-") as tmp:
         models = {}
         bar = tqdm(layers, desc="float layers", unit="model", disable=not progress, leave=False)
         for name, keep in [("", [])] + [(layer.name, [use.node.name for use in layer.uses]) for layer in bar]:
             models[name] = Path(tmp) / f"{len(models)}.onnx"
             quantize_model(source, models[name], "int8", samples, activations=activations, progress=False, keep_float=keep)
-        error2 = {name: output_error(source, path, samples)["all"] ** 2 for name, path in models.items()}
+        error2 = {name: compare_outputs(source, path, samples, objective=objective).total2() for name, path in models.items()}
         times = interleaved_latency(models, samples.feed(0), rounds=MEASURE_ROUNDS)
     return {layer.name: (times[layer.name] - times[""], error2[""] - error2[layer.name]) for layer in layers}
 

@@ -467,7 +467,7 @@ def distill(teacher: str | os.PathLike, student: str | os.PathLike, data, out: s
 
                     result["error_before"] = output_error(teacher, student, evaluation)
                     result["error_after"] = output_error(teacher, out, evaluation)
-                    worse = result["error_after"]["all"] > result["error_before"]["all"]
+                    worse = result["error_after"]["worst"] > result["error_before"]["worst"]
                     result["kept"] = "trained" if config.keep_worse or not worse else "student"
                     if result["kept"] == "student":  # training made it worse on held-out data: no gain to ship
                         model_io.save(model_io.load(student), out)

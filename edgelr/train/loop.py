@@ -204,9 +204,9 @@ def train(job: Job, config) -> dict:
     clock, shared_clock = None, [0.0]
     if config.anneal_by_time and time_limit:
         if world.size == 1:
-            clock = lambda: (time.perf_counter() - start) / time_limit  # noqa: E731
+            clock = lambda: (time.perf_counter() - start) / time_limit
         else:  # rank 0's clock, broadcast before each scheduler step
-            clock = lambda: shared_clock[0]  # noqa: E731
+            clock = lambda: shared_clock[0]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(total, warmup, clock))
     stream = Stream(len(dataset), config.batch, config.seed)
     share = config.batch // world.size  # samples per process and step
