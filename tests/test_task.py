@@ -148,8 +148,10 @@ def test_lower_class_scores_lose_every_object_while_the_output_error_is_tiny(yol
     cand = np.concatenate([c["output0"] for c in candidate])
     assert np.linalg.norm(ref - cand) / np.linalg.norm(ref) < 0.01  # what an output-error gate would see
     assert "below the floor" in score.line() and "0 candidate detections" in score.line()
-    weaker = task_score(task, yolo_runs, scaled_classes(yolo_runs, 0.7))  # the objects scored under 0.36 drop
-    assert 0.0 < weaker.value < 1.0
+    # the objects scored under 0.36 drop under the threshold, but ranked as mAP evaluation ranks them
+    # (down to 0.001) they all agree, and most are still reported: not a collapse
+    weaker = task_score(task, yolo_runs, scaled_classes(yolo_runs, 0.7))
+    assert weaker.value == 1.0 and weaker.passed
     assert 0 < weaker.details["candidate_detections"] < weaker.details["reference_detections"]
 
 

@@ -6,7 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from edgelr.cli.args import add_calib, add_judge, add_target, fraction, positive, removed
+from edgelr.cli.args import (
+    add_calib,
+    add_judge,
+    add_target,
+    fraction,
+    positive,
+    removed,
+)
 from edgelr.errors import EdgelrError
 
 
