@@ -34,9 +34,9 @@ from edgelr.errors import EdgelrError
 from edgelr.graph.layers import Layer
 from edgelr.graph.lowrank_pair import PARTS, factor_weights, pair_of, part_name
 from edgelr.io.cache import ArrayCache
-from edgelr.io.model import load, model_bytes
+from edgelr.io.model import load, model_bytes, save
 from edgelr.io.samples import Samples
-from edgelr.measure.verify import output_error
+from edgelr.measure.verify import judge, output_error
 from edgelr.passes.base import EdgelrPass, PassConfig, PassDetails, register_pass
 from edgelr.passes.factorize import FactorizeResult
 
@@ -378,8 +378,25 @@ class RefitPass(EdgelrPass):
             return refit(load(done.before), compressed, done.layers, result, ctx.samples, config.damping, ctx.progress,
                          done.analysis.grams, config.max_error, quantized=quantized, objective=ctx.objective)
 
+        rows = {row.name: row for row in result.layers}
+        pairs = [layer for layer in done.layers if rows[layer.name].form != "dense" and rows[layer.name].rank]
+        saved = _snapshot(compressed, quantized, pairs, rows) if ctx.task is not None else []
+        before = self._task_value(model) if ctx.task is not None else None
         result.refit = _cached(done, "int8" if quantized is not None else None, compressed, quantized, run)
+        if before is not None and result.refit:
+            after = self._task_value(model)
+            if after < before:  # fitted to the calibration outputs, it lost objects on the judged inputs
+                _restore(saved)
+                result.warnings.append(f"refit undone: it lowered the {ctx.task.kind} metric on the judged samples "
+                                       f"from {before:.3f} to {after:.3f}")
+                result.refit = []
         return PassDetails(model, bool(result.refit), result.refit)
+
+    def _task_value(self, model: ir.Model) -> float:
+        ctx = self.context
+        path = ctx.scratch("refit-judged")
+        save(model, path)
+        return judge(ctx.source, path, ctx.judged, ctx.task, objective=ctx.objective).score.value
 
 
 def _cached(done, scheme: str | None, compressed: ir.Model, quantized: ir.Model | None, run) -> list[str]:
