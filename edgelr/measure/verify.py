@@ -68,7 +68,7 @@ class Verdict:
         data = {"samples": self.samples}
         if self.score is not None:
             data |= {"metric": self.score.metric, "value": self.score.value, "floor": self.score.floor,
-                     "passed": self.score.passed, **self.score.details}
+                     "passed": self.score.passed, "checks": self.score.checks, **self.score.details}
         return data
 
 
