@@ -134,7 +134,9 @@ def compress(
         raise EdgelrError("--heldout judges a calibrated compression: give --calib DATA.npz too")
     judged = load_samples(heldout, model) if heldout is not None else samples
     if task is not None and judged is None:
-        raise EdgelrError(f"the {task.kind} metric is judged on samples: give --calib DATA.npz (and --heldout)")
+        if task.source != "metadata":
+            raise EdgelrError(f"the {task.kind} metric is judged on samples: give --calib DATA.npz (and --heldout)")
+        task = None  # nothing to judge on: the model's metadata names a task nobody asked to gate
     with tempfile.TemporaryDirectory(prefix=".edgelr-", dir=output.parent) as tmp:
         tmp = Path(tmp).resolve()
         ctx = Context(source, samples, Path(calib) if calib is not None else None, tmp, resolved, progress, path=source,

@@ -94,9 +94,10 @@ def main() -> None:
              if args.quantize or not isinstance(c, QuantizeConfig)]
     student = out / "student.float.onnx"
     if args.quantize:
-        done = compress(teacher, out / "student.ptq.onnx", first, calib=out / "calib.npz", float_output=student)
+        done = compress(teacher, out / "student.ptq.onnx", first, calib=out / "calib.npz", float_output=student,
+                        metric="none")  # judged in step 4, after distillation
     else:
-        done = compress(teacher, student, first, calib=out / "calib.npz")
+        done = compress(teacher, student, first, calib=out / "calib.npz", metric="none")
     keep_float = done.result.keep_float
 
     # 2. distill, 3. quantize with the same layers left in float, calibrated on the same photos as step 1
@@ -108,9 +109,9 @@ def main() -> None:
     assert isinstance(tuning, DistillConfig)
     if args.quantize:
         trained = compress(student, out / "distilled.int8.onnx", [tuning, replace(quantizing, keep_float=tuple(keep_float))],
-                           calib=out / "calib.npz", float_output=out / "distilled.float.onnx")
+                           calib=out / "calib.npz", float_output=out / "distilled.float.onnx", metric="none")
     else:
-        trained = compress(student, out / "distilled.float.onnx", [tuning], calib=out / "calib.npz")
+        trained = compress(student, out / "distilled.float.onnx", [tuning], calib=out / "calib.npz", metric="none")
     models = {"original": teacher}
     calib = load_samples(out / "calib.npz", load(teacher))
     if args.quantize:

@@ -313,7 +313,7 @@ def test_compress_writes_model_and_report(files, tmp_path):
     assert set(data["output_error"]) >= {"y", "worst"}
     assert 0 <= data["output_error"]["worst"] < 1
     assert "layer" in result.stdout and "total" in result.stdout and "fc1" in result.stdout
-    assert "whole-model relative output error" in result.stdout
+    assert "relative output error on the calibration samples" in result.stdout
 
 
 def test_compress_quiet_without_calibration(files, tmp_path):

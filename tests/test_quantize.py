@@ -224,7 +224,7 @@ def test_compress_then_quantize_from_the_command_line(tmp_path):
     assert run.returncode == 0, run.stderr
     ops = {n.op_type for n in onnx.load(tmp_path / "s.onnx").graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
-    assert "quantized" in run.stdout and "whole-model relative output error" in run.stdout
+    assert "quantized" in run.stdout and "relative output error on the calibration samples" in run.stdout
     import json
 
     report = json.loads((tmp_path / "r.json").read_text())

@@ -109,8 +109,8 @@ def run(args) -> int:
           + (f" ({done['world_size']} processes)" if done.get("world_size", 1) > 1 else "")
           + (" (stopped at the time limit)" if done.get("stopped_early") else ""))
     if done.get("error_before"):
-        print(f"held-out relative output error: {done['error_before']['all']:.4f} before, "
-              f"{done['error_after']['all']:.4f} after")
+        print(f"held-out relative output error: {done['error_before']['worst']:.4f} before, "
+              f"{done['error_after']['worst']:.4f} after")
         if done.get("kept") == "student":
             print("training raised the held-out error: wrote the student unchanged (--keep-worse writes the trained one)")
     print(f"wrote {done['output']} (parity with torch: {max(done['parity'].values()):.1e})")

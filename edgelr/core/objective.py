@@ -141,14 +141,11 @@ class ErrorMeter:
 
 
 def _split(name: str, arrays: list[np.ndarray]) -> list[Group]:
-    """The output's groups: one, unless a channel axis holds channels of very different scales."""
+    """The output's groups: one, unless its channel axis holds channels of very different scales."""
     shape = arrays[0].shape
-    if any(a.shape != shape for a in arrays):
+    axis = channel_axis(shape)
+    if axis is None or any(a.shape != shape for a in arrays):
         return [Group(name)]  # a dynamic axis (a count of detections, a length): no channel axis to read
-    axes = [i for i in range(1, len(shape)) if 2 <= shape[i] <= MAX_CHANNELS]
-    if not axes:
-        return [Group(name)]
-    axis = min(axes, key=lambda i: (shape[i], i))
     others = tuple(i for i in range(len(shape)) if i != axis)
     rms = np.sqrt(sum(np.sum(a.astype(np.float64) ** 2, axis=others) for a in arrays))
     order = np.argsort(rms, kind="stable")
@@ -159,3 +156,16 @@ def _split(name: str, arrays: list[np.ndarray]) -> list[Group]:
     # channels that are all zeros in the references join the smallest group (their scale is unknown)
     parts = sorted(tuple(sorted(int(c) for c in part)) for part in np.split(order, breaks))
     return [Group(name, axis, part) for part in parts]
+
+
+def channel_axis(shape: tuple[int, ...]) -> int | None:
+    """Axis 1 of [N, C, ...] (or the last of a transposed [N, A, C] head, where C < A), None for vectors.
+
+    A vector of class scores, logits or an embedding is one quantity: a class no input lit would be a group
+    of its own, measured on a scale of nothing (a 2-class NSFW classifier's unlit class: relative error
+    1.0 for an unchanged decision). Rows of a probability map [N, 1, H, W] are not channels either."""
+    if len(shape) < 3:
+        return None
+    axes = [1, 2] if len(shape) == 3 else [1]
+    axes = [i for i in axes if 2 <= shape[i] <= MAX_CHANNELS]
+    return min(axes, key=lambda i: shape[i]) if axes else None

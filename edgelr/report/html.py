@@ -263,10 +263,17 @@ def _compress_section(name: str, report: dict) -> str:
         ("budget", budget + ("" if report.get("budget_reached", True) else " (not reached)")),
         ("SVD", "data-aware (whitened)" if report.get("data_aware") else "plain (no calibration data)"),
         ("kept", f"{_fmt(pr, '.3f') or '?'} of the params, {_fmt(fr, '.3f') or '?'} of the FLOPs of these layers"),
-        ("whole-model error", "not measured (no calibration data)" if err is None else
-         f"{err:.4f} relative, on the calibration set"
+        ("output error", "not measured (no calibration data)" if err is None else
+         f"worst {err:.4f} relative (each output and channel group on its own scale), on the "
+         f"{escape(str(report.get('judged_on', 'calibration')))} samples"
          + "".join(f"; {escape(str(k))}: {_fmt(v)}" for k, v in (report.get("output_error") or {}).items() if k != "worst")),
     ]
+    task = report.get("task")
+    if isinstance(task, dict) and _num(task.get("value")) is not None:
+        facts.append(("task metric", f"{escape(str(task.get('metric', '?')))} {_fmt(task.get('value'), '.3f')} against "
+                                     f"the original (floor {_fmt(task.get('floor'), '.2f')})"
+                      + "".join(f"; {escape(k.replace('_', ' '))} {_fmt(task.get(k), '.3f')}"
+                                for k in ("top_class_agreement", "detections_kept", "class_score_error") if k in task)))
     lat = report.get("latency")
     if isinstance(lat, dict):
         for r in lat.get("rounds") or []:
