@@ -109,7 +109,9 @@ def run(args) -> int:
               f"scale: worst {done.output_error['worst']:.4f}" + (f" ({', '.join(groups)})" if groups else ""))
         if done.task:
             t = done.task
-            print(f"task: {t['metric']} {t['value']:.3f} against the original (floor {t['floor']:.2f}), "
+            checks = "".join(f", {k.replace('_', ' ')} {t[k]:.3f} (at least {least:g})"
+                             for k, least in t.get("checks", {}).items() if k in t)
+            print(f"task: {t['metric']} {t['value']:.3f} against the original (floor {t['floor']:.2f}){checks}, "
                   f"on {t['samples']} {done.judged_on} samples")
     else:
         print("no calibration data: plain SVD, whole-model error not measured (pass --calib DATA.npz)")

@@ -205,10 +205,12 @@ class TaskScore:
 
     def line(self) -> str:
         """One human line: "mAP50 agreement 0.934 (floor 0.90; top-class agreement 0.981, ...)"."""
-        said = [label.format(self.details[key]) for key, label in _LABELS.items() if key in self.details]
+        failed = self.failed_checks
+        said = [label.format(self.details[key]) for key, label in _LABELS.items()
+                if key in self.details and key not in failed]
         verdict = "" if self.value >= self.floor else ", below the floor"
         verdict += "".join(f", {_LABELS[key].format(self.details[key])} under {self.checks[key]:g}"
-                           for key in self.failed_checks)
+                           for key in failed)
         said = "; " + ", ".join(said) if said else ""
         return f"{self.metric} {self.value:.3f} (floor {self.floor:.2f}{verdict}{said})"
 
