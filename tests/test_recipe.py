@@ -66,6 +66,16 @@ def test_flag_order_refits_static_int8_after_quantizing_and_others_before():
     assert [c.kind for c in flag_passes(None, quantize="int8")] == ["factorize", "quantize"]  # dense: nothing to refit
 
 
+def test_a_recipe_names_its_task_metric_and_floor(demo):
+    """metric/floor in a recipe round-trip, and gate the result as --metric/--floor do: a classify floor of 1.0
+    (every decision the same) on a half-size model is refused and nothing is written."""
+    recipe = Recipe.from_yaml("metric: classify\nfloor: 1.0\npasses:\n- {_type: factorize, params: 0.2}\n")
+    assert (recipe.metric, recipe.floor) == ("classify", 1.0) and Recipe.from_yaml(recipe.to_yaml()) == recipe
+    with pytest.raises(EdgelrError, match="top-1 agreement .* below the floor"):
+        compress(demo / "m.onnx", demo / "t.onnx", recipe, calib=demo / "calib.npz", progress=False)
+    assert not (demo / "t.onnx").exists()
+
+
 def test_every_config_round_trips_through_its_dict():
     configs = [FactorizeConfig(params=0.5, ranks={"a": 8}, conv_form="channel"), PruneConfig(ratio=0.3, multiple=4),
                QuantizeConfig(scheme="int8-dynamic", keep_float=("n1", "n2")), RefitConfig()]
@@ -115,6 +125,9 @@ BAD = [
      "needs calibration data"),
     ("refit-after-dynamic", "passes:\n- {_type: factorize, params: 0.5}\n- {_type: quantize, scheme: int8-dynamic}\n"
      "- {_type: refit}\n", ":4:", "before the quantize pass"),
+    ("unknown-metric", "metric: detection\npasses:\n- {_type: factorize, params: 0.5}\n", ":1:", "detect, classify"),
+    ("floor-out-of-range", "metric: classify\nfloor: 1.5\npasses:\n- {_type: factorize, params: 0.5}\n", ":2:",
+     "(0, 1]"),
     ("quantize-twice", "passes:\n- {_type: quantize, scheme: int8-dynamic}\n- {_type: quantize, scheme: int8-dynamic}\n",
      ":2:", "twice"),
 ]
