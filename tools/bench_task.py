@@ -21,14 +21,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgelr.api import compress  # noqa: E402
-from edgelr.errors import EdgelrError  # noqa: E402
-from edgelr.io.model import load  # noqa: E402
-from edgelr.io.samples import load_samples  # noqa: E402
-from edgelr.measure.latency import interleaved_latency  # noqa: E402
-from edgelr.measure.task import recognise  # noqa: E402
-from edgelr.measure.verify import judge  # noqa: E402
-from edgelr.passes.factorize import FactorizeConfig  # noqa: E402
+from edgelr.api import compress
+from edgelr.errors import EdgelrError
+from edgelr.io.model import load
+from edgelr.io.samples import load_samples
+from edgelr.measure.latency import interleaved_latency
+from edgelr.measure.task import recognise
+from edgelr.measure.verify import judge
+from edgelr.passes.factorize import FactorizeConfig
 
 
 def run_flow(source: Path, out: Path, flow: str, calib: str, heldout: str, metric: str | None, floor: float | None) -> dict:
