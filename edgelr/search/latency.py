@@ -86,12 +86,13 @@ class LatencySearchPass(FactorizePass):
         gate = f"|{task.kind}>={task.floor}" if task is not None else ""
         memo += gate
 
-        def holds(path: Path) -> tuple[bool, float | None]:
-            """Whether the round's model keeps the task metric over its floor (against the original)."""
+        def holds(path: Path) -> tuple[bool, float | None, list[str]]:
+            """Whether the round's model keeps the task metric over its floor (against the original), its value,
+            and the checks it failed."""
             if task is None:
-                return True, None
+                return True, None, []
             score = judge(ctx.source, path, ctx.judged, task, objective=ctx.objective).score
-            return score.passed, score.value
+            return score.passed, score.value, score.failed_checks
 
         with tempfile.TemporaryDirectory(prefix="edgelr-rounds-", dir=ctx.workdir) as tmp:
             timed = {"original": source}
@@ -123,11 +124,12 @@ class LatencySearchPass(FactorizePass):
                 floors += [measured["quantized"] / measured["original"]] if quantize else []
                 floor = float(np.median(floors)) if quantize else 1.0
                 error = result.predicted_error2
-                held, value = holds(timed["compressed"])
+                held, value, failed = holds(timed["compressed"])
                 rounds.append({"round": i + 1, "saving_asked_s": saving,
                                "predicted_ratio": floor - predicted / measured["original"],
                                "measured_ratio": ratio, "quantized_only_ratio": floors[-1] if quantize else None,
-                               "predicted_error2": error, "task_metric": value, "task_held": held})
+                               "predicted_error2": error, "task_metric": value, "task_held": held,
+                               "task_failed_checks": failed})
                 high = aim + LATENCY_SLACK / 2
                 kept.append((held, ratio <= high, ratio <= target, error, ratio, i, saving))
                 if not held:  # too far: back off halfway towards the most a round saved within the floor
