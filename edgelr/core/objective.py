@@ -7,7 +7,7 @@ an error that wipes out every class score moves that number by under 0.1 (issue 
 axis is split where the channels' scales jump: the channels' RMS over the reference outputs, sorted,
 break into groups wherever one is more than GROUP_GAP times the next. Channels of one kind (classes
 lit more or less often, feature maps) spread in small steps and stay one group; quantities of
-different units (pixels beside probabilities) fall apart. A recipe may declare groups instead.
+different units (pixels beside probabilities) fall apart.
 
 The groups' relative errors are what is reported, the worst of them is what gates, and the sum of
 their squares is what the allocation and the searches add up (it bounds the worst from above and is
@@ -38,14 +38,11 @@ class Group:
     output: str
     axis: int | None = None
     channels: tuple[int, ...] = ()
-    label: str = ""  # a declared group's name
 
     @property
     def name(self) -> str:
         if self.axis is None:
             return self.output
-        if self.label:
-            return f"{self.output}[{self.label}]"
         first, last = self.channels[0], self.channels[-1]
         if self.channels == tuple(range(first, last + 1)):
             return f"{self.output}[{first}:{last + 1}]"
@@ -65,20 +62,14 @@ class Objective:
     groups: tuple[Group, ...]
 
     @classmethod
-    def of(cls, references: Sequence[Mapping[str, np.ndarray]],
-           declared: Mapping[str, Mapping[str, Sequence[int]]] | None = None) -> Objective:
+    def of(cls, references: Sequence[Mapping[str, np.ndarray]]) -> Objective:
         """From the original's outputs (per sample, name -> array): each float output, split where its
-        channels' scales jump. `declared`: output -> {label: channel indices on axis 1}, used as given."""
-        declared = declared or {}
+        channels' scales jump."""
         picked = list(references[:SCALE_SAMPLES])
         groups: list[Group] = []
         for name in picked[0] if picked else ():
             arrays = [np.asarray(r[name]) for r in picked]
             if arrays[0].dtype.kind != "f":
-                continue
-            if name in declared:
-                groups += [Group(name, 1, tuple(int(c) for c in channels), label)
-                           for label, channels in declared[name].items()]
                 continue
             groups += _split(name, arrays)
         return cls(tuple(groups))

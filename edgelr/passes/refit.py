@@ -396,7 +396,8 @@ class RefitPass(EdgelrPass):
         ctx = self.context
         path = ctx.scratch("refit-judged")
         save(model, path)
-        return judge(ctx.source, path, ctx.judged, ctx.task, objective=ctx.objective).score.value
+        known = ctx.references if ctx.judged is ctx.samples else None  # the original's outputs, not run again
+        return judge(ctx.source, path, ctx.judged, ctx.task, known, ctx.objective).score.value
 
 
 def _cached(done, scheme: str | None, compressed: ir.Model, quantized: ir.Model | None, run) -> list[str]:

@@ -91,7 +91,8 @@ class LatencySearchPass(FactorizePass):
             and the checks it failed."""
             if task is None:
                 return True, None, []
-            score = judge(ctx.source, path, ctx.judged, task, objective=ctx.objective).score
+            known = analysis.references if ctx.judged is ctx.samples and ctx.pristine else None  # not run again
+            score = judge(ctx.source, path, ctx.judged, task, known, ctx.objective).score
             return score.passed, score.value, score.failed_checks
 
         with tempfile.TemporaryDirectory(prefix="edgelr-rounds-", dir=ctx.workdir) as tmp:
