@@ -514,7 +514,7 @@ def test_scores_are_compared_by_binary_kl(pair):
     assert torch.allclose(q_logits.grad, (torch.sigmoid(q_logits) - p).detach() / 4, atol=1e-6)  # the logit's distance
 
     teacher = np.concatenate([np.full((2, 4, 5), 100.0), np.full((2, 2, 5), 0.01)], axis=1).astype(np.float32)
-    scale = output_scales([[teacher]], per_channel=False, scores=(4, None))[0]
+    scale = output_scales([[teacher]], None, scores=(4, None))[0]
     assert float(scale) == pytest.approx(100.0)  # the scores stay out of the boxes' scale
     t = torch.from_numpy(teacher)
     student = t.clone()
@@ -526,6 +526,30 @@ def test_scores_are_compared_by_binary_kl(pair):
     assert result["steps"] == 3 and np.isfinite(result["final_loss"])
     with pytest.raises(EdgelrError, match="scores"):
         _run(pair, "x.onnx", steps=3, scores=4)
+
+
+def test_each_channel_group_weighs_alike_in_the_loss():
+    from edgelr.core.objective import Objective as Groups
+    from edgelr.train.losses import output_loss, output_scales
+
+    rng = np.random.default_rng(0)
+    boxes = rng.uniform(0, 320, (2, 4, 50))
+    classes = rng.uniform(0, 1e-2, (2, 18, 50))
+    classes[:, 5] = 1e-3  # a class rarely lit: its group's scale, not its own, divides it
+    teacher = np.concatenate([boxes, classes], axis=1).astype(np.float32)
+    groups = Groups.of([{"y": teacher}]).groups
+    assert [g.name for g in groups] == ["y[0:4]", "y[4:22]"]
+    scale = torch.from_numpy(output_scales([[teacher]], [groups])[0])
+    assert tuple(scale.shape) == (1, 22, 1)
+    t = torch.from_numpy(teacher)
+    wrong_classes, wrong_boxes = t.clone(), t.clone()
+    wrong_classes[:, 4:] = 0
+    wrong_boxes[:, :4] = 0
+    # zeroing either head is a relative error of 1 on that group: the same loss, 1/2 (of two groups)
+    assert float(output_loss(wrong_classes, t, scale)) == pytest.approx(0.5, rel=1e-4)
+    assert float(output_loss(wrong_boxes, t, scale)) == pytest.approx(0.5, rel=1e-4)
+    whole = torch.from_numpy(output_scales([[teacher]], None)[0])
+    assert float(output_loss(wrong_classes, t, whole)) < 1e-8  # one scale for both cannot see the classes
 
 
 def test_anneal_by_time_decays_to_zero_at_the_limit():

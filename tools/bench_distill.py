@@ -59,7 +59,7 @@ def main() -> None:
     trains.add_argument("--only-lowrank", action="store_true", help="train only the factorized pairs' weights")
     trains.add_argument("--others-lr", type=float, metavar="F",
                         help="train every weight, those outside the factorized pairs at F x --lr")
-    parser.add_argument("--per-channel", action="store_true", help="normalise the loss per output channel")
+    parser.add_argument("--whole-outputs", action="store_true", help="scale each output whole, not each channel group")
     parser.add_argument("--features", action="store_true", help="also align YOLO's head logits")
     parser.add_argument("--align-factorized", type=float, metavar="W",
                         help="also align every factorized pair's output with the original layer's (weight W each)")
@@ -105,7 +105,7 @@ def main() -> None:
         if args.augment == "strong" and args.tint is not None:
             augment = Augment(tint=args.tint)
         config = DistillConfig(steps=args.steps, lr=args.lr, batch=args.batch, seed=args.seed, freeze=freeze,
-                               lr_scale=lr_scale or (), per_channel=args.per_channel, features=features,
+                               lr_scale=lr_scale or (), by_group=not args.whole_outputs, features=features,
                                feature_weight=feature_weight, augment=augment,
                                scores=(4, None) if args.score_weight else None, score_weight=args.score_weight or 1.0,
                                train_precision=args.train_precision, time_limit=args.time_limit,

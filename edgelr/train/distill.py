@@ -34,6 +34,8 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx_ir as ir
 
+from edgelr.core.objective import SCALE_SAMPLES, Group
+from edgelr.core.objective import Objective as CoreObjective
 from edgelr.errors import EdgelrError
 from edgelr.io import model as model_io
 from edgelr.io.samples import model_inputs
@@ -117,7 +119,8 @@ class DistillConfig(PassConfig):
         aligns each low-rank block. feature_weight: 1 by default; FACTORIZED_FEATURE_WEIGHT with
         "factorized".
     task_weight: the weight of distill's task_loss, if one is given.
-    per_channel: normalise [N, C, ...] outputs per channel (edgelr.train.losses); False: per output.
+    by_group: divide each output's channel groups (a detector's boxes and class scores) by their own
+        scale, so every group weighs alike (edgelr.train.losses); False: each output whole.
     augment: "light" (or True): random crop of 60-100% of each side, flip, +-15% colour, letterbox zoom;
         "strong" or an Augment: crops from 5% to all of a photo, letterboxed views, 2x2 mosaics, colour
         and hue jitter, greyscale, mixup (see Augment), for image folders (an .npz is only flipped);
@@ -174,7 +177,7 @@ class DistillConfig(PassConfig):
     features: tuple[tuple[str, str], ...] | str | None = None
     feature_weight: float | None = None
     task_weight: float = 1.0
-    per_channel: bool = True
+    by_group: bool = True
     augment: str | Augment = "light"
     preprocess: Mapping[str, Any] | str | None = None
     freeze: tuple[str, ...] = ()
@@ -248,7 +251,7 @@ class DistillConfig(PassConfig):
         self._check_features()
         number("feature_weight", low=0, optional=True)
         number("task_weight", low=0)
-        flag("per_channel")
+        flag("by_group")
         self._check_augment()
         if self.preprocess is not None:
             if isinstance(self.preprocess, os.PathLike):
@@ -440,11 +443,12 @@ def distill(teacher: str | os.PathLike, student: str | os.PathLike, data, out: s
         module.to(device)
         rounding = (fake_quantize_inputs(module, world.max_ if world.size > 1 else None)
                     if config.quantization_aware else [])
-        objective = Objective(tuple(out_names), len(features), config.per_channel, config.scores,
-                              config.score_weight, feature_weight, task_loss, config.task_weight)
         del s_model
         with teacher_session(t_model, [t for t, _ in features], teacher_threads(world)) as session:
             del t_model
+            groups = output_groups(session, dataset, out_names) if config.by_group else None
+            objective = Objective(tuple(out_names), len(features), groups, config.scores, config.score_weight,
+                                  feature_weight, task_loss, config.task_weight)
             job = Job(module, info, session, dataset, input_names, out_names + [t for t, _ in features], objective,
                       total, device, start, _meta(teacher, student, config, total, info, strong), world,
                       progress=progress)
@@ -484,6 +488,14 @@ def distill(teacher: str | os.PathLike, student: str | os.PathLike, data, out: s
     result["output"] = str(out)
     result["rank"] = world.rank
     return result
+
+
+def output_groups(session, dataset, out_names: list[str]) -> tuple[tuple[Group, ...], ...]:
+    """Each output's channel groups (edgelr.core.objective), read once from the teacher's outputs on the
+    first samples, unaugmented: every step, process and resumed run splits alike."""
+    feeds = chunks(dataset.batch(np.arange(min(len(dataset), SCALE_SAMPLES)), None), dataset.batched)
+    found = CoreObjective.of([dict(zip(out_names, session.run(out_names, feed))) for feed in feeds])
+    return tuple(tuple(g for g in found.groups if g.output == name) for name in out_names)
 
 
 def _meta(teacher: Path, student: Path, config: DistillConfig, total: int, info, strong: Augment | None) -> dict:

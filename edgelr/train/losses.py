@@ -1,15 +1,16 @@
 """What distillation lowers: the student's distance to the teacher, output by output, plus aligned features.
 
 Loss. For each float output, the squared error is normalised by the teacher's own scale, so outputs
-(and parts of outputs) of very different magnitude count alike:
-  * outputs of rank >= 3 ([N, C, ...], e.g. a YOLO head [N, 4 + classes, anchors]): per channel
-    (axis 1), by the teacher's RMS of that channel over the batch: box pixels (0..320) and class
-    scores (0..1) each weigh as much as the other. A channel's RMS is floored at the median
-    channel's RMS (CHANNEL_FLOOR), so a channel the batch never lights up (a class absent from it,
-    RMS 3e-5 on YOLOv8n against a median of 4e-4) is not blown up into noise: with a floor of 0.1 x
-    the median, those channels dominated the loss and Adam drove all class scores towards 0;
-  * other outputs ([N, K] logits, scalars): by the teacher's mean square of the whole output.
-The loss is the mean of these over the outputs: about the squared relative error of the student.
+(and parts of outputs) of very different magnitude count alike. The scale is that of each channel group
+of the objective every stage optimises (edgelr.core.objective): a YOLO head [N, 4 + classes, anchors]
+is two groups, box pixels (0..320) and class scores (0..1), each divided by the teacher's RMS of that
+group over the batch, so the class head weighs as much as the boxes. An output of one scale (logits,
+a feature map, a probability map) is one group. The groups are read once, from the teacher's outputs
+on the first samples of the data (`groups`), so every step and every resumed run splits alike.
+A group, not a channel, is the unit: a channel the batch never lights up (a class absent from it, RMS
+3e-5 on YOLOv8n against a median of 4e-4) scaled on its own is blown up into noise, and Adam drove all
+class scores towards 0 when that was tried.
+The loss is the mean of these over the groups: about the mean squared relative error of the student.
 `scores`: channels holding probabilities are compared by the binary KL divergence instead.
 Feature alignment (PELA-style, pairs (teacher_tensor, student_tensor)): MSE between the two
 intermediate tensors divided by the teacher tensor's variance, added with `feature_weight`.
@@ -24,13 +25,14 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
+from edgelr.core.objective import Group
 from edgelr.errors import EdgelrError
 from edgelr.graph.lowrank_pair import find_pairs
 
@@ -39,7 +41,6 @@ try:
 except ImportError:  # torch is only needed for training
     torch = None  # type: ignore[assignment]
 
-CHANNEL_FLOOR = 1.0  # a channel's scale is at least this fraction of the median channel's RMS
 # features="factorized": each pair's weight. Its normalised error starts near its relative error^2 (0.01-0.1),
 # the outputs' near the model's (0.002 on YOLOv8n), so the pairs lead: on YOLOv8n 0.01 did better than
 # 0.002 (held-out error 0.0344 against 0.0361 after 20 minutes, docs/benchmarks.md), and 0.03 no better.
@@ -48,53 +49,59 @@ FACTORIZED_FEATURE_WEIGHT = 0.01
 Reduce = Callable[[np.ndarray], np.ndarray]  # float64 array -> its elementwise sum over the processes
 
 
-def output_scales(teacher: list[list[np.ndarray]], per_channel: bool,
+def output_scales(teacher: list[list[np.ndarray]], groups: Sequence[Sequence[Group]] | None,
                   scores: tuple[int, int | None] | None = None, reduce: Reduce | None = None) -> list[np.ndarray | None]:
     """Per float output: what its error is divided by (see the module docstring); None for non-float outputs.
-    TEACHER: per chunk (one model run), the teacher's outputs. SCORES (channels [a, b) of axis 1 holding
+    TEACHER: per chunk (one model run), the teacher's outputs. GROUPS: per output, its channel groups
+    (edgelr.core.objective; None: each output whole). SCORES (channels [a, b) of axis 1 holding
     probabilities) are left out of an output's scale. REDUCE: sums the statistics over the processes."""
     sums: list[tuple[np.ndarray, float] | None] = []
-    shapes = []
+    layouts = []  # per output: (shape of its scale, channel -> group index) for a split output
     for k in range(len(teacher[0])):
         arrays = [np.asarray(chunk[k]) for chunk in teacher]
-        shapes.append(arrays[0].ndim)
+        split = groups[k] if groups is not None and k < len(groups) else ()
+        layouts.append(None)
         if arrays[0].dtype.kind != "f":
             sums.append(None)
             continue
         a = [x.astype(np.float64) for x in arrays]
-        if per_channel and a[0].ndim >= 3:
-            axes = tuple(i for i in range(a[0].ndim) if i != 1)
-            sq = sum(np.sum(x * x, axis=axes) for x in a)
-            count = sum(x.size // x.shape[1] for x in a)
-            sums.append((np.asarray(sq, np.float64), count))
+        if len(split) > 1:
+            axis = split[0].axis
+            member = np.zeros(a[0].shape[axis], np.int64)
+            for g, group in enumerate(split):
+                member[list(group.channels)] = g
+            others = tuple(i for i in range(a[0].ndim) if i != axis)
+            sq = np.bincount(member, sum(np.sum(x * x, axis=others) for x in a), minlength=len(split))
+            count = np.bincount(member, minlength=len(split)) * sum(x.size // x.shape[axis] for x in a)
+            layouts[-1] = (tuple(-1 if i == axis else 1 for i in range(a[0].ndim)), member)
+            sums.append((sq, count))
         else:
             if scores is not None and a[0].ndim >= 3:
                 keep = np.ones(a[0].shape[1], bool)
                 keep[slice(*scores)] = False
                 a = [x[:, keep] for x in a]
             total = sum(float(np.sum(x * x)) for x in a)
-            sums.append((np.asarray(total, np.float64), sum(x.size for x in a)))
+            sums.append((np.asarray(total, np.float64), np.asarray(sum(x.size for x in a), np.float64)))
     if reduce is not None:
         sums = _reduced(sums, reduce)
     scales = []
-    for entry, ndim in zip(sums, shapes):
+    for entry, layout in zip(sums, layouts):
         if entry is None:
             scales.append(None)
             continue
         sq, count = entry
-        if sq.ndim:  # per channel
-            rms = np.sqrt(sq / max(count, 1))
-            floor = max(CHANNEL_FLOOR * float(np.median(rms)), 1e-12)
-            scale = np.maximum(rms, floor).reshape((1, -1) + (1,) * (ndim - 2))
-        else:
-            scale = np.array(max(math.sqrt(float(sq) / max(count, 1)), 1e-12))
-        scales.append(scale.astype(np.float32))
+        rms = np.maximum(np.sqrt(sq / np.maximum(count, 1)), 1e-12)
+        if layout is not None:  # each channel divided by its group's RMS, each group weighing alike in the mean
+            shape, member = layout
+            share = np.bincount(member) / len(member)
+            rms = (rms * np.sqrt(len(share) * share))[member].reshape(shape)
+        scales.append(np.asarray(rms, np.float32))
     return scales
 
 
 def _reduced(sums: list, reduce: Reduce) -> list:
     """SUMS with every (sum, count) added up over the processes, in one reduction."""
-    flat = [np.append(np.ravel(sq), float(count)) for sq, count in (s for s in sums if s is not None)]
+    flat = [np.concatenate([np.ravel(sq), np.ravel(count)]) for sq, count in (s for s in sums if s is not None)]
     if not flat:
         return sums
     total = reduce(np.concatenate(flat))
@@ -104,8 +111,8 @@ def _reduced(sums: list, reduce: Reduce) -> list:
             out.append(None)
             continue
         size = entry[0].size
-        out.append((total[at : at + size].reshape(entry[0].shape), float(total[at + size])))
-        at += size + 1
+        out.append((total[at : at + size].reshape(entry[0].shape), total[at + size : at + 2 * size].reshape(entry[0].shape)))
+        at += 2 * size
     return out
 
 
@@ -155,7 +162,7 @@ class Objective:
 
     outputs: tuple[str, ...]
     n_features: int = 0
-    per_channel: bool = True
+    groups: tuple[tuple[Group, ...], ...] | None = None  # per output, its channel groups (output_scales)
     scores: tuple[int, int | None] | None = None
     score_weight: float = 1.0
     feature_weight: float = 1.0
@@ -164,7 +171,7 @@ class Objective:
 
     def scales(self, teacher: list[list[np.ndarray]], reduce: Reduce | None = None) -> list[np.ndarray | None]:
         """The output scales of a batch (TEACHER: per chunk, the teacher's outputs and features)."""
-        return output_scales([t[: len(self.outputs)] for t in teacher], self.per_channel, self.scores, reduce)
+        return output_scales([t[: len(self.outputs)] for t in teacher], self.groups, self.scores, reduce)
 
     def variances(self, target: list[np.ndarray], reduce: Reduce) -> list[float]:
         """The teacher features' variances over the global batch (TARGET: one chunk, a process's slice)."""
