@@ -93,20 +93,35 @@ def _inline(model_file: Path, data_file: Path) -> None:
     weights = list(proto.graph.initializer)
     proto.graph.ClearField("initializer")
     with open(data_file, "rb") as data, open(model_file.with_suffix(".packing"), "wb") as out:
+        for tensor in _subgraph_initializers(proto.graph):  # If/Loop/Scan bodies' weights stay where they are
+            _read_back(tensor, data)
         out.write(proto.SerializeToString())
         for tensor in weights:
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                where = {entry.key: entry.value for entry in tensor.external_data}
-                data.seek(int(where.get("offset", 0)))
-                tensor.raw_data = data.read(int(where["length"]))
-                tensor.ClearField("external_data")
-                tensor.data_location = onnx.TensorProto.DEFAULT
+            _read_back(tensor, data)
             piece = onnx.ModelProto()
             piece.graph.initializer.append(tensor)
             out.write(piece.SerializeToString())
             tensor.Clear()
     os.replace(model_file.with_suffix(".packing"), model_file)
     os.remove(data_file)
+
+
+def _read_back(tensor: onnx.TensorProto, data) -> None:
+    """An external tensor's bytes from the open data file, into the tensor."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        where = {entry.key: entry.value for entry in tensor.external_data}
+        data.seek(int(where.get("offset", 0)))
+        tensor.raw_data = data.read(int(where["length"]))
+        tensor.ClearField("external_data")
+        tensor.data_location = onnx.TensorProto.DEFAULT
+
+
+def _subgraph_initializers(graph: onnx.GraphProto):
+    for node in graph.node:
+        for attr in node.attribute:
+            for body in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from body.initializer
+                yield from _subgraph_initializers(body)
 
 
 def release_mapped(model: ir.Model) -> None:
