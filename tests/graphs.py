@@ -94,6 +94,16 @@ def weights(rng: np.random.Generator, shape, dtype) -> np.ndarray:
     return (rng.standard_normal(shape) / np.sqrt(max(fan_in, 1))).astype(dtype)
 
 
+def compressible(rng: np.random.Generator, shape, decay: float = 0.3) -> np.ndarray:
+    """Float32 weights of this shape whose (first axis x the rest) matrix has singular values decaying by
+    DECAY: a few ranks carry nearly all of it, so a model of them compresses with a small error."""
+    rows, cols = shape[0], int(np.prod(shape[1:]))
+    u = np.linalg.qr(rng.standard_normal((rows, rows)))[0]
+    v = np.linalg.qr(rng.standard_normal((cols, cols)))[0]
+    k = min(rows, cols)
+    return ((u[:, :k] * decay ** np.arange(k)) @ v[:, :k].T).reshape(shape).astype(np.float32)
+
+
 # --- single-layer models ---------------------------------------------------------------------
 def matmul(
     rng: np.random.Generator,
@@ -314,6 +324,82 @@ def convnet(rng: np.random.Generator, *, opset: int = 17, symbolic_batch: bool =
         opset,
     )
     return Built(proto, {"x": (2, 3, 9, 8)}, dynamic={"x": 0} if sym else {})
+
+
+# --- models with subgraphs -------------------------------------------------------------------
+def if_convnet(rng: np.random.Generator, *, opset: int = 17) -> Built:
+    """Conv "stem" -> If (mean of its output > 0):
+    then: Conv 3x3 -> Relu -> Flatten -> Gemm(transB=1, bias), weights the branch's own (one a Constant);
+    else: Conv 1x1 -> Flatten -> Gemm, its weight read from the main graph's initializers;
+    -> MatMul "head". The If and the branch nodes are unnamed (find_layers names them by path)."""
+    c, hw, n = 4, 6, 12
+    flat = c * hw * hw
+
+    def graph(name, nodes, output, inits=()):
+        return h.make_graph(nodes, name, [], [value_info(output, np.float32, (1, n))], list(inits))
+
+    then_nodes, then_inits = [], []
+    place_weight("Wt0", compressible(rng, (c, c, 3, 3)), "initializer", then_nodes, then_inits)
+    place_weight("Wt1", compressible(rng, (n, flat)), "constant", then_nodes, then_inits)
+    place_weight("bt1", rng.standard_normal(n).astype(np.float32), "initializer", then_nodes, then_inits)
+    then_nodes += [h.make_node("Conv", ["s", "Wt0"], ["t0"], pads=[1, 1, 1, 1]), h.make_node("Relu", ["t0"], ["t1"]),
+                   h.make_node("Flatten", ["t1"], ["t2"]), h.make_node("Gemm", ["t2", "Wt1", "bt1"], ["yt"], transB=1)]
+    else_nodes, else_inits = [], []
+    place_weight("We0", compressible(rng, (c, c, 1, 1)), "initializer", else_nodes, else_inits)
+    else_nodes += [h.make_node("Conv", ["s", "We0"], ["e0"]), h.make_node("Flatten", ["e0"], ["e1"]),
+                   h.make_node("Gemm", ["e1", "We1"], ["ye"])]
+    nodes, inits = [], []
+    place_weight("W0", compressible(rng, (c, 3, 3, 3)), "initializer", nodes, inits)
+    place_weight("We1", compressible(rng, (flat, n)), "initializer", nodes, inits)
+    place_weight("Wh", compressible(rng, (n, n)), "initializer", nodes, inits)
+    inits.append(nh.from_array(np.array(0.0, np.float32), "zero"))
+    nodes += [
+        h.make_node("Conv", ["x", "W0"], ["s"], name="stem", pads=[1, 1, 1, 1]),
+        h.make_node("ReduceMean", ["s"], ["m"], keepdims=0),
+        h.make_node("Greater", ["m", "zero"], ["cond"]),
+        h.make_node("If", ["cond"], ["b"], then_branch=graph("then", then_nodes, "yt", then_inits),
+                    else_branch=graph("else", else_nodes, "ye", else_inits)),
+        h.make_node("MatMul", ["b", "Wh"], ["y"], name="head"),
+    ]
+    proto = make_model(nodes, [value_info("x", np.float32, (1, 3, hw, hw))], [value_info("y", np.float32, (1, n))],
+                       inits, opset)
+    return Built(proto, {"x": (1, 3, hw, hw)})
+
+
+def loop_mlp(rng: np.random.Generator, *, trips: int = 3, opset: int = 17) -> Built:
+    """MatMul "fc" -> Loop (TRIPS times: h = Tanh(MatMul(h, Wl))) -> Scan over the rows of x (each row
+    through MatMul(Ws)) beside it. The loop's and the scan's MatMuls are unnamed."""
+    k = 16
+    nodes, inits = [], []
+    place_weight("W0", compressible(rng, (k, k)), "initializer", nodes, inits)
+    place_weight("Wl", compressible(rng, (k, k)), "initializer", nodes, inits)
+    inits.append(nh.from_array(np.array(trips, np.int64), "trips"))
+    body_inits = [nh.from_array(compressible(rng, (k, k)), "Ws")]
+    loop_body = h.make_graph(
+        [h.make_node("MatMul", ["h_in", "Wl"], ["l0"]), h.make_node("Tanh", ["l0"], ["h_out"]),
+         h.make_node("Identity", ["c_in"], ["c_out"])],
+        "loop_body",
+        [value_info("i", np.int64, ()), value_info("c_in", np.bool_, ()), value_info("h_in", np.float32, (4, k))],
+        [value_info("c_out", np.bool_, ()), value_info("h_out", np.float32, (4, k))],
+    )
+    scan_body = h.make_graph(
+        [h.make_node("MatMul", ["row", "Ws"], ["r0"]), h.make_node("Add", ["acc_in", "r0"], ["acc_out"]),
+         h.make_node("Identity", ["r0"], ["r_out"])],
+        "scan_body",
+        [value_info("acc_in", np.float32, (k,)), value_info("row", np.float32, (k,))],
+        [value_info("acc_out", np.float32, (k,)), value_info("r_out", np.float32, (k,))],
+        body_inits,
+    )
+    inits.append(nh.from_array(np.zeros(k, np.float32), "acc0"))
+    nodes += [
+        h.make_node("MatMul", ["x", "W0"], ["f"], name="fc"),
+        h.make_node("Loop", ["trips", "", "f"], ["y"], name="repeat", body=loop_body),
+        h.make_node("Scan", ["acc0", "f"], ["acc", "rows"], name="rows", body=scan_body, num_scan_inputs=1),
+    ]
+    proto = make_model(nodes, [value_info("x", np.float32, (4, k))],
+                       [value_info("y", np.float32, (4, k)), value_info("acc", np.float32, (k,)),
+                        value_info("rows", np.float32, (4, k))], inits, opset)
+    return Built(proto, {"x": (4, k)})
 
 
 # --- looking at models -----------------------------------------------------------------------

@@ -5,17 +5,16 @@ the model's own outputs kept as verification references; observed input shapes."
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import onnx_ir as ir
 from numpy.lib.stride_tricks import sliding_window_view
-from tqdm.auto import tqdm
 
-from edgelr.errors import EdgelrError
+from edgelr.calibration.values import Runs, graph_values, values_by_sample
 from edgelr.graph.layers import ConvGeometry, Layer, Use
 from edgelr.io.cache import ArrayCache
-from edgelr.io.model import ort_session
-from edgelr.io.samples import Samples, model_inputs
+from edgelr.io.samples import Samples
 
 _CHUNK_BYTES = 32 << 20
 
@@ -31,31 +30,35 @@ def collect_grams(
     """Layer name -> sum over samples of the Gram matrix of the layer's input rows (float32, to halve
     the memory: a K x K Gram can outweigh its layer's weight).
 
+    A layer inside an If branch counts the samples that take the branch; one that no sample reaches, or
+    that sits in a Loop or Scan body (Layer.uncalibrated), gets no Gram: factorize treats it data-free.
     Also records each use's observed per-sample input shape, so FLOPs are known for dynamic models.
     `outputs`, if given, receives the model's own outputs for each sample (the references verification
     compares against, for free), unless they would pass REFERENCE_LIMIT_BYTES: then it is left empty.
     """
     by_input: dict[tuple, np.ndarray] = {}  # layers reading the same input (Q, K, V) share one Gram
     output_names = [v.name for v in model.graph.outputs]
+    calibrated = [layer for layer in layers if layer.uncalibrated is None]
+    uses = {_key(use): use for layer in calibrated for use in layer.uses}
+    pending = _pending(calibrated)
     kept = 0
-    for i, values in enumerate(layer_inputs(model, layers, samples, progress)):
-        if i == 0:
-            _record_shapes(layers, values)
+    for runs in use_inputs(model, calibrated, samples, progress):
+        _record_shapes(pending, runs)
         if outputs is not None and kept <= REFERENCE_LIMIT_BYTES:
-            outputs.append({name: np.asarray(values[name]) for name in output_names})
+            outputs.append({name: np.asarray(runs[id(model.graph)][name]) for name in output_names})
             kept += sum(a.nbytes for a in outputs[-1].values())
             if kept > REFERENCE_LIMIT_BYTES:
                 outputs.clear()
-        for use in {_key(use): use for layer in layers for use in layer.uses}.values():
-            gram = input_gram(np.asarray(values[use.input.name]), use)
-            if _key(use) in by_input:
-                by_input[_key(use)] += gram
-            else:
-                by_input[_key(use)] = gram
+        for key, use in uses.items():
+            x = input_of(runs, use)
+            if x is not None:
+                gram = input_gram(np.asarray(x), use)
+                by_input[key] = by_input[key] + gram if key in by_input else gram
     grams = {}
-    for layer in layers:
-        parts = [by_input[_key(use)] for use in layer.uses]
-        grams[layer.name] = parts[0] if len(parts) == 1 else sum(parts)
+    for layer in calibrated:
+        parts = [by_input[_key(use)] for use in layer.uses if _key(use) in by_input]
+        if parts:
+            grams[layer.name] = parts[0] if len(parts) == 1 else sum(parts)
     return grams
 
 
@@ -70,19 +73,22 @@ def cached_grams(
     if hit is not None and "references" in hit and hit["layers"].tolist() == names:
         for i, layer in enumerate(layers):
             for j, use in enumerate(layer.uses):
-                use.input_shape = tuple(int(d) for d in hit[f"shape_{i}_{j}"])
+                if f"shape_{i}_{j}" in hit:
+                    use.input_shape = tuple(int(d) for d in hit[f"shape_{i}_{j}"])
         outputs: list[dict] = [{} for _ in range(int(hit["references"]))]
         for name, array in hit.items():
             if name.startswith("out_"):
                 _, i, output = name.split("_", 2)
                 outputs[int(i)][output] = array
-        return {name: hit[f"gram_{i}"] for i, name in enumerate(names)}, outputs
+        return {name: hit[f"gram_{i}"] for i, name in enumerate(names) if f"gram_{i}" in hit}, outputs
     outputs = []
     grams = collect_grams(model, layers, samples, progress, outputs)
     arrays = {"layers": np.array(names), "references": np.array(len(outputs))}
     for i, layer in enumerate(layers):
-        arrays[f"gram_{i}"] = grams[layer.name]
-        arrays.update({f"shape_{i}_{j}": np.array(use.input_shape, dtype=np.int64) for j, use in enumerate(layer.uses)})
+        if layer.name in grams:  # a layer calibration did not reach has none
+            arrays[f"gram_{i}"] = grams[layer.name]
+        arrays.update({f"shape_{i}_{j}": np.array(use.input_shape, dtype=np.int64) for j, use in enumerate(layer.uses)
+                       if _known(use.input_shape)})
     for i, sample in enumerate(outputs):
         arrays.update({f"out_{i}_{name}": value for name, value in sample.items()})
     store.put(key, arrays)
@@ -90,51 +96,52 @@ def cached_grams(
 
 
 def observe_shapes(model: ir.Model, layers: list[Layer], samples: Samples) -> None:
-    """Record each use's input shape from one sample (for models with dynamic dims)."""
-    for values in layer_inputs(model, layers, samples.split(1)[0], progress=False):
-        _record_shapes(layers, values)
+    """Record each use's input shape from the first sample (for models with dynamic dims); a use that
+    sample does not reach (an If branch it does not take, a loop body) keeps what shape inference said."""
+    calibrated = [layer for layer in layers if layer.uncalibrated is None]
+    for runs in use_inputs(model, calibrated, samples.split(1)[0], progress=False):
+        _record_shapes(_pending(calibrated), runs)
 
 
-def _record_shapes(layers: list[Layer], values: dict[str, np.ndarray]) -> None:
+def _pending(layers: list[Layer]) -> dict[int, Use]:
+    return {id(use): use for layer in layers for use in layer.uses}
+
+
+def _record_shapes(pending: dict[int, Use], runs: Runs) -> None:
+    """Record the input shape of each pending use this sample reaches, and take it off PENDING."""
+    for key, use in list(pending.items()):
+        x = input_of(runs, use)
+        if x is not None:
+            use.input_shape = tuple(np.shape(x))
+            del pending[key]
+
+
+def use_inputs(model: ir.Model, layers: list[Layer], samples: Samples, progress: bool) -> Iterator[Runs]:
+    """Yield, per sample, the layers' inputs of each graph that ran (read them with input_of)."""
+    wanted: dict[int, dict[int, ir.Value]] = {}
     for layer in layers:
         for use in layer.uses:
-            use.input_shape = tuple(np.shape(values[use.input.name]))
+            wanted.setdefault(id(use.node.graph), {})[id(use.input)] = use.input
+    return graph_values(model, {g: list(v.values()) for g, v in wanted.items()}, samples, progress)
+
+
+def input_of(runs: Runs, use: Use) -> np.ndarray | None:
+    """The use's input on this sample, None where its graph did not run."""
+    return runs.get(id(use.node.graph), {}).get(use.input.name)
 
 
 def layer_inputs(model: ir.Model, layers: list[Layer], samples: Samples, progress: bool):
-    """Yield, per sample, every layer input by name (the graph gets extra outputs meanwhile)."""
+    """Yield, per sample, every input of these main-graph layers by name (the graph gets extra outputs meanwhile)."""
     return values_by_sample(model, _unique_values(layers), samples, progress)
 
 
-def values_by_sample(model: ir.Model, values: list[ir.Value], samples: Samples, progress: bool,
-                     desc: str = "calibrating"):
-    """Yield, per sample, these values of the model's graph (and its outputs and feed) by name."""
-    graph = model.graph
-    original_outputs = list(graph.outputs)
-    fed = {v.name for v in model_inputs(model)}
-    graph.outputs.extend(v for v in values if v.name not in fed and v not in original_outputs)
-    try:
-        with ort_session(model) as session:
-            names = [o.name for o in session.get_outputs()]
-            for i in tqdm(range(len(samples)), desc=desc, unit="sample", disable=not progress, leave=False):
-                feed = samples.feed(i)
-                try:
-                    values = dict(zip(names, session.run(None, feed)))
-                except Exception as exc:  # ORT reports bad input as a generic runtime error
-                    raise EdgelrError(f"calibration sample {i} does not run through the model: {_short(exc)}") from None
-                values.update(feed)
-                yield values
-    finally:
-        graph.outputs.clear()
-        graph.outputs.extend(original_outputs)
-
-
 def _key(use: Use) -> tuple:
-    return (use.input.name, use.transpose_input, use.geometry)
+    # the graph too: a layer in an If branch sees only the samples that take it, even on an outer input
+    return (id(use.node.graph), use.input.name, use.transpose_input, use.geometry)
 
 
-def _short(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+def _known(shape) -> bool:
+    return shape is not None and all(isinstance(d, int) for d in shape)
 
 
 def _unique_values(layers: list[Layer]) -> list[ir.Value]:

@@ -109,7 +109,8 @@ def _residual_weight(layer: Layer, form: str, rank: int, gram: np.ndarray, dampi
 
 
 def _add_probe(graph: ir.Graph, layer: Layer, delta: np.ndarray, index: int) -> str:
-    """y -> y + gate * op(x, delta) at every use of the layer; returns the gate input's name."""
+    """y -> y + gate * op(x, delta) at every use of the layer; returns the gate input's name. The delta and
+    the gate go in the main GRAPH, which a use inside a subgraph sees too; the branch goes beside the use."""
     weight = ir.Value(name=f"edgelr_probe_{index}.delta", shape=ir.Shape(delta.shape),
                       type=ir.TensorType(ir.DataType.from_numpy(delta.dtype)))
     weight.const_value = ir.tensor(delta, name=weight.name)
@@ -125,15 +126,18 @@ def _add_probe(graph: ir.Graph, layer: Layer, delta: np.ndarray, index: int) -> 
             inputs.append(_zero(graph, delta.dtype, index))
         attrs = {k: v.value for k, v in node.attributes.items()}
         branch = ir.node(node.op_type, inputs, attrs, name=f"{node.name}/edgelr_probe")
-        opened = ir.node("Mul", [branch.outputs[0], _cast(graph, gate, out_type, node, index)])
+        opened = ir.node("Mul", [branch.outputs[0], _cast(gate, out_type, node, index)])
         y = node.outputs[0]
         consumers = list(y.uses())
         total = ir.node("Add", [y, opened.outputs[0]])
-        graph.insert_after(node, [branch, opened, total])
+        for part, added in (("branch", branch), ("opened", opened), ("total", total)):  # unique in every graph
+            added.outputs[0].name = f"{node.name}/edgelr_probe_{part}"
+        node.graph.insert_after(node, [branch, opened, total])
         for consumer, at in consumers:
             consumer.replace_input_with(at, total.outputs[0])
-        if y in graph.outputs:  # the output keeps its name
-            graph.outputs[list(graph.outputs).index(y)] = total.outputs[0]
+        outputs = node.graph.outputs
+        if y in outputs:  # the output keeps its name
+            outputs[list(outputs).index(y)] = total.outputs[0]
             name, y.name = y.name, f"{y.name}/edgelr_pre"
             total.outputs[0].name = name
     return gate.name
@@ -148,11 +152,12 @@ def _zero(graph: ir.Graph, dtype, index: int) -> ir.Value:
     return graph.initializers[name]
 
 
-def _cast(graph: ir.Graph, gate: ir.Value, out_type, node: ir.Node, index: int) -> ir.Value:
+def _cast(gate: ir.Value, out_type, node: ir.Node, index: int) -> ir.Value:
     """The gate in the layer output's float type (fp16 models)."""
     dtype = getattr(out_type, "dtype", ir.DataType.FLOAT)
     if dtype == ir.DataType.FLOAT:
         return gate
     cast = ir.node("Cast", [gate], {"to": dtype}, name=f"edgelr_probe_{index}.cast.{node.name}")
-    graph.insert_before(node, [cast])
+    cast.outputs[0].name = cast.name
+    node.graph.insert_before(node, [cast])
     return cast.outputs[0]

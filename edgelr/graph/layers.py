@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from edgelr.graph import subgraphs
+from edgelr.graph.subgraphs import name_nodes  # noqa: F401  (passes name nodes through here)
+
 FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16}
 
 
@@ -71,18 +74,24 @@ class Use:
     transpose_input: bool = False  # Gemm transA: rows of the input are its columns
     geometry: ConvGeometry | None = None
     input_shape: tuple[int, ...] | None = None  # per sample; from shape inference or calibration
-    opset: int = 17  # of the default domain, in the graph the node came from
+    opset: int = 17  # of the model's default domain
+    scope: str = ""  # the path of the subgraph holding the node (edgelr.graph.subgraphs), "" in the main graph
+    repeats: int = 1  # runs of the node per run of the model: a Loop or Scan body's iterations
+    uncalibrated: str | None = None  # why calibration cannot reach the node (a loop body), None if it can
 
     def positions(self) -> int | None:
-        """How many times per sample the weight is applied (rows of a MatMul, output pixels of a Conv)."""
+        """How many times per sample the weight is applied (rows of a MatMul, output pixels of a Conv),
+        over every run of the node."""
         shape = self.input_shape
         if shape is None or any(not isinstance(d, int) for d in shape):
             return None
         if self.geometry is not None:
-            return math.prod(self.geometry.out_spatial(tuple(shape[2:])))
-        if self.transpose_input:
-            return shape[-1]
-        return math.prod(shape[:-1]) if len(shape) > 1 else 1
+            once = math.prod(self.geometry.out_spatial(tuple(shape[2:])))
+        elif self.transpose_input:
+            once = shape[-1]
+        else:
+            once = math.prod(shape[:-1]) if len(shape) > 1 else 1
+        return once * self.repeats
 
 
 @dataclass
@@ -101,6 +110,16 @@ class Layer:
     @property
     def is_conv(self) -> bool:
         return self.op == "Conv"
+
+    @property
+    def in_subgraph(self) -> bool:
+        """Some node of the layer sits inside an If, Loop or Scan subgraph."""
+        return any(use.scope for use in self.uses)
+
+    @property
+    def uncalibrated(self) -> str | None:
+        """Why calibration cannot see the layer's inputs (it is then factorized data-free), None if it can."""
+        return next((use.uncalibrated for use in self.uses if use.uncalibrated), None)
 
     @property
     def in_channels(self) -> int:
@@ -166,7 +185,7 @@ class Layer:
             in_h, in_w = use.input_shape[-2:]
             out_h, _ = g.out_spatial((in_h, in_w))
             n, c, (kh, kw) = self.out_features, self.in_channels, self.kernel
-            total += 2 * (out_h * in_w * rank * c * kh + positions * n * rank * kw)
+            total += 2 * (use.repeats * out_h * in_w * rank * c * kh + positions * n * rank * kw)
         return total
 
     def cost(self, metric: str, form: str | None = None, rank: int = 0) -> int | None:
@@ -193,21 +212,25 @@ class Skipped:
 
 
 def find_layers(model: ir.Model) -> tuple[list[Layer], list[Skipped]]:
-    """Every constant-weight MatMul/Gemm/Conv layer of the main graph, and the weighted nodes passed over
-    (with subgraphs' and ConvTranspose's, which no pass rewrites yet)."""
-    graph = model.graph
-    name_nodes(graph)
+    """Every constant-weight MatMul/Gemm/Conv layer of the model, in If/Loop/Scan subgraphs too (named by their
+    path, edgelr.graph.subgraphs), and the weighted nodes passed over, with why (ConvTranspose among them)."""
+    scope_of = subgraphs.scopes(model)  # names every node
+    opset = model.graph.opset_imports.get("", 17)  # a subgraph uses its model's opsets
     layers: dict[int, Layer] = {}
     skipped: list[Skipped] = []
-    graph_inputs = set(map(id, graph.inputs))
-    skipped += _not_rewritten(graph)
-    for node in graph:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm", "Conv"):
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm", "Conv", "ConvTranspose"):
             continue
-        reason, use, weight = _inspect_node(node, graph_inputs)
+        if node.op_type == "ConvTranspose":
+            skipped.append(Skipped(node.name, node.op_type, "ConvTranspose is not factorized yet"))
+            continue
+        reason, use, weight = _inspect_node(node, opset)
         if reason:
             skipped.append(Skipped(node.name, node.op_type, reason))
             continue
+        scope = scope_of.get(id(node.graph))
+        if scope is not None:
+            use.scope, use.repeats, use.uncalibrated = scope.path, scope.repeats, scope.uncalibrated
         layer = layers.get(id(weight))
         if layer is None:
             layer = _new_layer(node, weight)
@@ -230,41 +253,13 @@ def find_layers(model: ir.Model) -> tuple[list[Layer], list[Skipped]]:
     return result, skipped
 
 
-def _not_rewritten(graph: ir.Graph) -> list[Skipped]:
-    """Weighted ops the passes do not rewrite, said aloud rather than passed over: ConvTranspose anywhere,
-    and every MatMul/Gemm/Conv inside an If/Loop/Scan subgraph."""
-    found = []
-    for node in ir.traversal.RecursiveGraphIterator(graph):
-        if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm", "Conv", "ConvTranspose"):
-            continue
-        if node.graph is not graph:
-            owner = node.graph.name or "a subgraph"
-            found.append(Skipped(node.name or f"{owner}/{node.op_type}", node.op_type,
-                                 f"inside the If/Loop/Scan subgraph '{owner}': subgraphs are not rewritten yet"))
-        elif node.op_type == "ConvTranspose":
-            found.append(Skipped(node.name, node.op_type, "ConvTranspose is not factorized yet"))
-    return found
-
-
-def name_nodes(graph: ir.Graph) -> None:
-    """Give every unnamed node a unique name: the per-layer report and --ranks refer to nodes by name."""
-    seen = {n.name for n in graph if n.name}
-    for i, node in enumerate(graph):
-        if not node.name:
-            name = f"{node.op_type}_{i}"
-            while name in seen:
-                name += "_"
-            node.name = name
-            seen.add(name)
-
-
-def _inspect_node(node: ir.Node, graph_inputs: set[int]):
+def _inspect_node(node: ir.Node, opset: int):
     """(reason it is skipped or None, Use, weight value)."""
     op = node.op_type
     if len(node.inputs) < 2 or node.inputs[1] is None or node.inputs[0] is None:
         return "missing inputs", None, None
     weight = node.inputs[1]
-    if id(weight) in graph_inputs and not weight.is_initializer():
+    if weight.is_graph_input() and not weight.is_initializer():
         return "weight is a graph input", None, None
     try:
         tensor = ir.convenience.get_const_tensor(weight)
@@ -274,7 +269,6 @@ def _inspect_node(node: ir.Node, graph_inputs: set[int]):
         return "weight is not a constant", None, None
     if tensor.dtype not in FLOAT_TYPES:
         return f"weight is {tensor.dtype.name}, not floating point", None, None
-    opset = node.graph.opset_imports.get("", 17) if node.graph is not None else 17
     use = Use(node=node, input=node.inputs[0], input_shape=_static_shape(node.inputs[0]), opset=opset)
     if op == "Gemm":
         use.transpose_input = bool(node.attributes.get_int("transA", 0))

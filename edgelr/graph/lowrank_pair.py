@@ -59,16 +59,25 @@ def unpaired(name: str) -> str:
 
 # --- graph rewriting --------------------------------------------------------------------------
 def rewrite_pair(graph: ir.Graph, layer: Layer, form: str, factors: lowrank.Factors) -> None:
+    """Replace each use of the layer by its pair, in the graph (or subgraph) holding that use; the factor
+    weights go where the dense weight was, which every use can see (GRAPH: the model's main graph)."""
     dtype = ir.convenience.get_const_tensor(layer.weight).dtype.numpy()
     first, second = factor_weights(layer, form, factors)
-    down = add_initializer(graph, f"{layer.name}.lowrank_down", first.astype(dtype))
-    up = add_initializer(graph, f"{layer.name}.lowrank_up", second.astype(dtype))
+    home = holder(layer.weight) or graph
+    down = add_initializer(home, f"{layer.name}.lowrank_down", first.astype(dtype))
+    up = add_initializer(home, f"{layer.name}.lowrank_up", second.astype(dtype))
     for use in layer.uses:
         nodes = pair_nodes(layer, use, form, down, up)
         ir.convenience.replace_nodes_and_values(
-            graph, use.node, [use.node], nodes, list(use.node.outputs), list(nodes[-1].outputs)
+            use.node.graph, use.node, [use.node], nodes, list(use.node.outputs), list(nodes[-1].outputs)
         )
     drop_weight(graph, layer.weight)
+
+
+def holder(value: ir.Value) -> ir.Graph | None:
+    """The graph that defines the value (a subgraph's own initializer or node output lives there)."""
+    producer = value.producer()
+    return producer.graph if producer is not None else value.graph
 
 
 def factor_weights(layer: Layer, form: str, factors: lowrank.Factors) -> tuple[np.ndarray, np.ndarray]:
@@ -145,9 +154,11 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
 
 
 def drop_weight(graph: ir.Graph, weight: ir.Value) -> None:
-    """Remove the dense weight once nothing reads it (an initializer or a Constant node)."""
+    """Remove the dense weight once nothing reads it (an initializer or a Constant node), from the graph
+    that holds it (GRAPH, or the subgraph it belongs to)."""
     if weight.uses():
         return
+    graph = holder(weight) or graph
     if weight.is_initializer():
         graph.initializers.pop(weight.name)
         if weight.is_graph_input():  # old exporters list initializers as inputs too

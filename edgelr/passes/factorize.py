@@ -192,8 +192,10 @@ def factorize(
         unknown = sorted(set(config.ranks) - {layer.name for layer in layers})
         if unknown:
             raise EdgelrError(f"ranks given for unknown layers {unknown}; `edgelr inspect` lists the layer names")
-    if config.metric in ("flops", "latency") and any(u.positions() is None for layer in layers for u in layer.uses):
-        raise EdgelrError(f"--{config.metric} needs each layer's input size, and the model has dynamic dims: pass --calib DATA.npz")
+    unsized = next((layer.name for layer in layers for u in layer.uses if u.positions() is None), None)
+    if config.metric in ("flops", "latency") and unsized is not None:
+        raise EdgelrError(f"--{config.metric} needs each layer's input size, and {unsized}'s is not known (dynamic dims): "
+                          "pass --calib DATA.npz with samples that reach it")
     if config.metric == "latency" and latency is None:
         raise EdgelrError("a latency budget needs the target's latency tables: use edgelr.compress, which measures them")
     cost = cost_function(config, latency)
@@ -291,6 +293,11 @@ def _factorize(model, config, grams, layers, skipped, progress, cost: Cost, late
         why = "the --max-error gate" if config.max_error is not None else "break-even"
         warnings.append(f"budget not reached: {why} keeps {kept:.2f} of the {config.metric}, not {config.fraction}")
 
+    data_free = _data_free(layers, grams)
+    if data_free:
+        warnings.append("factorized data-free (plain SVD), calibration does not reach them: "
+                        + "; ".join(f"{name} ({why})" for name, why in data_free.items()))
+
     results, keep_float = [], []
     bar = tqdm(total=len(layers), desc="factorizing", unit="layer", disable=not progress, leave=False)
     for layer, choice, opts in zip(layers, allocation.choices, options):
@@ -306,6 +313,8 @@ def _factorize(model, config, grams, layers, skipped, progress, cost: Cost, late
             results[-1].note = "kept in float: INT8 error"
         elif choice.form is None and sum(not c.keep_float for c in opts) == 1 and config.ranks is None:
             results[-1].note = "over the error gate" if pays(layer, config, cost) else "below break-even"
+        if layer.name in data_free:
+            results[-1].note = "; ".join(filter(None, [results[-1].note, f"data-free: {data_free[layer.name]}"]))
         bar.update()
     bar.close()
     return FactorizeResult(
@@ -322,6 +331,14 @@ def _factorize(model, config, grams, layers, skipped, progress, cost: Cost, late
         dense_cost=dense_cost,
         keep_float=keep_float,
     )
+
+
+def _data_free(layers: list[Layer], grams: Mapping[str, np.ndarray]) -> dict[str, str]:
+    """Layer name -> why it has no Gram in a calibrated run (a loop body, an If branch no sample took)."""
+    if not grams:
+        return {}
+    return {layer.name: layer.uncalibrated or "no calibration sample takes its If branch"
+            for layer in layers if layer.name not in grams}
 
 
 def _forms(layer: Layer, config: FactorizeConfig) -> tuple[str, ...]:

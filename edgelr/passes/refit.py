@@ -27,7 +27,8 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from edgelr.calibration.analysis import SENSITIVITY_MAX_BYTES
-from edgelr.calibration.grams import input_gram, values_by_sample
+from edgelr.calibration.grams import input_gram
+from edgelr.calibration.values import values_by_sample
 from edgelr.core import lowrank
 from edgelr.core.objective import Objective
 from edgelr.errors import EdgelrError
@@ -64,7 +65,7 @@ def refit(original: ir.Model, compressed: ir.Model, layers: list[Layer], result:
     same number of factorized layers upstream cannot feed each other and share one run of the models.
     One pass is a fixed point: again, every layer would see the same inputs and keep its factors."""
     rows = {row.name: row for row in result.layers}
-    chosen = [layer for layer in layers if rows[layer.name].form != "dense" and rows[layer.name].rank]
+    chosen = _refittable(layers, rows)
     student, inputs = compressed, None
     if quantized is not None:
         usable, inputs = _quantized_inputs(quantized, chosen)
@@ -96,6 +97,17 @@ def refit(original: ir.Model, compressed: ir.Model, layers: list[Layer], result:
         _restore(saved)  # better layer by layer, worse end to end (a small random convnet did this)
         return []
     return [layer.name for layer in chosen if layer.name in changed]
+
+
+def _refittable(layers: list[Layer], rows: dict, warnings: list[str] | None = None) -> list[Layer]:
+    """The factorized layers refit can read: those of the main graph. A pair inside an If, Loop or Scan
+    subgraph keeps its factors (refit reads both models' inputs by name from the main graph); WARNINGS,
+    if given, gets a line naming them."""
+    factorized = [layer for layer in layers if rows[layer.name].form != "dense" and rows[layer.name].rank]
+    inside = [layer.name for layer in factorized if layer.in_subgraph]
+    if inside and warnings is not None:
+        warnings.append(f"not refit, inside subgraphs: {', '.join(inside)}")
+    return [layer for layer in factorized if not layer.in_subgraph]
 
 
 def _changeable(compressed: ir.Model, quantized: ir.Model | None, layers: list[Layer]):
@@ -379,7 +391,7 @@ class RefitPass(EdgelrPass):
                          done.analysis.grams, config.max_error, quantized=quantized, objective=ctx.objective)
 
         rows = {row.name: row for row in result.layers}
-        pairs = [layer for layer in done.layers if rows[layer.name].form != "dense" and rows[layer.name].rank]
+        pairs = _refittable(done.layers, rows, result.warnings)
         saved = _snapshot(compressed, quantized, pairs, rows) if ctx.task is not None else []
         before = self._task_value(model) if ctx.task is not None else None
         result.refit = _cached(done, "int8" if quantized is not None else None, compressed, quantized, run)

@@ -174,9 +174,9 @@ def rewrite(graph: ir.Graph, layer: Layer, rank: int, alpha: float, absmax: np.n
 
 
 def _eligible(layer: Layer, rank: int) -> bool:
-    """One use (a shared weight would need one branch per use), no transposed input, room for the rank,
-    and a Gemm whose bias is optional (opset 11)."""
-    if len(layer.uses) != 1 or layer.uses[0].transpose_input:
+    """One use (a shared weight would need one branch per use), in the main graph (its inputs are read from
+    there), no transposed input, room for the rank, and a Gemm whose bias is optional (opset 11)."""
+    if len(layer.uses) != 1 or layer.uses[0].transpose_input or layer.in_subgraph:
         return False
     if layer.op == "Gemm" and layer.uses[0].opset < 11:
         return False

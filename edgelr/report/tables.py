@@ -74,6 +74,10 @@ def inspect_table(layers: list[Layer], skipped: list[Skipped]) -> str:
     total_f = None if any(f is None for f in flops) else sum(flops)
     rows.append(["total", "", "", "", f"{len(layers)} layers", human(total_p), human(total_f)])
     text = table(["layer", "op", "weight", "input", "forms", "params", "FLOPs"], rows, "lllllrr")
+    uncalibrated = [[layer.name, layer.op, layer.uncalibrated] for layer in layers if layer.uncalibrated]
+    if uncalibrated:
+        text += "\n\nfactorized data-free (plain SVD), calibration does not reach them:\n"
+        text += table(["layer", "op", "why"], uncalibrated, "lll")
     if skipped:
         text += "\n\nleft alone:\n" + table(["node", "op", "why"], [[s.name, s.op, s.reason] for s in skipped], "lll")
     return text
