@@ -402,6 +402,26 @@ def loop_mlp(rng: np.random.Generator, *, trips: int = 3, opset: int = 17) -> Bu
     return Built(proto, {"x": (4, k)})
 
 
+def nested_if(rng: np.random.Generator, *, k: int = 8) -> Built:
+    """If (input "outer"): then: MatMul -> If (input "inner"): then: MatMul of the value made around it,
+    else: MatMul of the model's input x; else: MatMul. Each MatMul's weight is its own branch's."""
+
+    def branch(name: str, reads: str, nodes=(), inits=()) -> onnx.GraphProto:
+        weight = nh.from_array(compressible(rng, (k, k)), f"W_{name}")
+        nodes = [*nodes, h.make_node("MatMul", [reads, weight.name], [f"y_{name}"])]
+        return h.make_graph(nodes, name, [], [value_info(f"y_{name}", np.float32, (1, k))], [weight, *inits])
+
+    inner = h.make_node("If", ["inner"], ["y_outer_then"], then_branch=branch("inner_then", "made"),
+                        else_branch=branch("inner_else", "x"))
+    made = nh.from_array(compressible(rng, (k, k)), "W_made")
+    outer_then = h.make_graph([h.make_node("MatMul", ["x", "W_made"], ["made"]), inner], "outer_then", [],
+                              [value_info("y_outer_then", np.float32, (1, k))], [made])
+    nodes = [h.make_node("If", ["outer"], ["y"], then_branch=outer_then, else_branch=branch("outer_else", "x"))]
+    inputs = [value_info("x", np.float32, (1, k)), value_info("outer", np.bool_, ()), value_info("inner", np.bool_, ())]
+    proto = make_model(nodes, inputs, [value_info("y", np.float32, (1, k))])
+    return Built(proto, {"x": (1, k), "outer": (), "inner": ()})
+
+
 # --- looking at models -----------------------------------------------------------------------
 def op_counts(model: onnx.ModelProto) -> Counter:
     return Counter(node.op_type for node in model.graph.node)

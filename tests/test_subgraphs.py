@@ -186,3 +186,24 @@ def test_inspect_lists_branch_layers_with_their_path(if_model, capsys):
     assert main(["inspect", str(if_model[1])]) == 0
     shown = capsys.readouterr().out
     assert all(name in shown for name in BRANCH_LAYERS) and "left alone" not in shown
+
+
+def test_nested_if_branches_are_calibrated_on_the_samples_that_reach_them(tmp_path):
+    built = G.nested_if(np.random.default_rng(0))
+    rng = np.random.default_rng(1)
+    feeds = {"x": rng.standard_normal((8, 1, 8)).astype(np.float32),
+             "outer": np.array([1, 1, 1, 0, 1, 0, 0, 1], bool), "inner": np.array([1, 0, 1, 0, 0, 1, 0, 1], bool)}
+    model = built.ir()
+    layers, _ = find_layers(model)
+    grams = collect_grams(model, layers, samples_from_arrays(feeds, model), progress=False)
+    x = feeds["x"]
+    # the inner else branch reads the model's input, on the samples whose conditions are (True, False)
+    np.testing.assert_allclose(grams["If_0/then_branch/If_1/else_branch/MatMul_0"], sum(x[i].T @ x[i] for i in (1, 4)),
+                               rtol=1e-5, atol=1e-5)
+    assert len(grams) == 4
+    onnx.save(built.proto, tmp_path / "nested.onnx")
+    np.savez(tmp_path / "calib.npz", **feeds)
+    compress(tmp_path / "nested.onnx", tmp_path / "full.onnx", FactorizeConfig(ranks=full_ranks(built.proto)),
+             calib=tmp_path / "calib.npz", progress=False)
+    samples = [{name: np.asarray(a[i]) for name, a in feeds.items()} for i in range(8)]
+    assert max_diff(tmp_path / "nested.onnx", tmp_path / "full.onnx", samples) < 1e-5

@@ -53,7 +53,10 @@ def collect_grams(
             x = input_of(runs, use)
             if x is not None:
                 gram = input_gram(np.asarray(x), use)
-                by_input[key] = by_input[key] + gram if key in by_input else gram
+                if key in by_input:
+                    by_input[key] += gram  # in place: one K x K per input, however many samples
+                else:
+                    by_input[key] = gram
     grams = {}
     for layer in calibrated:
         parts = [by_input[_key(use)] for use in layer.uses if _key(use) in by_input]

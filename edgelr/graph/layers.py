@@ -1,7 +1,8 @@
 """Finding the layers a low-rank pass can rewrite, and what they cost.
 
 A *layer* is one constant weight and the MatMul/Gemm/Conv nodes that use it (usually one node;
-several when an exporter shares a weight). Every cost here is per input sample.
+several when an exporter shares a weight), in the main graph or inside If/Loop/Scan subgraphs
+(edgelr.graph.subgraphs). Every cost here is per input sample, a loop body's over all its iterations.
 """
 
 from __future__ import annotations

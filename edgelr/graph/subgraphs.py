@@ -3,7 +3,7 @@ it runs, whether calibration reaches it, and a body cut out as a model of its ow
 
 A subgraph's nodes are named by their path, OWNER/ATTRIBUTE/NODE (`If_0/then_branch/Conv_3`), so a layer's
 name is unique across graphs (--ranks, the report and the profiler refer to nodes by name). Calibration
-runs an If branch as a model of its own on the outer values it reads (edgelr.calibration.branches); a
+runs an If branch as a model of its own on the outer values it reads (edgelr.calibration.values); a
 Loop or Scan body runs once per iteration on values that never leave the loop, so its layers get no Gram.
 """
 
