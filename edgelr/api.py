@@ -154,27 +154,27 @@ def compress(
             if ctx.later:  # passes that work on files (timing, quantization, probes) read the model from here
                 ctx.path = tmp / f"{i}-{config.kind}.onnx"
                 model_io.save(model, ctx.path)
-        model_io.save(model, output)
-        if float_output is not None:
-            model_io.save(ctx.float_model, float_output)
-        result = ctx.factorized.result if ctx.factorized is not None else None
-        del model
-        ctx.float_model = None  # verification below loads both files in ONNX Runtime; free the graphs first
-        try:
-            verdict = (judge(source, output, judged, task, ctx.references if heldout is None else None, ctx.objective)
+            model_io.checkpoint(f"after-{config.kind}")
+        # both models are judged where they were written, beside OUTPUT, and move into place only once passed
+        with model_io.Delivery(samples.feed(0) if samples is not None else None) as delivery:
+            staged = delivery.write(model, output)
+            if float_output is not None:
+                delivery.write(ctx.float_model, float_output)
+            result = ctx.factorized.result if ctx.factorized is not None else None
+            del model
+            ctx.float_model = None  # verification below loads both files in ONNX Runtime; free the graphs first
+            model_io.checkpoint("judging")
+            verdict = (judge(source, staged, judged, task, ctx.references if heldout is None else None, ctx.objective)
                        if judged is not None else None)
-        except Exception:
-            model_io.remove(output)  # a model ONNX Runtime cannot run is no result
-            raise
-        if verdict is not None and not verdict.passed:
-            for path in (p for p in (output, float_output) if p is not None):
-                model_io.remove(path)
-            raise EdgelrError(f"{output}: not written: {verdict.score.line()} on {verdict.samples} "
-                              f"{'held-out' if heldout is not None else 'calibration'} samples, under its floor; "
-                              f"loosen the budget, or lower the floor (--floor)")
-        errors = verdict.errors if verdict is not None else {}
-        if report is not None and ctx.factorized is not None:
-            _measure_layers(ctx.factorized, output, samples)
+            if verdict is not None:
+                delivery.ran(staged)  # on every sample
+            if verdict is not None and not verdict.passed:
+                raise EdgelrError(f"{output}: not written: {verdict.score.line()} on {verdict.samples} "
+                                  f"{'held-out' if heldout is not None else 'calibration'} samples, under its floor; "
+                                  f"loosen the budget, or lower the floor (--floor)")
+            errors = verdict.errors if verdict is not None else {}
+            if report is not None and ctx.factorized is not None:
+                _measure_layers(ctx.factorized, staged, samples)
     done = CompressReport(source, output, result, errors, time.perf_counter() - start, ctx.latency, ctx.quantized,
                           ctx.pruned, ctx.distilled, [c.to_dict() for c in recipe.passes],
                           recipe.target if resolved is None else resolved.name,

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgelr.deploy.files import whole_folder
 from edgelr.deploy.targets import Target, load_target
 from edgelr.errors import EdgelrError
 from edgelr.io import model as model_io
@@ -105,17 +104,12 @@ def export(
         device = Device(host, port=ssh.port, identity=ssh.identity, known_hosts=ssh.known_hosts, timeout=ssh.timeout)
         device.run("true", "connecting")  # unreachable, wrong host key, no access: say so before building
 
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.edgelr-") as tmp:
-        stage = Path(tmp) / "bundle"
-        stage.mkdir()
-        try:
+    try:
+        with whole_folder(out_dir) as stage:
             manifest = _write(model_path, target, stage, samples, precision, shapes, sparsity, progress)
-        except OSError as exc:
-            raise EdgelrError(f"{out_dir}: could not write the bundle ({exc.strerror or exc}); "
-                              "check the free space and permissions there") from None
-        if out_dir.exists():  # an earlier bundle (checked above): swap, never merge
-            shutil.rmtree(out_dir)
-        os.replace(stage, out_dir)
+    except OSError as exc:
+        raise EdgelrError(f"{out_dir}: could not write the bundle ({exc.strerror or exc}); "
+                          "check the free space and permissions there") from None
     done = ExportResult(target, out_dir, manifest, time.perf_counter() - start, inputs=sizes.describe())
     if device is not None:
         from edgelr.measure.remote import copy_bundle, run_bundle

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from edgelr.deploy.files import file_entry
+from edgelr.deploy.files import file_entry, whole_folder
 from edgelr.deploy.targets import Target
 from edgelr.errors import EdgelrError
 from edgelr.io import model as model_io
@@ -85,6 +85,12 @@ def write_ort_bundle(model_path: Path, target: Target, dest: Path, feed: dict[st
     model_path, dest = Path(model_path), Path(dest)
     _check_target(target)
     _check_dest(dest)
+    with whole_folder(dest) as stage:  # DEST gets the whole bundle, checked, or stays empty
+        return _write_bundle(model_path, target, stage, feed, shapes, progress)
+
+
+def _write_bundle(model_path: Path, target: Target, dest: Path, feed: dict[str, np.ndarray] | None,
+                  shapes: dict[str, ShapeRange] | None, progress: bool) -> dict:
     model = model_io.load(model_path)
     made_up = feed is None
     if made_up:  # before the conversion: a model without sizes fails in a moment

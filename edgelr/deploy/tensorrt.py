@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgelr.deploy.files import file_entry
+from edgelr.deploy.files import file_entry, whole_folder
 from edgelr.deploy.targets import PRECISIONS, Target
 from edgelr.errors import EdgelrError
 from edgelr.io import model as model_io
@@ -160,6 +160,12 @@ def build_engine(
         raise EdgelrError(f"precision '{precision}' is not one of {', '.join(sorted(PRECISIONS))}")
     if not dest.is_dir() or any(dest.iterdir()):
         raise EdgelrError(f"{dest}: must be an existing empty folder for the engine files")
+    with whole_folder(dest) as stage:  # DEST gets the engine, checked, and its manifest, or stays empty
+        return _build(model_path, target, stage, feed, precision, shapes, timing_cache, sparsity, progress, started)
+
+
+def _build(model_path: Path, target: Target, dest: Path, feed, precision: str, shapes, timing_cache: Path | None,
+           sparsity: str | None, progress: bool, started: float) -> dict:
     trt = tensorrt_module(target)
     _check_version(target, trt)
     model = model_io.load(model_path)
@@ -174,6 +180,10 @@ def build_engine(
         model_path, model = dest / "model.sparse.onnx", model_io.load(dest / "model.sparse.onnx")
 
     onnx_path, how, converted = _graph_for(model_path, model, precision, samples, dest, progress, target)
+    written = ({onnx_path} if converted else set()) | ({model_path} if sparse is not None else set())
+    feed = samples.feed(0) if samples is not None else model_io.made_up_feed(model, model_path)
+    for path in written:  # every ONNX file the folder holds runs in ONNX Runtime, GPU or none
+        model_io.run_once(path, feed, path)
     logger = _logger(trt)
     builder = _builder(trt, logger)
     if not hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):

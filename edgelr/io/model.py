@@ -7,9 +7,11 @@ import gc
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import weakref
 from pathlib import Path
+from typing import Self
 
 import onnx
 import onnx_ir as ir
@@ -31,7 +33,7 @@ def load(path: str | os.PathLike) -> ir.Model:
         raise EdgelrError(f"{path}: is a folder, not an ONNX file")
     try:
         model = ir.load(path)
-    except Exception as exc:  # onnx/protobuf raise many types for corrupt input
+    except Exception as exc:  # noqa: BLE001  (onnx/protobuf raise many types for corrupt input)
         raise EdgelrError(
             f"{path}: not a readable ONNX model ({type(exc).__name__}: {first_line(exc)}); "
             "is the file complete and really an .onnx file?"
@@ -159,32 +161,156 @@ def check_output_path(out: str | os.PathLike, *inputs: str | os.PathLike) -> Pat
 def remove(path: Path) -> None:
     """Delete a model file and its external data file, if there."""
     path.unlink(missing_ok=True)
-    Path(str(path) + ".data").unlink(missing_ok=True)
+    _data_file(path).unlink(missing_ok=True)
+
+
+def _data_file(path: Path) -> Path:
+    return Path(str(path) + ".data")
 
 
 def save(model: ir.Model, path: str | os.PathLike) -> Path:
     """Write the model atomically: a complete file (and its external data) or nothing.
 
-    Large models go to external data beside the file (`NAME.onnx.data`), as ONNX requires past 2 GB.
+    For edgelr's own working files: a model the user gets goes through `deliver`/`Delivery`, which also
+    runs it before it is moved into place. Large models go to external data beside the file
+    (`NAME.onnx.data`), as ONNX requires past 2 GB.
     """
     path = Path(path)
-    external = model_bytes(model) > _INLINE_LIMIT_BYTES
-    data_name = path.name + ".data"
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".edgelr-") as tmp:
-        tmp_model = Path(tmp) / path.name
-        try:
-            # weights stream out to a data file one at a time; a single-file model is then packed from
-            # it, so memory holds the output once (plus its bytes), never the graph's copy as well
-            ir.save(model, tmp_model, external_data=data_name)
-            release_mapped(model)
-            if not external:
-                _inline(tmp_model, Path(tmp) / data_name)
-        except OSError as exc:
-            raise EdgelrError(f"{path}: could not write the model ({exc.strerror or exc})") from None
-        if external:
-            os.replace(Path(tmp) / data_name, path.parent / data_name)
-        os.replace(tmp_model, path)
+        _move_into_place(_write(model, Path(tmp) / path.name, path), path)
     return path
+
+
+def _write(model: ir.Model, file: Path, where: Path) -> Path:
+    """The model as FILE (and FILE.data past the inline limit), in a folder of edgelr's own; errors name WHERE."""
+    remove(file)  # written before under this name (e.g. with external data): nothing stale may move with it
+    data, inline = _data_file(file), model_bytes(model) <= _INLINE_LIMIT_BYTES
+    try:
+        # weights stream out to a data file one at a time; a single-file model is then packed from
+        # it, so memory holds the output once (plus its bytes), never the graph's copy as well
+        ir.save(model, file, external_data=data.name)
+        release_mapped(model)
+        if inline:
+            _inline(file, data)
+    except OSError as exc:
+        raise EdgelrError(f"{where}: could not write the model ({exc.strerror or exc})") from None
+    return file
+
+
+def _move_into_place(staged: Path, path: Path) -> None:
+    """STAGED (and its data file) to PATH. The old model goes first and the data comes before the model, so
+    a kill between the moves leaves at most a data file without a model, never a model with wrong weights."""
+    if _data_file(staged).exists():
+        path.unlink(missing_ok=True)
+        os.replace(_data_file(staged), _data_file(path))
+        os.replace(staged, path)
+    else:
+        os.replace(staged, path)
+        _data_file(path).unlink(missing_ok=True)  # the weights of the model just replaced
+
+
+# The test hook of tests/test_writes.py: EDGELR_TEST_KILL_AT=STAGE kills the process at that checkpoint.
+KILL_AT = "EDGELR_TEST_KILL_AT"
+
+
+def checkpoint(stage: str) -> None:
+    """A named point in writing a result ("after-factorize", "model-written", "judging", "model-ran",
+    "folder-written"). Does nothing, unless EDGELR_TEST_KILL_AT names it: then the process dies at once,
+    as under kill -9, so a test can check that no broken or unverified output is left behind."""
+    if os.environ.get(KILL_AT) == stage:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Delivery:
+    """Models for the user's paths: each is written into a hidden folder beside its destination, loaded and
+    run once in ONNX Runtime, and only then moved into place. A user's path holds a model that ran, or none.
+
+        with Delivery(feed) as delivery:
+            staged = delivery.write(model, "out.onnx")   # judge `staged` here: an error leaves nothing
+        # out.onnx (and out.onnx.data) are in place now
+
+    feed: inputs to run each model on once; None: random inputs at the sizes the model's fixed dims or
+    metadata give (edgelr.io.shapes.input_feed), else (dynamic dims, nothing sizes them) ORT only loads it.
+    Leaving the block with an error, or a kill, moves nothing (a kill leaves the hidden `.edgelr-*` folder).
+    """
+
+    def __init__(self, feed: dict | None = None):
+        self._feed = feed
+        self._folders: dict[Path, Path] = {}  # destination folder -> its hidden staging folder
+        self._staged: dict[Path, tuple[Path, dict | None]] = {}  # destination -> (staged file, feed)
+        self._ran: set[Path] = set()
+
+    def write(self, model: ir.Model, path: str | os.PathLike) -> Path:
+        """Write MODEL for PATH into the staging folder; returns the staged file (read it, not PATH)."""
+        path = Path(path)
+        folder = self._folders.get(path.parent.resolve())
+        if folder is None:
+            folder = self._folders[path.parent.resolve()] = Path(tempfile.mkdtemp(dir=path.parent, prefix=".edgelr-"))
+        feed = self._feed if self._feed is not None else made_up_feed(model, path)
+        staged = _write(model, folder / path.name, path)
+        self._staged[path] = (staged, feed)
+        self._ran.discard(staged)
+        checkpoint("model-written")
+        return staged
+
+    def ran(self, staged: Path) -> None:
+        """The caller ran STAGED in ONNX Runtime itself (e.g. judged it on every sample): no need to again."""
+        self._ran.add(staged)
+
+    def commit(self) -> None:
+        """Run each staged model not run yet, then move them all into place."""
+        for path, (staged, feed) in self._staged.items():
+            if staged not in self._ran:
+                run_once(staged, feed, path)
+        checkpoint("model-ran")
+        for path, (staged, _) in self._staged.items():
+            _move_into_place(staged, path)
+        self._staged.clear()
+
+    def discard(self) -> None:
+        for folder in self._folders.values():
+            shutil.rmtree(folder, ignore_errors=True)
+        self._folders.clear()
+        self._staged.clear()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        try:
+            if kind is None:
+                self.commit()
+        finally:
+            self.discard()
+
+
+def deliver(model: ir.Model, path: str | os.PathLike, feed: dict | None = None) -> Path:
+    """Write MODEL to PATH for the user: atomically, and only once ONNX Runtime has loaded and run it (Delivery)."""
+    with Delivery(feed) as delivery:
+        delivery.write(model, path)
+    return Path(path)
+
+
+def made_up_feed(model: ir.Model, where: Path) -> dict | None:
+    """Random inputs at the sizes the model's fixed dims or metadata give; None where nothing sizes them."""
+    from edgelr.io.shapes import input_feed
+
+    try:
+        return input_feed(model, where=where)
+    except EdgelrError:  # dynamic dims nothing sizes, or inputs edgelr cannot make up: ORT only loads it
+        return None
+
+
+def run_once(file: Path, feed: dict | None, where: Path) -> None:
+    """Load FILE in ONNX Runtime and run it on FEED (None: only load it); EdgelrError naming WHERE if it fails."""
+    doing = "load"
+    try:
+        with ort_session(file) as session:
+            if feed is not None:
+                doing = "run"
+                session.run(None, {arg.name: feed[arg.name] for arg in session.get_inputs()})
+    except Exception as exc:  # noqa: BLE001  (ORT raises its own types)
+        raise EdgelrError(f"{where}: not written: ONNX Runtime cannot {doing} the model ({first_line(exc)})") from None
 
 
 @contextlib.contextmanager

@@ -460,7 +460,12 @@ def _convert(onnx2torch, proto: onnx.ModelProto, path: Path):
 
 def write_back(module, student: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Save a copy of STUDENT with MODULE's trained weights (module from to_torch(STUDENT)) to OUT,
-    atomically: same nodes and names, only initializer and Constant values changed."""
+    atomically, once ONNX Runtime has run it (edgelr.io.model.deliver)."""
+    return model_io.deliver(trained_copy(module, student), out)
+
+
+def trained_copy(module, student: str | os.PathLike) -> ir.Model:
+    """STUDENT with MODULE's trained weights: same nodes and names, only initializer and Constant values changed."""
     info = onnx_info(module)
     model = model_io.load(student)
     constants = {}
@@ -480,7 +485,7 @@ def write_back(module, student: str | os.PathLike, out: str | os.PathLike) -> Pa
             if node is None:
                 raise EdgelrError(f"{student}: has no Constant node for '{value}'; is the module from this student?")
             node.attributes["value"] = ir.AttrTensor("value", ir.tensor(array, name=value))
-    return model_io.save(model, out)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -519,7 +524,10 @@ def check_conversion(module, student: Path, feed, input_names, out_names) -> Non
                                   "ONNX Runtime's (relative max error); cannot distil this model faithfully")
 
 
-def parity(module, out: Path, feed: dict[str, np.ndarray], input_names, out_names) -> dict[str, float]:
+def parity(module, out: Path, feed: dict[str, np.ndarray], input_names, out_names, where: Path | None = None
+           ) -> dict[str, float]:
+    """Relative max error of each float output of the saved model OUT in ONNX Runtime against the torch MODULE;
+    EdgelrError (naming WHERE, else OUT) past PARITY_TOLERANCE."""
     with model_io.ort_session(out, threads=ort_threads()) as session:
         ort_out = session.run(out_names, feed)
     with torch.no_grad():
@@ -530,6 +538,6 @@ def parity(module, out: Path, feed: dict[str, np.ndarray], input_names, out_name
             parity[name] = relative_max_error(a, b.numpy())
     worst = max(parity.items(), key=lambda kv: kv[1], default=None)
     if worst is not None and worst[1] > PARITY_TOLERANCE:
-        raise EdgelrError(f"{out}: the saved model's output '{worst[0]}' differs from the trained torch student by "
+        raise EdgelrError(f"{where or out}: the saved model's output '{worst[0]}' differs from the trained torch student by "
                           f"{worst[1]:.2e} (relative max error, tolerance {PARITY_TOLERANCE}); it was not kept")
     return parity

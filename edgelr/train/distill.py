@@ -10,8 +10,8 @@ is lowered), .qat (quantization-aware training), .loop (the steps, the schedule,
 
 Every step feeds one (augmented) batch to the teacher in ONNX Runtime and to the student in torch and
 lowers the distance between their outputs. At the end the trained values are written into a copy of
-the student graph (same nodes, same names: only weight values change), saved atomically, and checked
-against the torch student in ONNX Runtime.
+the student graph (same nodes, same names: only weight values change), written beside OUT, checked
+against the torch student in ONNX Runtime, and only then moved into place.
 
 Threads: torch keeps its default unless EDGELR_TORCH_THREADS is set; the teacher's session uses
 EDGELR_ORT_THREADS if set (edgelr.train.loop).
@@ -19,7 +19,6 @@ EDGELR_ORT_THREADS if set (edgelr.train.loop).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import numbers
@@ -53,7 +52,7 @@ from edgelr.train.convert import (
     parity,
     set_outputs,
     to_torch,
-    write_back,
+    trained_copy,
 )
 from edgelr.train.data import (
     Augment,
@@ -459,22 +458,20 @@ def distill(teacher: str | os.PathLike, student: str | os.PathLike, data, out: s
         written = False
         try:
             if world.main:
-                write_back(module, student, out)
-                try:
-                    result["parity"] = parity(module, out, probe, input_names, out_names)
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        out.unlink()
-                    raise
-                if evaluation is not None:
-                    from edgelr.measure.verify import output_error
+                # judged where it is written, beside OUT, and moved into place only once it ran and passed
+                with model_io.Delivery(probe) as delivery:
+                    trained = delivery.write(trained_copy(module, student), out)
+                    result["parity"] = parity(module, trained, probe, input_names, out_names, where=out)
+                    delivery.ran(trained)
+                    if evaluation is not None:
+                        from edgelr.measure.verify import output_error
 
-                    result["error_before"] = output_error(teacher, student, evaluation)
-                    result["error_after"] = output_error(teacher, out, evaluation)
-                    worse = result["error_after"]["worst"] > result["error_before"]["worst"]
-                    result["kept"] = "trained" if config.keep_worse or not worse else "student"
-                    if result["kept"] == "student":  # training made it worse on held-out data: no gain to ship
-                        model_io.save(model_io.load(student), out)
+                        result["error_before"] = output_error(teacher, student, evaluation)
+                        result["error_after"] = output_error(teacher, trained, evaluation)
+                        worse = result["error_after"]["worst"] > result["error_before"]["worst"]
+                        result["kept"] = "trained" if config.keep_worse or not worse else "student"
+                        if result["kept"] == "student":  # training made it worse on held-out data: no gain to ship
+                            delivery.write(model_io.load(student), out)
             written = True
         finally:  # the other processes wait for the output, and fail with rank 0
             if world.size > 1 and not world.from_main(float(written)) and not world.main:
