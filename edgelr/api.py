@@ -26,7 +26,7 @@ from edgelr.io import model as model_io
 from edgelr.io.samples import load_samples
 from edgelr.measure.profile import compare_models, layer_times, sample_feed
 from edgelr.measure.task import recognise
-from edgelr.measure.verify import judge
+from edgelr.measure.verify import ceiling_for, judge, rounded_up
 from edgelr.passes.base import Context, PassConfig, make_pass
 from edgelr.passes.factorize import FactorizeConfig, FactorizeResult
 from edgelr.passes.prune import PruneConfig
@@ -51,6 +51,7 @@ class CompressReport:
     target: str | None = None
     task: dict | None = None  # the task metric against the original, and on what it was judged
     judged_on: str = "calibration"  # or "held-out": the samples output_error and task were measured on
+    max_output_error: float | None = None  # the ceiling output_error["worst"] was held to
 
     def to_json(self) -> dict:
         data = {"source": str(self.source), "output": str(self.output), "seconds": round(self.seconds, 3),
@@ -59,6 +60,8 @@ class CompressReport:
             data.update(result_json(self.result))
         data["output_error"] = self.output_error
         data["judged_on"] = self.judged_on
+        if self.max_output_error is not None:
+            data["max_output_error"] = self.max_output_error
         if self.task is not None:
             data["task"] = self.task
         for name in ("latency", "quantized", "pruned", "distilled"):
@@ -99,6 +102,7 @@ def compress(
     heldout: str | os.PathLike | None = None,
     metric: str | None = None,
     floor: float | None = None,
+    max_output_error: float | None = None,
 ) -> CompressReport:
     """Run PASSES on SOURCE and write OUTPUT; with CALIB the passes are data-aware and the result is
     measured on it against SOURCE. PASSES is a recipe, a list of pass configs, or a FactorizeConfig with
@@ -109,8 +113,9 @@ def compress(
 
     The result is judged on HELDOUT (else on CALIB) by the objective (each output and channel group on
     its own scale) and by the task metric: `metric` (a kind of edgelr.measure.task, or "none"), else the
-    recipe's, else what the model's metadata says. A result under the metric's `floor` is not written:
-    EdgelrError says what it measured."""
+    recipe's, else what the model's metadata says. A result under the metric's `floor`, or with an output
+    group's error over `max_output_error` (default: edgelr.measure.verify.MAX_OUTPUT_ERROR where no task
+    metric judges), is not written: EdgelrError says what it measured."""
     start = time.perf_counter()
     source = Path(source)
     recipe = as_recipe(passes, prune, quantize, refit, calib is not None, target)
@@ -137,10 +142,12 @@ def compress(
         if task.source != "metadata":
             raise EdgelrError(f"the {task.kind} metric is judged on samples: give --calib DATA.npz (and --heldout)")
         task = None  # nothing to judge on: the model's metadata names a task nobody asked to gate
+    given = max_output_error if max_output_error is not None else recipe.max_output_error
+    ceiling = ceiling_for(task, given) if judged is not None else None
     with tempfile.TemporaryDirectory(prefix=".edgelr-", dir=output.parent) as tmp:
         tmp = Path(tmp).resolve()
         ctx = Context(source, samples, Path(calib) if calib is not None else None, tmp, resolved, progress, path=source,
-                      task=task, judged=judged)
+                      task=task, judged=judged, ceiling=ceiling)
         for i, config in enumerate(recipe.passes):
             ctx.later = tuple(recipe.passes[i + 1:])
             try:
@@ -164,14 +171,16 @@ def compress(
             del model
             ctx.float_model = None  # verification below loads both files in ONNX Runtime; free the graphs first
             model_io.checkpoint("judging")
-            verdict = (judge(source, staged, judged, task, ctx.references if heldout is None else None, ctx.objective)
-                       if judged is not None else None)
+            verdict = (judge(source, staged, judged, task, ctx.references if heldout is None else None, ctx.objective,
+                             ceiling) if judged is not None else None)
             if verdict is not None:
                 delivery.ran(staged)  # on every sample
             if verdict is not None and not verdict.passed:
-                raise EdgelrError(f"{output}: not written: {verdict.score.line()} on {verdict.samples} "
-                                  f"{'held-out' if heldout is not None else 'calibration'} samples, under its floor; "
-                                  f"loosen the budget, or lower the floor (--floor)")
+                way = "lower the floor (--floor)" if verdict.score is not None and not verdict.score.passed else \
+                    f"pass --max-output-error {rounded_up(verdict.errors['worst'])}"
+                raise EdgelrError(f"{output}: not written: {verdict.line()}, on {verdict.samples} "
+                                  f"{'held-out' if heldout is not None else 'calibration'} samples; "
+                                  f"loosen the budget, or {way}")
             errors = verdict.errors if verdict is not None else {}
             if report is not None and ctx.factorized is not None:
                 _measure_layers(ctx.factorized, staged, samples)
@@ -179,7 +188,7 @@ def compress(
                           ctx.pruned, ctx.distilled, [c.to_dict() for c in recipe.passes],
                           recipe.target if resolved is None else resolved.name,
                           verdict.to_json() if verdict is not None and task is not None else None,
-                          "held-out" if heldout is not None else "calibration")
+                          "held-out" if heldout is not None else "calibration", ceiling if verdict is not None else None)
     if report is not None:
         write_json(done.to_json(), report)
     return done

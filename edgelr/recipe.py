@@ -4,6 +4,7 @@
     target: x86-cpu              # optional: what quantization and latency tables aim at
     metric: detect               # optional: the task metric that gates the result (else the model's metadata says)
     floor: 0.9                   # optional: the least that metric may be (else its default)
+    max_output_error: 0.2        # optional: the most any output group's error may be (default where no metric)
     passes:
       - {_type: factorize, latency: 0.5}
       - {_type: quantize, scheme: int8}
@@ -32,7 +33,7 @@ from edgelr.passes.base import PassConfig, config_from_dict
 from edgelr.passes.factorize import FactorizeConfig
 from edgelr.passes.quantize import QuantizeConfig
 
-_TOP = ("target", "metric", "floor", "passes")
+_TOP = ("target", "metric", "floor", "max_output_error", "passes")
 # passes that live above the passes/ stage, imported only when a recipe names them (training imports torch)
 _PROVIDERS = {"distill": "edgelr.train.distill"}
 
@@ -46,9 +47,11 @@ class Recipe:
     flags: tuple[str, ...] = field(default=(), compare=False)  # or the command-line flag each pass came from
     metric: str | None = None  # a task kind (edgelr.measure.task.TASKS) or "none"
     floor: float | None = None
+    max_output_error: float | None = None
 
     def to_dict(self) -> dict:
-        data = {key: getattr(self, key) for key in ("target", "metric", "floor") if getattr(self, key) is not None}
+        data = {key: getattr(self, key) for key in ("target", "metric", "floor", "max_output_error")
+                if getattr(self, key) is not None}
         return data | {"passes": [c.to_dict() for c in self.passes]}
 
     def to_yaml(self) -> str:
@@ -94,6 +97,9 @@ class Recipe:
             raise EdgelrError(f"{name}:{keys['metric']}: metric: expected one of {', '.join((*TASKS, 'none'))}, got {metric!r}")
         if floor is not None and (isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 < floor <= 1):
             raise EdgelrError(f"{name}:{keys['floor']}: floor: expected a number in (0, 1], got {floor!r}")
+        ceiling = data.get("max_output_error")
+        if ceiling is not None and (isinstance(ceiling, bool) or not isinstance(ceiling, (int, float)) or not ceiling > 0):
+            raise EdgelrError(f"{name}:{keys['max_output_error']}: max_output_error: expected a number > 0, got {ceiling!r}")
         items = data.get("passes")
         if not isinstance(items, list) or not items:
             raise EdgelrError(f"{name}:{keys.get('passes', 1)}: 'passes' must be a non-empty list of passes, "
@@ -108,7 +114,8 @@ class Recipe:
             configs.append(config_from_dict(item, lambda key, fields=fields, line=line: f"{name}:{fields.get(key, line)}"))
             lines.append(line)
         return cls(tuple(configs), target, Path(path) if path is not None else None, tuple(lines), metric=metric,
-                   floor=float(floor) if floor is not None else None)
+                   floor=float(floor) if floor is not None else None,
+                   max_output_error=float(ceiling) if ceiling is not None else None)
 
     def where(self, index: int) -> str:
         """File and line of pass `index` (for errors); the pass's position when the recipe came from flags."""

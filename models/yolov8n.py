@@ -5,14 +5,16 @@
 1. compress: factorize against the budget (with --quantize, the latency search times INT8 kernels and
    picks which layers stay in float); the float model before quantization is kept for training.
 2. distill: the float student learns the original's outputs on unlabeled, augmented real photos
-   (scikit-image's, LFW faces 0..49 and LFW non-face crops; never the held-out ones), each factorized
-   pair aligned with the layer it replaced; with --quantize, quantization-aware (Conv inputs rounded
-   as INT8 will round them), which took the INT8 student's error from 1.34x to 1.14x INT8-alone's.
+   (scikit-image's, LFW faces 0..49, LFW non-face crops and the detector calibration set's photos of
+   people; never a held-out one), each output's channel groups (boxes, class scores) on their own
+   scale, each factorized pair aligned with the layer it replaced; with --quantize,
+   quantization-aware (Conv inputs rounded as INT8 will round them).
 3. quantize: the distilled student, calibrated on the same photos as step 1, with the same layers
    left in float.
-4. verify, on held-out photos: relative output error and detection mAP@0.5 against the original, for
-   the post-training model and the distilled one, beside ONNX Runtime's INT8 of the original, and all
-   of them timed interleaved (ONNX Runtime CPU, 1 thread).
+4. verify, on the held-out photos of people (tools/photos.py --detector): each output group's error and
+   the detection metric against the original (mAP@0.5 agreement, top-class agreement, class-score
+   error, detections kept), for the post-training model and the distilled one, beside ONNX Runtime's
+   INT8 of the original, all of them timed interleaved (ONNX Runtime CPU, 1 thread).
 
 Steps 1 and 2-3 are the shipped recipes recipes/yolov8n-latency50-int8.yaml (its budget replaced by
 --params or --latency) and recipes/yolov8n-distill-int8.yaml (its teacher, photos, time limit and
@@ -34,21 +36,19 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgelr import compress  # noqa: E402
-from edgelr.io.model import load  # noqa: E402
-from edgelr.io.samples import load_samples, samples_from_arrays  # noqa: E402
-from edgelr.measure.detection import detection_agreement  # noqa: E402
-from edgelr.measure.latency import interleaved_latency  # noqa: E402
-from edgelr.measure.verify import output_error  # noqa: E402
-from edgelr.passes.factorize import FactorizeConfig  # noqa: E402
-from edgelr.passes.quantize import QuantizeConfig, quantize  # noqa: E402
-from edgelr.recipe import load_recipe  # noqa: E402
-from edgelr.train.distill import DistillConfig  # noqa: E402
-from models.data import (  # noqa: E402
-    CALIBRATION,
-    HELD_OUT,
-    detection_heldout,
-    samples,
+from edgelr import compress
+from edgelr.io.model import load
+from edgelr.io.samples import load_samples
+from edgelr.measure.latency import interleaved_latency
+from edgelr.measure.task import recognise
+from edgelr.measure.verify import judge, output_error
+from edgelr.passes.factorize import FactorizeConfig
+from edgelr.passes.quantize import QuantizeConfig, quantize
+from edgelr.recipe import load_recipe
+from edgelr.train.distill import DistillConfig
+from models.data import (
+    detector_calibration,
+    detector_heldout,
     training_folder,
     yolo_path,
 )
@@ -83,10 +83,10 @@ def main() -> None:
     teacher = yolo_path()
     started = time.perf_counter()
 
-    np.savez(out / "calib.npz", images=samples(CALIBRATION, 320, 3, seed=0))
-    np.savez(out / "heldout.npz", images=samples(HELD_OUT, 320, 3, seed=1))
+    np.savez(out / "calib.npz", images=detector_calibration())
+    np.savez(out / "heldout.npz", images=detector_heldout())
     (out / "train").mkdir()
-    training_folder(out / "train", True, nonfaces=True)
+    training_folder(out / "train", True, nonfaces=True, people=True)
 
     # 1. compress (the float model is what distillation trains)
     budget = FactorizeConfig(params=args.params) if args.params is not None else FactorizeConfig(latency=args.latency)
@@ -121,21 +121,22 @@ def main() -> None:
     else:
         models |= {"post_training": student, "distilled": out / "distilled.float.onnx"}
 
-    # 4. verify on held-out photos
+    # 4. verify on held-out photos of people
     heldout = load_samples(out / "heldout.npz", load(teacher))
-    scenes = samples_from_arrays({"images": detection_heldout()}, load(teacher))
+    task = recognise(load(teacher), "detect")
     rows = {}
     for name, path in models.items():
         if name == "original":
             continue
-        rows[name] = {"heldout_error": output_error(teacher, path, heldout)["worst"],
-                      "map50": detection_agreement(teacher, path, scenes)["map50"]}
+        verdict = judge(teacher, path, heldout, task)
+        rows[name] = {"heldout_error": verdict.errors["worst"], "errors": verdict.errors} | verdict.to_json()
     times = interleaved_latency(models, heldout.feed(0), rounds=args.rounds)
     for name, row in rows.items():
         row["speedup_over_fp32"] = times["original"] / times[name]
         if "int8_only" in times:
             row["speed_over_int8_only"] = times["int8_only"] / times[name]
-            row["error_over_int8_only"] = row["heldout_error"] / rows["int8_only"]["heldout_error"]
+            for key in ("heldout_error", "class_score_error"):
+                row[f"{key}_over_int8_only"] = row[key] / rows["int8_only"][key]
     report = {
         "command": " ".join(sys.argv),
         "budget": {"params": args.params, "latency": args.latency, "quantize": args.quantize},

@@ -290,7 +290,8 @@ def test_calib_that_is_not_an_npz_says_so_without_numpy_advice(files, tmp_path):
 def test_compress_writes_model_and_report(files, tmp_path):
     out, report = tmp_path / "small.onnx", tmp_path / "report.json"
     before = digest(files["mlp"]), digest(files["calib"])
-    result = run_edgelr("compress", files["mlp"], "-o", out, "--params", "0.5", "--calib", files["calib"], "--report", report)
+    result = run_edgelr("compress", files["mlp"], "-o", out, "--params", "0.5", "--calib", files["calib"], "--report", report,
+                        "--max-output-error", "1")  # a random toy MLP at half its parameters is 0.23 off
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert not error_lines(result.stderr), result.stderr  # only progress bars, which clear themselves
@@ -329,7 +330,8 @@ def test_compress_with_int64_calibration(files, tmp_path):
     data = tmp_path / "tokens.npz"
     np.savez(data, ids=np.random.default_rng(1).integers(0, 10, (6, 5)))
     out, report = tmp_path / "small.onnx", tmp_path / "r.json"
-    result = run_edgelr("-q", "compress", files["tokens"], "-o", out, "--flops", "0.5", "--calib", data, "--report", report)
+    result = run_edgelr("-q", "compress", files["tokens"], "-o", out, "--flops", "0.5", "--calib", data, "--report", report,
+                        "--max-output-error", "1")  # a random toy model: its error is not what this tests
     assert result.returncode == 0, result.stderr
     rows = json.loads(report.read_text())["layers"]
     assert [r["name"] for r in rows] == ["proj"] and rows[0]["form"] == "svd"

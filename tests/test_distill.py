@@ -228,7 +228,7 @@ def test_distill_a_factorized_student(tmp_path):
     onnx.save(_tiny(rng), tmp_path / "teacher.onnx")
     np.savez(tmp_path / "data.npz", x=_images(rng, 24))
     compress(tmp_path / "teacher.onnx", tmp_path / "student.onnx", FactorizeConfig(ranks={"conv2": 3, "fc1": 3}),
-             calib=tmp_path / "data.npz", progress=False)
+             calib=tmp_path / "data.npz", progress=False, max_output_error=1.0)  # rank 3: far off, for training to fix
     assert len(onnx.load(str(tmp_path / "student.onnx")).graph.node) > len(onnx.load(str(tmp_path / "teacher.onnx")).graph.node)
     result = _run(tmp_path, steps=30, batch=8, lr=3e-3, eval_samples=tmp_path / "data.npz")
     assert result["error_after"]["worst"] < result["error_before"]["worst"]

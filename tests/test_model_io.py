@@ -33,7 +33,8 @@ def test_external_data_model_in_and_out(tmp_path, monkeypatch):
     monkeypatch.setattr(model_io, "_INLINE_LIMIT_BYTES", 1)
     out = tmp_path / "out" / "small.onnx"
     out.parent.mkdir()
-    done = compress(source, out, FactorizeConfig(params=0.5), calib=tmp_path / "calib.npz", progress=False)
+    done = compress(source, out, FactorizeConfig(params=0.5), calib=tmp_path / "calib.npz", progress=False,
+                    max_output_error=1.0)  # a random toy model: its error is not what this tests
     assert done.result.factorized
     assert (out.parent / "small.onnx.data").is_file()
     assert sorted(p.name for p in out.parent.iterdir()) == ["small.onnx", "small.onnx.data"]  # no temp left
@@ -45,9 +46,11 @@ def test_lazy_path_gives_the_same_model(tmp_path, monkeypatch):
     """Past _LAZY_BYTES weights are memory-mapped and ORT gets files: the result must not change."""
     source, feed = _mlp(tmp_path, external=False)
     config = FactorizeConfig(params=0.5)
-    eager = compress(source, tmp_path / "eager.onnx", config, calib=tmp_path / "calib.npz", progress=False)
+    eager = compress(source, tmp_path / "eager.onnx", config, calib=tmp_path / "calib.npz", progress=False,
+                     max_output_error=1.0)
     monkeypatch.setattr(model_io, "_LAZY_BYTES", 1)
-    lazy = compress(source, tmp_path / "lazy.onnx", config, calib=tmp_path / "calib.npz", progress=False)
+    lazy = compress(source, tmp_path / "lazy.onnx", config, calib=tmp_path / "calib.npz", progress=False,
+                    max_output_error=1.0)
     assert [(r.form, r.rank) for r in eager.result.layers] == [(r.form, r.rank) for r in lazy.result.layers]
     assert np.allclose(_run(tmp_path / "eager.onnx", feed), _run(tmp_path / "lazy.onnx", feed), rtol=1e-5, atol=1e-6)
     assert eager.output_error["worst"] == lazy.output_error["worst"] or np.isclose(

@@ -427,7 +427,7 @@ def test_compress_prune_from_the_command_line(resnet, tmp_path):
                               capture_output=True, text=True)
 
     done = cli("-o", str(tmp_path / "pruned.onnx"), "--prune", "0.5", "--calib", str(tmp_path / "calib.npz"),
-               "--report", str(tmp_path / "report.json"))
+               "--report", str(tmp_path / "report.json"), "--max-output-error", "1")  # half the channels: 0.59 off
     assert done.returncode == 0, done.stderr
     assert "channel groups" in done.stdout and "relative output error" in done.stdout
     import json

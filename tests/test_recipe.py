@@ -86,7 +86,8 @@ def test_every_config_round_trips_through_its_dict():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flags", [["--params", "0.5"], ["--prune", "0.25", "--params", "0.6"],
+# pruning without fine-tuning moves the demo's logits by 0.71: over the default ceiling, so it is raised
+@pytest.mark.parametrize("flags", [["--params", "0.5"], ["--prune", "0.25", "--params", "0.6", "--max-output-error", "0.8"],
                                    ["--params", "0.5", "--quantize", "int8"]])
 def test_recipe_writes_the_same_bytes_as_the_flags(demo, flags):
     flag_run = edgelr("compress", demo / "m.onnx", "-o", demo / "flags.onnx", *flags, "--calib", demo / "calib.npz",

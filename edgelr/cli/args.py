@@ -48,6 +48,8 @@ def add_calib(p: argparse.ArgumentParser) -> None:
 
 def add_judge(p: argparse.ArgumentParser) -> None:
     """What the result is judged by, and on what: every verb that writes a compressed model."""
+    from edgelr.measure.verify import MAX_OUTPUT_ERROR
+
     p.add_argument("--heldout", metavar="DATA.npz",
                    help="inputs the fit does not see, to judge the result on (as --calib; default: the --calib samples)")
     p.add_argument("--metric", choices=["detect", "classify", "embed", "mask", "none"],
@@ -55,6 +57,9 @@ def add_judge(p: argparse.ArgumentParser) -> None:
                         "agreement), embed (cosine), mask (IoU); default: what the model's metadata says, else none")
     p.add_argument("--floor", type=unit_fraction, metavar="F",
                    help="the least the task metric may be (default: 0.90 detect and mask, 0.95 classify, 0.98 embed)")
+    p.add_argument("--max-output-error", type=positive, metavar="E",
+                   help="the most any output (or channel group of one) may be off, relative to its own scale, on the "
+                        f"judged samples (default: {MAX_OUTPUT_ERROR:g} where no task metric judges the result)")
 
 
 def add_shapes(p: argparse.ArgumentParser) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -66,10 +67,13 @@ def run(args) -> int:
     else:  # pruning or quantization alone keeps every layer dense
         factorize = FactorizeConfig(**{k: v for k, v in budget.items() if v is not None}) if any(budget.values()) else None
         recipe = as_recipe(factorize, args.prune, args.quantize, not args.no_refit, args.calib is not None, args.target)
+        # what judges the result belongs to the job too: --write-recipe keeps it
+        recipe = dataclasses.replace(recipe, metric=args.metric, floor=args.floor, max_output_error=args.max_output_error)
     if args.write_recipe and Path(args.write_recipe).exists():
         raise EdgelrError(f"{args.write_recipe}: exists; edgelr does not overwrite files, pick another name")
     done = compress(args.model, args.output, recipe, calib=args.calib, report=args.report, progress=not args.quiet,
-                    float_output=args.float_output, heldout=args.heldout, metric=args.metric, floor=args.floor)
+                    float_output=args.float_output, heldout=args.heldout, metric=args.metric, floor=args.floor,
+                    max_output_error=args.max_output_error)
     if args.write_recipe:
         recipe.save(args.write_recipe)
     if done.pruned:
@@ -88,9 +92,7 @@ def run(args) -> int:
             alone = r.get("quantized_only_ratio")
             print(f"latency round {r['round']}: predicted {r['predicted_ratio']:.3f}, measured {r['measured_ratio']:.3f} "
                   "of the original" + (f" (quantized alone, timed beside it: {alone:.3f})" if alone else ""))
-        kept = done.latency["kept_round"]
-        print(f"kept round {kept}" + ("" if done.latency["within_budget"] else
-                                      f", the fastest {done.latency.get('kept_because', '')}: no round met the budget"))
+        print(f"kept round {done.latency['kept_round']}")
         print(f"latency tables: {done.latency['layer_timings']} layer timings new, cached in {done.latency['table']}")
     if done.distilled:
         d = done.distilled
@@ -106,7 +108,8 @@ def run(args) -> int:
     if done.output_error:
         groups = [f"{k} {v:.4f}" for k, v in done.output_error.items() if "[" in k]
         print(f"relative output error on the {done.judged_on} samples, each output and channel group on its own "
-              f"scale: worst {done.output_error['worst']:.4f}" + (f" ({', '.join(groups)})" if groups else ""))
+              f"scale: worst {done.output_error['worst']:.4f}" + (f" ({', '.join(groups)})" if groups else "")
+              + (f", within the ceiling {done.max_output_error:g}" if done.max_output_error is not None else ""))
         if done.task:
             t = done.task
             checks = "".join(f", {k.replace('_', ' ')} {t[k]:.3f} (at least {least:g})"

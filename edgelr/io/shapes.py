@@ -336,11 +336,9 @@ def _example(value: ir.Value, model: ir.Model | None = None) -> str:
 def _example_for(model, name: str) -> str:
     """An example --shapes text for the input called `name`, or the model's first input that needs one."""
     if model is not None and not isinstance(model, ir.Model):
-        try:
-            from edgelr.io.model import load
-
-            model = load(model)
-        except EdgelrError:
+        try:  # read directly (io.model imports this module): only its inputs are needed, for a message
+            model = ir.load(os.fspath(model))
+        except Exception:  # noqa: BLE001 - an unreadable model gets the generic example
             model = None
     if model is None:
         return f"images=1x3x{EXAMPLE_SIZE}x{EXAMPLE_SIZE}"

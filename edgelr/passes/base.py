@@ -68,6 +68,7 @@ class Context:
     progress: bool = True
     path: Path | None = None  # a file holding the model as the current pass receives it
     task: Any = None  # edgelr.measure.task.Task: the metric that gates the result (None: none known)
+    ceiling: float | None = None  # the most any output group's error may be (edgelr.measure.verify.ceiling_for)
     judged: Samples | None = None  # the samples the result is judged on (held-out when given)
     later: tuple[PassConfig, ...] = ()  # the configs still to run after the current one
     pristine: bool = True  # no pass has changed the model yet

@@ -15,10 +15,17 @@ from tqdm.auto import tqdm
 
 from edgelr.calibration.analysis import Analysis
 from edgelr.core.costs import LatencyBudget
+from edgelr.errors import EdgelrError
 from edgelr.graph.layers import Layer, find_layers
 from edgelr.io import model as model_io
 from edgelr.measure.latency import interleaved_latency
-from edgelr.measure.verify import compare_outputs, judge
+from edgelr.measure.verify import (
+    Verdict,
+    compare_outputs,
+    judge,
+    rounded_down,
+    rounded_up,
+)
 from edgelr.passes.base import register_pass
 from edgelr.passes.factorize import (
     FactorizeConfig,
@@ -34,7 +41,7 @@ LATENCY_ROUNDS = 6  # most end in 1-2; a search that keeps landing just outside 
 MEASURE_ROUNDS = 20  # x 3 runs of each model, interleaved, per measurement
 LATENCY_SLACK = 0.01  # the search aims this far below the target: one model's ratio moves this much between runs
 FLOAT_CANDIDATES = 6
-GATE_ROUNDS = 4  # with a task metric: more rounds, to back off from a saving that broke it (halving the gap)
+GATE_ROUNDS = 4  # with a task metric or an error ceiling: more rounds, to back off from a saving that broke it
 GATE_RESOLUTION = 0.02  # of the original's latency: closer than this to a breaking saving is close enough  # with a static int8 quantize pass after it: layers measured for staying in float
 
 
@@ -82,18 +89,17 @@ class LatencySearchPass(FactorizePass):
                                                   latency=budget, spectra=analysis.spectra, sensitivity=sensitivity)
 
         aim = target - LATENCY_SLACK
-        task = ctx.task
-        gate = f"|{task.kind}>={task.floor}" if task is not None else ""
-        memo += gate
+        task, ceiling = ctx.task, ctx.ceiling
+        gated = (task is not None or ceiling is not None) and ctx.judged is not None
+        memo += f"|{task.kind}>={task.floor}" if task is not None else ""
+        memo += f"|error<={ceiling}" if ceiling is not None else ""
 
-        def holds(path: Path) -> tuple[bool, float | None, list[str]]:
-            """Whether the round's model keeps the task metric over its floor (against the original), its value,
-            and the checks it failed."""
-            if task is None:
-                return True, None, []
+        def holds(path: Path) -> Verdict | None:
+            """The round's model judged against the original: the task metric and the error ceiling."""
+            if not gated:
+                return None
             known = analysis.references if ctx.judged is ctx.samples and ctx.pristine else None  # not run again
-            score = judge(ctx.source, path, ctx.judged, task, known, ctx.objective).score
-            return score.passed, score.value, score.failed_checks
+            return judge(ctx.source, path, ctx.judged, task, known, ctx.objective, ceiling)
 
         with tempfile.TemporaryDirectory(prefix="edgelr-rounds-", dir=ctx.workdir) as tmp:
             timed = {"original": source}
@@ -110,7 +116,9 @@ class LatencySearchPass(FactorizePass):
                 saving = max((floors[0] if quantize else 1.0) - aim, 0.0) * start["original"]
             rounds, kept, asked = [], [], []
             broke = None  # the least saving whose model fell under the task metric's floor
-            for i in range(LATENCY_ROUNDS + (GATE_ROUNDS if task is not None else 0)):
+            for i in range(LATENCY_ROUNDS + (GATE_ROUNDS if gated else 0)):
+                if i >= LATENCY_ROUNDS and broke is None:  # the extra rounds are for backing off from a break
+                    break
                 candidate, _, result = allocation(saving)
                 table.save()
                 timed["compressed"] = Path(tmp) / "round.onnx"
@@ -125,12 +133,12 @@ class LatencySearchPass(FactorizePass):
                 floors += [measured["quantized"] / measured["original"]] if quantize else []
                 floor = float(np.median(floors)) if quantize else 1.0
                 error = result.predicted_error2
-                held, value, failed = holds(timed["compressed"])
+                verdict = holds(timed["compressed"])
+                held = verdict is None or verdict.passed
                 rounds.append({"round": i + 1, "saving_asked_s": saving,
                                "predicted_ratio": floor - predicted / measured["original"],
                                "measured_ratio": ratio, "quantized_only_ratio": floors[-1] if quantize else None,
-                               "predicted_error2": error, "task_metric": value, "task_held": held,
-                               "task_failed_checks": failed})
+                               "predicted_error2": error, "task_held": held} | _judged(verdict))
                 high = aim + LATENCY_SLACK / 2
                 kept.append((held, ratio <= high, ratio <= target, error, ratio, i, saving))
                 if not held:  # too far: back off halfway towards the most a round saved within the floor
@@ -160,15 +168,53 @@ class LatencySearchPass(FactorizePass):
                            sensitivity=sensitivity)
         table.entries[memo] = saving
         table.save()
+        if not held or rounds[best]["measured_ratio"] > target + LATENCY_SLACK:  # missed by more than timing noise
+            raise EdgelrError(_unreachable(target, rounds, best, task, ceiling))
         t_original = measured["original"]
         front = [{"predicted_ratio": 1 - (result.dense_cost - cost) / t_original, "predicted_error": math.sqrt(e2)}
                  for cost, e2 in result.front]
         result.warnings.extend([elsewhere] if elsewhere else [])
         ctx.latency = {"target": table.target, "front": front, "quantized_only_ratio": floor if quantize else None,
                        "table": str(table.path), "layer_timings": table.measured, "rounds": rounds,
-                       "kept_round": best + 1, "within_budget": within and held,
-                       "kept_because": f"that keeps {task.kind} over its floor {task.floor:g}" if task is not None and broke is not None else ""}
+                       "kept_round": best + 1, "within_budget": within}
         return model, layers, result
+
+
+def _judged(verdict: Verdict | None) -> dict:
+    """What a latency round records of its verdict."""
+    if verdict is None:
+        return {"task_metric": None, "task_failed_checks": [], "worst_error": None}
+    failed = (verdict.score.failed_checks if verdict.score is not None else []) + (
+        ["max_output_error"] if verdict.over_ceiling else [])
+    return {"task_metric": verdict.score.value if verdict.score is not None else None, "task_failed_checks": failed,
+            "worst_error": verdict.errors.get("worst")}
+
+
+def _unreachable(target: float, rounds: list[dict], best: int, task, ceiling: float | None) -> str:
+    """One line: why the latency budget was not met, what was reachable, and what to pass to go further."""
+    held = [r for r in rounds if r["task_held"]]
+    broke = [r for r in rounds if not r["task_held"]]
+    reached = f"ask for {rounded_up(rounds[best]['measured_ratio'])}"
+    if not broke:
+        return (f"latency budget {target:g} not reachable: the fastest factorization measured "
+                f"{rounds[best]['measured_ratio']:.2f} of the latency (more does not pay on these kernels); {reached}, "
+                "or quantize as well (--quantize int8)")
+    bars = ([f"{task.kind} >= {task.floor:g}"] if task is not None else []) + (
+        [f"every output error <= {ceiling:g}"] if ceiling is not None else [])
+    fastest = min(broke, key=lambda r: r["measured_ratio"])
+    further = []
+    if task is not None and fastest["task_metric"] is not None and not fastest["task_metric"] >= task.floor:
+        further.append(f"--floor {rounded_down(fastest['task_metric'])}")
+    if ceiling is not None and "max_output_error" in fastest["task_failed_checks"]:
+        further.append(f"--max-output-error {rounded_up(fastest['worst_error'])}")
+    further += [f"checks {', '.join(c for c in fastest['task_failed_checks'] if c != 'max_output_error')}"] if any(
+        c != "max_output_error" for c in fastest["task_failed_checks"]) else []
+    go = (f"; round {fastest['round']} measured {fastest['measured_ratio']:.2f} and would need "
+          f"{' and '.join(further)}, or distillation (edgelr distill)")
+    if not held:
+        return f"latency budget {target:g} not reachable with {' and '.join(bars)}: no round kept it{go}"
+    return (f"latency budget {target:g} not reachable with {' and '.join(bars)}: the fastest that kept it measured "
+            f"{rounds[best]['measured_ratio']:.2f} of the latency (round {best + 1}); {reached}{go}")
 
 
 def _threads(target) -> tuple[int, str | None]:
