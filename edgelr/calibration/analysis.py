@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from edgelr.calibration.grams import cached_grams
+from edgelr.calibration.grams import Grams, cached_grams
 from edgelr.calibration.sensitivity import PROBE_SAMPLES, layer_sensitivity
+from edgelr.core.lowrank import FEW_ROWS
 from edgelr.core.objective import Objective
 from edgelr.graph.layers import Layer
 from edgelr.io import model as model_io
@@ -27,8 +28,8 @@ SENSITIVITY_MAX_BYTES = 256 << 20  # larger models: no measured layer sensitivit
 
 @dataclass
 class Analysis:
-    key: str | None  # the content of the model and the samples (None without samples: nothing is cached)
-    grams: dict | None  # layer name -> input Gram
+    key: str | None  # the content of the model and the samples, and the damping rule (None without samples)
+    grams: Grams | None  # layer name -> input Gram, with its input rows
     references: list | None  # the model's outputs on the samples
     spectra: dict  # (layer, form) -> error-by-rank curve; factorize fills in what it computes
     sensitivity: dict | None  # layer name -> whole-model error^2 per unit of its own
@@ -48,21 +49,26 @@ class Analysis:
 
 def analyse(path: Path, model: ir.Model, layers: list[Layer], samples: Samples | None, calib: Path | None,
             damping: float, sensitivity: bool = True, progress: bool = True,
-            objective: Objective | None = None) -> Analysis:
+            objective: Objective | None = None, adapt_damping: bool = False) -> Analysis:
     """The model at PATH (loaded as MODEL) and its layers on the samples; sensitivities are probed only
     when `sensitivity` is asked for and not cached. `objective`: the output groups to measure by (by
-    default read from the model's own outputs on the samples)."""
+    default read from the model's own outputs on the samples). `adapt_damping`: as FactorizeConfig's."""
     key = content_key(path, model, Path(calib)) if samples is not None else None
     grams, references = cached_grams(model, layers, samples, key, progress) if samples is not None else (None, None)
     if objective is None and references:
         objective = Objective.of(references)
+    if key is not None:  # what is cached downstream (spectra, search memos, refits) depends on the rule
+        key += "-adapted" if adapt_damping else "-fixed"
     spectra, measured = _cached_analysis(key, layers, damping, objective)
     done = Analysis(key, grams, references, spectra, measured, damping, objective,
                     _known=(len(spectra), measured is not None))
+    if grams:
+        done.warnings.extend(filter(None, [few_rows_warning(layers, grams, adapt_damping)]))
     if samples is not None and sensitivity and measured is None:
         if model_io.model_bytes(model) <= SENSITIVITY_MAX_BYTES:
             try:
-                done.sensitivity = layer_sensitivity(path, layers, grams, spectra, damping, samples, objective, progress)
+                done.sensitivity = layer_sensitivity(path, layers, grams, spectra, damping, samples, objective, progress,
+                                                     grams.rows if adapt_damping else None)
             except Exception as exc:  # noqa: BLE001  (a refinement: a model ORT cannot probe is still compressed)
                 done.warnings.append(f"layer sensitivity not measured ({model_io.first_line(exc)}): "
                                      "layers' errors are weighed alike")
@@ -70,6 +76,20 @@ def analyse(path: Path, model: ir.Model, layers: list[Layer], samples: Samples |
             done.warnings.append(f"layer sensitivity not measured (the model is over {SENSITIVITY_MAX_BYTES >> 20} MB): "
                                  "layers' errors are weighed alike")
     return done
+
+
+def few_rows_warning(layers: list[Layer], grams: Grams, adapted: bool = False) -> str | None:
+    """One line when some layers' Grams saw fewer input rows than FEW_ROWS times their width, naming
+    the worst (fewest rows per input); None when the samples determine every layer's statistics."""
+    few = [layer for layer in layers
+           if layer.name in grams.rows and grams.rows[layer.name] < FEW_ROWS * layer.in_features]
+    if not few:
+        return None
+    worst = min(few, key=lambda layer: grams.rows[layer.name] / layer.in_features)
+    count = f"{len(few)} layer{'s' if len(few) > 1 else ''} saw"
+    return (f"{count} fewer input rows than {FEW_ROWS}x their width (worst: {worst.name}, "
+            f"{grams.rows[worst.name]} rows for {worst.in_features} inputs): the whitening is fit to these samples"
+            f"{' (damped towards plain SVD)' if adapted else ''}; give more --calib samples")
 
 
 def _cached_analysis(key: str | None, layers: list, damping: float, objective: Objective | None) -> tuple[dict, dict | None]:

@@ -24,11 +24,21 @@ _CHUNK_BYTES = 32 << 20
 REFERENCE_LIMIT_BYTES = 16 << 20
 
 
+class Grams(dict):
+    """Layer name -> input Gram, and `rows`: layer name -> how many input rows went into it (im2col
+    patches for a conv, token rows for a MatMul): against the Gram's width K, how well the samples
+    determine it (edgelr.core.lowrank.adapted_damping)."""
+
+    def __init__(self, grams=(), rows: dict[str, int] | None = None):
+        super().__init__(grams)
+        self.rows = dict(rows or {})
+
+
 def collect_grams(
     model: ir.Model, layers: list[Layer], samples: Samples, progress: bool = True, outputs: list | None = None
-) -> dict[str, np.ndarray]:
+) -> Grams:
     """Layer name -> sum over samples of the Gram matrix of the layer's input rows (float32, to halve
-    the memory: a K x K Gram can outweigh its layer's weight).
+    the memory: a K x K Gram can outweigh its layer's weight), with the rows counted.
 
     A layer inside an If branch counts the samples that take the branch; one that no sample reaches, or
     that sits in a Loop or Scan body (Layer.uncalibrated), gets no Gram: factorize treats it data-free.
@@ -37,6 +47,7 @@ def collect_grams(
     compares against, for free), unless they would pass REFERENCE_LIMIT_BYTES: then it is left empty.
     """
     by_input: dict[tuple, np.ndarray] = {}  # layers reading the same input (Q, K, V) share one Gram
+    rows: dict[tuple, int] = {}
     output_names = [v.name for v in model.graph.outputs]
     calibrated = [layer for layer in layers if layer.uncalibrated is None]
     uses = {_key(use): use for layer in calibrated for use in layer.uses}
@@ -52,28 +63,32 @@ def collect_grams(
         for key, use in uses.items():
             x = input_of(runs, use)
             if x is not None:
-                gram = input_gram(np.asarray(x), use)
+                x = np.asarray(x)
+                gram = input_gram(x, use)
                 if key in by_input:
                     by_input[key] += gram  # in place: one K x K per input, however many samples
                 else:
                     by_input[key] = gram
-    grams = {}
+                rows[key] = rows.get(key, 0) + input_rows(x, use)
+    grams = Grams()
     for layer in calibrated:
-        parts = [by_input[_key(use)] for use in layer.uses if _key(use) in by_input]
-        if parts:
+        keys = [_key(use) for use in layer.uses if _key(use) in by_input]
+        if keys:
+            parts = [by_input[key] for key in keys]
             grams[layer.name] = parts[0] if len(parts) == 1 else sum(parts)
+            grams.rows[layer.name] = sum(rows[key] for key in keys)
     return grams
 
 
 def cached_grams(
     model: ir.Model, layers: list[Layer], samples: Samples, key: str, progress: bool = True
-) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+) -> tuple[Grams, list[dict[str, np.ndarray]]]:
     """collect_grams with its reference outputs, or those of an earlier run with the same model and
     samples (`key`: edgelr.cache.content_key), observed input shapes included."""
     store = ArrayCache("calibration")
     names = [layer.name for layer in layers]
     hit = store.get(key)
-    if hit is not None and "references" in hit and hit["layers"].tolist() == names:
+    if hit is not None and "references" in hit and "rows" in hit and hit["layers"].tolist() == names:
         for i, layer in enumerate(layers):
             for j, use in enumerate(layer.uses):
                 if f"shape_{i}_{j}" in hit:
@@ -83,10 +98,13 @@ def cached_grams(
             if name.startswith("out_"):
                 _, i, output = name.split("_", 2)
                 outputs[int(i)][output] = array
-        return {name: hit[f"gram_{i}"] for i, name in enumerate(names) if f"gram_{i}" in hit}, outputs
+        present = [(i, name) for i, name in enumerate(names) if f"gram_{i}" in hit]
+        return Grams({name: hit[f"gram_{i}"] for i, name in present},
+                     {name: int(hit["rows"][i]) for i, name in present}), outputs
     outputs = []
     grams = collect_grams(model, layers, samples, progress, outputs)
-    arrays = {"layers": np.array(names), "references": np.array(len(outputs))}
+    arrays = {"layers": np.array(names), "references": np.array(len(outputs)),
+              "rows": np.array([grams.rows.get(name, 0) for name in names], dtype=np.int64)}
     for i, layer in enumerate(layers):
         if layer.name in grams:  # a layer calibration did not reach has none
             arrays[f"gram_{i}"] = grams[layer.name]
@@ -153,6 +171,13 @@ def _unique_values(layers: list[Layer]) -> list[ir.Value]:
         for use in layer.uses:
             seen.setdefault(id(use.input), use.input)
     return list(seen.values())
+
+
+def input_rows(x: np.ndarray, use: Use) -> int:
+    """How many rows input_gram sums over: im2col patches of a conv, rows of a MatMul or Gemm."""
+    if use.geometry is not None:
+        return x.shape[0] * math.prod(use.geometry.out_spatial(tuple(x.shape[2:])))
+    return x.size // (x.shape[0] if use.transpose_input else x.shape[-1])
 
 
 def input_gram(x: np.ndarray, use: Use, y: np.ndarray | None = None) -> np.ndarray:

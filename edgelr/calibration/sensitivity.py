@@ -35,17 +35,20 @@ GROUP_BYTES = 64 << 20  # residual weights added to one probing model (more go i
 
 
 def layer_sensitivity(source, layers: list[Layer], grams: Mapping[str, np.ndarray], spectra: dict,
-                      damping: float, samples: Samples, objective: Objective, progress: bool = True) -> dict[str, float]:
+                      damping: float, samples: Samples, objective: Objective, progress: bool = True,
+                      rows: Mapping[str, int] | None = None) -> dict[str, float]:
     """Layer name -> s, the objective's error^2 per unit of the layer's own relative error^2.
-    `spectra`: factorize's memo of error-by-rank curves, read and filled in."""
+    `spectra`: factorize's memo of error-by-rank curves, read and filled in. `rows`: each Gram's input
+    rows, for the damping to adapt to as factorize's does (edgelr.core.lowrank.adapted_damping)."""
     from edgelr.calibration.spectra import spectrum
 
+    rows = rows or {}
     probes = {}
     for layer in layers:
         if layer.name not in grams:
             continue
         form = layer.forms()[0]
-        residual = spectrum(layer, form, grams[layer.name], damping, spectra)
+        residual = spectrum(layer, form, grams[layer.name], damping, spectra, rows.get(layer.name))
         rank = _probe_rank(residual, layer.max_rank(form))
         if rank and residual[rank] > 0:
             probes[layer.name] = (form, rank, float(residual[rank]))
@@ -58,7 +61,7 @@ def layer_sensitivity(source, layers: list[Layer], grams: Mapping[str, np.ndarra
         gates = []
         for layer in group:
             form, rank, _ = probes[layer.name]
-            delta = _residual_weight(layer, form, rank, grams[layer.name], damping)
+            delta = _residual_weight(layer, form, rank, grams[layer.name], damping, rows.get(layer.name))
             gates.append(_add_probe(model.graph, fresh[layer.name], delta, len(gates)))
         meters = {gate: objective.meter() for gate in gates}
         with model_io.ort_session(model) as session:
@@ -95,11 +98,12 @@ def _groups(layers: list[Layer]) -> list[list[Layer]]:
     return [g for g in groups if g]
 
 
-def _residual_weight(layer: Layer, form: str, rank: int, gram: np.ndarray, damping: float) -> np.ndarray:
+def _residual_weight(layer: Layer, form: str, rank: int, gram: np.ndarray, damping: float,
+                     rows: int | None) -> np.ndarray:
     """W minus its best rank-`rank` whitened approximation, in the weight's stored layout."""
     from edgelr.calibration.spectra import whitening
 
-    w, chol = whitening(layer, form, gram, damping)
+    w, chol = whitening(layer, form, gram, damping, rows)
     factors = lowrank.decompose(w, chol, keep=rank)[1]
     delta = w - factors.up @ factors.down
     stored = layer.weight_array()

@@ -32,6 +32,29 @@ def cholesky_factor(gram: np.ndarray, damping: float) -> np.ndarray:
     raise np.linalg.LinAlgError("the calibration Gram matrix is not positive definite even after damping")
 
 
+FEW_ROWS = 4  # a Gram summed over fewer input rows than this many times its width is poorly determined
+
+
+def adapted_damping(damping: float, gram: np.ndarray, rows: int | None) -> float:
+    """The damping for a Gram summed over `rows` input rows (None: unknown, `damping` as given).
+
+    A Gram from few rows per input dimension whitens towards directions that those rows happen to
+    span: the factors fit the calibration samples and little else. Oracle Approximating Shrinkage
+    (Chen et al. 2010) estimates, from the Gram and its row count alone, how far the sample second
+    moment S should shrink towards mean(diag S) I; (1 - rho) S + rho mean(diag S) I is, up to scale,
+    the Gram damped by rho / (1 - rho) of its mean diagonal: towards plain SVD as the rows run out."""
+    if not rows:
+        return damping
+    k = len(gram)
+    s = np.asarray(gram, dtype=np.float64) / rows
+    trace, trace2 = float(np.trace(s)), float(np.sum(s * s))
+    spread = trace2 - trace * trace / k  # zero when S is already a multiple of I: nothing to shrink
+    if k < 2 or spread <= 0:
+        return damping
+    rho = min(1.0, ((1 - 2 / k) * trace2 + trace * trace) / ((rows + 1 - 2 / k) * spread))
+    return max(damping, rho / max(1.0 - rho, 1e-3))
+
+
 def spatial_gram(gram: np.ndarray, in_channels: int, kernel: tuple[int, int]) -> np.ndarray:
     """The Gram of vertical (c, i) patches from the full (c, i, j) im2col Gram, summed over columns j.
 

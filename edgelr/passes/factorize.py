@@ -25,6 +25,7 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from edgelr.calibration.analysis import Analysis, analyse
+from edgelr.calibration.grams import Grams
 from edgelr.calibration.spectra import spectrum, whitening
 from edgelr.core import lowrank
 from edgelr.core.allocate import (
@@ -59,6 +60,9 @@ class FactorizeConfig(PassConfig):
     ranks: explicit ranks by layer name (other layers stay dense; {} keeps every layer dense); overrides the budget.
     conv_form: "auto" picks per layer the form with the lower error at equal cost.
     damping: added to the Gram's diagonal, as a fraction of its mean, before whitening.
+    adapt_damping: damp more where a layer's Gram saw few input rows per input (few samples):
+        shrinkage towards plain SVD (edgelr.core.lowrank.adapted_damping). Off by default: it did not
+        lower held-out error consistently (docs/benchmarks.md, "Small calibration sets").
     max_cost_ratio: factorize a layer only if it keeps at most this fraction of its dense cost
         (default 0.75 of params or FLOPs; 0.95 of measured latency, which is the real thing).
     sensitivity: with calibration data, weigh each layer's error by how much of it reaches the model's
@@ -75,6 +79,7 @@ class FactorizeConfig(PassConfig):
     ranks: Mapping[str, int] | None = None
     conv_form: str = "auto"
     damping: float = 0.1
+    adapt_damping: bool = False
     max_cost_ratio: float | None = None
     sensitivity: bool = True
 
@@ -234,7 +239,7 @@ class FactorizePass(EdgelrPass):
         aliases = layer_aliases(layers)  # before the pass replaces the nodes
         probe = config.sensitivity and config.ranks is None
         analysis = analyse(ctx.path, model, layers, ctx.samples, ctx.calib, config.damping, probe, ctx.progress,
-                           ctx.objective)
+                           ctx.objective, config.adapt_damping)
         model, layers, result = self.allocate(model, layers, analysis)
         analysis.keep(layers)
         result.skipped = skipped
@@ -278,8 +283,10 @@ def _weights(layers: list[Layer], sensitivity: Mapping[str, float] | None) -> di
 
 
 def _factorize(model, config, grams, layers, skipped, progress, cost: Cost, latency, spectra, weights) -> FactorizeResult:
+    rows = grams.rows if config.adapt_damping and isinstance(grams, Grams) else {}
     bar = tqdm(layers, desc="analysing", unit="layer", disable=not progress, leave=False)
-    options = [layer_options(layer, config, grams.get(layer.name), cost, spectra, weights.get(layer.name, 1.0)) for layer in bar]
+    options = [layer_options(layer, config, grams.get(layer.name), cost, spectra, weights.get(layer.name, 1.0),
+                             rows.get(layer.name)) for layer in bar]
     if latency is not None and latency.float_layers and config.ranks is None:
         options = [_quantized_options(layer, opts, latency) if layer.name in latency.float_layers else opts
                    for layer, opts in zip(layers, options)]
@@ -305,7 +312,8 @@ def _factorize(model, config, grams, layers, skipped, progress, cost: Cost, late
             keep_float += [use.node.name for use in layer.uses]
         if config.metric == "latency":  # before _apply: the signature reads the node, which it replaces
             before, after = cost(layer, None, 0), cost(layer, choice.form, choice.rank)
-        results.append(_apply(model.graph, layer, choice, config, grams.get(layer.name), weights.get(layer.name, 1.0)))
+        results.append(_apply(model.graph, layer, choice, config, grams.get(layer.name), weights.get(layer.name, 1.0),
+                              rows.get(layer.name)))
         if config.metric == "latency":
             row = results[-1]
             row.latency_before, row.latency_after = before, choice.cost if choice.keep_float else after if row.rank else before
@@ -350,15 +358,16 @@ def _forms(layer: Layer, config: FactorizeConfig) -> tuple[str, ...]:
 
 
 def layer_options(layer: Layer, config: FactorizeConfig, gram: np.ndarray | None, cost: Cost, spectra: dict,
-             weight: float = 1.0) -> list[Choice]:
-    """The layer's choices, with errors from its spectra. Factors are not kept: with calibration,
+             weight: float = 1.0, rows: int | None = None) -> list[Choice]:
+    """The layer's choices, with errors from its spectra (`rows`: the Gram's input rows, Grams.rows).
+    Factors are not kept: with calibration,
     holding every layer's factors beside the Grams would break the memory bound; _apply recomputes
     them for the layers that are chosen."""
     if config.ranks is not None and layer.name not in config.ranks:
         return [Choice(None, 0, 0.0, 0.0)]
     residuals = {}
     for form in _forms(layer, config):
-        residuals[form] = spectrum(layer, form, gram, config.damping, spectra)
+        residuals[form] = spectrum(layer, form, gram, config.damping, spectra, rows)
     if config.ranks:
         rank = config.ranks[layer.name]
         fits = [f for f in residuals if 0 < rank <= layer.max_rank(f)]
@@ -403,7 +412,8 @@ def pays(layer: Layer, config: FactorizeConfig, cost: Cost) -> bool:
     return any(paying_ranks(layer, f, cost, config.cost_ratio) for f in _forms(layer, config))
 
 
-def _apply(graph: ir.Graph, layer: Layer, choice: Choice, config: FactorizeConfig, gram, weight: float = 1.0) -> LayerResult:
+def _apply(graph: ir.Graph, layer: Layer, choice: Choice, config: FactorizeConfig, gram, weight: float = 1.0,
+           rows: int | None = None) -> LayerResult:
     row = LayerResult(
         name=layer.name,
         op=layer.op,
@@ -419,7 +429,7 @@ def _apply(graph: ir.Graph, layer: Layer, choice: Choice, config: FactorizeConfi
     )
     if choice.form is None:
         return row
-    w, chol = whitening(layer, choice.form, gram, config.damping)
+    w, chol = whitening(layer, choice.form, gram, config.damping, rows)
     factors = lowrank.decompose(w, chol, keep=choice.rank)[1]
     error = measured_error(layer, choice.form, factors, gram)
     row.predicted_error = math.sqrt(choice.error2 / weight)  # the layer's own, as `error` is
