@@ -294,7 +294,8 @@ def test_compress_writes_model_and_report(files, tmp_path):
                         "--max-output-error", "1")  # a random toy MLP at half its parameters is 0.23 off
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
-    assert not error_lines(result.stderr), result.stderr  # only progress bars, which clear themselves
+    # only progress bars, which clear themselves, and the warning that 6 samples cannot determine a layer
+    assert [line for line in error_lines(result.stderr) if "fewer input rows" not in line] == [], result.stderr
     assert (digest(files["mlp"]), digest(files["calib"])) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "small.onnx"]
 

@@ -29,6 +29,22 @@ def test_latency_budget_measures_tables_once_and_reports_rounds(demo):
     assert second.latency["layer_timings"] == 0  # every table entry came from the cache
 
 
+@pytest.mark.slow
+def test_a_budget_out_of_reach_under_the_ceiling_is_refused_with_what_was_reachable(demo):
+    """Issue 19: a latency budget is never bought with a broken output. Under a ceiling no round can keep,
+    the run refuses in one line that says what each round measured and what to pass, and writes nothing."""
+    run = subprocess.run(
+        [sys.executable, "-m", "edgelr", "-q", "compress", str(demo / "m.onnx"), "-o", str(demo / "o.onnx"),
+         "--latency", "0.5", "--calib", str(demo / "calib.npz"), "--max-output-error", "0.01"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.strip() and "\r" not in line]
+    assert len(lines) == 1 and "latency budget 0.5 not reachable with every output error <= 0.01" in lines[0], run.stderr
+    assert "--max-output-error" in lines[0].split("would need")[1]  # what to pass to go further
+    assert not (demo / "o.onnx").exists() and not [p for p in demo.iterdir() if p.suffix == ".onnx" and p.name != "m.onnx"]
+
+
 def test_latency_without_calibration_is_refused(demo):
     run = subprocess.run(
         [sys.executable, "-m", "edgelr", "-q", "compress", str(demo / "m.onnx"), "-o", str(demo / "o.onnx"),
