@@ -194,7 +194,7 @@ def _unreachable(target: float, rounds: list[dict], best: int, task, ceiling: fl
     """One line: why the latency budget was not met, what was reachable, and what to pass to go further."""
     held = [r for r in rounds if r["task_held"]]
     broke = [r for r in rounds if not r["task_held"]]
-    reached = f"ask for {rounded_up(rounds[best]['measured_ratio'])}"
+    reached = f"pass --latency {rounded_up(rounds[best]['measured_ratio'])}"
     if not broke:
         return (f"latency budget {target:g} not reachable: the fastest factorization measured "
                 f"{rounds[best]['measured_ratio']:.2f} of the latency (more does not pay on these kernels); {reached}, "
