@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import replace
@@ -95,9 +96,9 @@ def main() -> None:
     student = out / "student.float.onnx"
     if args.quantize:
         done = compress(teacher, out / "student.ptq.onnx", first, calib=out / "calib.npz", float_output=student,
-                        metric="none")  # judged in step 4, after distillation
+                        metric="none", max_output_error=math.inf)  # judged in step 4, after distillation
     else:
-        done = compress(teacher, student, first, calib=out / "calib.npz", metric="none")
+        done = compress(teacher, student, first, calib=out / "calib.npz", metric="none", max_output_error=math.inf)
     keep_float = done.result.keep_float
 
     # 2. distill, 3. quantize with the same layers left in float, calibrated on the same photos as step 1
@@ -109,9 +110,9 @@ def main() -> None:
     assert isinstance(tuning, DistillConfig)
     if args.quantize:
         trained = compress(student, out / "distilled.int8.onnx", [tuning, replace(quantizing, keep_float=tuple(keep_float))],
-                           calib=out / "calib.npz", float_output=out / "distilled.float.onnx", metric="none")
+                           calib=out / "calib.npz", float_output=out / "distilled.float.onnx", metric="none", max_output_error=math.inf)
     else:
-        trained = compress(student, out / "distilled.float.onnx", [tuning], calib=out / "calib.npz", metric="none")
+        trained = compress(student, out / "distilled.float.onnx", [tuning], calib=out / "calib.npz", metric="none", max_output_error=math.inf)
     models = {"original": teacher}
     calib = load_samples(out / "calib.npz", load(teacher))
     if args.quantize:
