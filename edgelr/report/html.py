@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from dataclasses import asdict, dataclass
 from html import escape
 from pathlib import Path
 
 from edgelr.errors import EdgelrError
-from edgelr.report.tables import human, write_json, write_text
+from edgelr.report.tables import human, write_own_files
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1d2430;margin:24px auto;max-width:1100px;padding:0 16px;background:#fff}
@@ -29,6 +31,11 @@ svg{display:block;margin:6px 0}svg text{font:12px system-ui,sans-serif;fill:#1d2
 .bar-a{fill:#8da2c0}.bar-b{fill:#e0793a}.axis{stroke:#6b7585;stroke-width:1}.grid{stroke:#e6e9ef;stroke-width:1}
 .curve{fill:none;stroke:#3465a4;stroke-width:2}.point{fill:#3465a4}.point.proxy{fill:#fff;stroke:#3465a4;stroke-width:2}
 .point.original{fill:#1d2430}
+#summary{background:#eef4fb;border:1px solid #c9d8ec;border-radius:6px;padding:2px 14px 10px;margin:12px 0 8px}
+#summary h2{margin-top:8px;border:0}#summary table{background:#fff}
+#summary td{white-space:normal;vertical-align:top;text-align:left;min-width:90px}#summary th{text-align:left}
+#summary .note{display:block}
+details>summary{cursor:pointer}details>summary h2{display:inline-block;border:0;margin-bottom:0}
 """
 
 
@@ -37,7 +44,10 @@ svg{display:block;margin:6px 0}svg text{font:12px system-ui,sans-serif;fill:#1d2
 def _kind(data) -> str | None:
     if not isinstance(data, dict):
         return None
-    if all(k in data for k in ("layers", "totals", "output_error")):
+    if data.get("written_by") == WRITTEN_BY:
+        return "page data"
+    # layers and totals only come with a factorize pass; a prune- or quantize-only run is a compress report too
+    if all(k in data for k in ("source", "output", "output_error")):
         return "compress"
     if isinstance(data.get("A"), dict) and "latency_ms" in data["A"]:
         return "profile"
@@ -61,7 +71,7 @@ def load_run(run_dir: Path) -> tuple[list[tuple[str, dict]], list[tuple[str, dic
             compress.append((path.name, data))
         elif kind == "profile":
             profiles.append((path.name, data))
-        else:
+        elif kind != "page data":  # an earlier report's data (-o inside the run folder) is output, not input
             ignored.append(path.name)
     if not compress and not profiles:
         raise EdgelrError(
@@ -97,29 +107,87 @@ def _ratio(after, before) -> float | None:
     return a / b if a is not None and b else None
 
 
-def _latency_point(name: str, report: dict, profiles: list[tuple[str, dict]]) -> tuple[float, str] | None:
-    """(latency ratio, how it was obtained) for one compress report."""
-    rounds = (report.get("latency") or {}).get("rounds") if isinstance(report.get("latency"), dict) else None
-    if isinstance(rounds, list):
-        measured = [_num(r.get("measured_ratio")) for r in rounds if isinstance(r, dict)]
-        measured = [m for m in measured if m is not None]
-        if measured:
-            return measured[-1], "measured (latency rounds)"
-    output = Path(str(report.get("output", ""))).name
-    for _pname, prof in profiles:
-        b = prof.get("B")
-        a = prof.get("A")
-        if output and isinstance(b, dict) and isinstance(a, dict) and Path(str(b.get("model", ""))).name == output:
-            ratio = _num(prof.get("ratio_p50"))
-            if ratio is None:
-                ratio = _ratio((b.get("latency_ms") or {}).get("p50"), (a.get("latency_ms") or {}).get("p50"))
-            if ratio is not None:
-                return ratio, "measured (profile p50)"
+@dataclass(frozen=True)
+class Speed:
+    """How fast a compressed model runs against its original, and where that was found out."""
+
+    ratio: float     # latency after / before (below 1: faster)
+    measured: bool   # False: the FLOPs ratio stands in for a measurement
+    source: str      # what the number is, e.g. "measured (latency round 3)"
+    where: str       # where it was timed, in words ("" when not measured)
+
+
+_ORT_TABLE = re.compile(r"ort-(?P<version>[^-]+)-cpu-t(?P<threads>\d+)")
+# compress's own warning when it timed on a machine that is not the target; the report JSON has no
+# structured field for the host, so the page quotes what compress said (and falls back to the table's key)
+_HOST_WARNING = re.compile(r"latency timed on this machine \((?P<host>[^)]*)\), not on (?P<target>[^:]*)")
+
+
+def _plural(n, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _compress_timing(report: dict) -> Speed | None:
+    """The latency search's kept round, timed by compress on the machine it ran on."""
+    lat = report.get("latency") if isinstance(report.get("latency"), dict) else {}
+    rounds = [r for r in lat.get("rounds") or [] if isinstance(r, dict) and _num(r.get("measured_ratio")) is not None]
+    if not rounds:
+        return None
+    kept = next((r for r in rounds if r.get("round") == lat.get("kept_round")), rounds[-1])
+    for warning in report.get("warnings") or []:
+        said = _HOST_WARNING.search(str(warning))
+        if said:
+            where = f"timed on the machine that ran compress ({said['host']}), not on {said['target']}"
+            break
+    else:
+        table = _ORT_TABLE.match(str(lat.get("target", "")))
+        runtime = (f"ONNX Runtime {table['version']} CPU, {_plural(table['threads'], 'thread')}" if table
+                   else "ONNX Runtime CPU")
+        where = f"timed on the machine that ran compress ({runtime})" + (
+            f", with {report['target']}'s settings" if report.get("target") else "")
+    return Speed(_num(kept["measured_ratio"]), True, f"measured (latency round {kept.get('round', '?')})", where)
+
+
+def _profile_timing(output: str, profiles: list[tuple[str, dict]]) -> tuple[Speed, bool] | None:
+    """(p50 of the profile that timed OUTPUT as its B, whether it ran on a device over SSH)."""
+    for pname, prof in profiles:
+        a, b = prof.get("A"), prof.get("B")
+        if not (output and isinstance(a, dict) and isinstance(b, dict) and Path(str(b.get("model", ""))).name == output):
+            continue
+        ratio = _num(prof.get("ratio_p50"))
+        if ratio is None:
+            ratio = _ratio((b.get("latency_ms") or {}).get("p50"), (a.get("latency_ms") or {}).get("p50"))
+        if ratio is None:
+            continue
+        return Speed(ratio, True, f"measured ({pname}, p50)", _profiled_where(b)), bool(b.get("host"))
+    return None
+
+
+def _profiled_where(timed: dict) -> str:
+    """Where a profile's model was timed: on a device over SSH (--on), or on the machine that ran profile."""
+    runtime = f"ONNX Runtime {timed.get('onnxruntime', '?')}, {_plural(timed.get('threads', '?'), 'thread')}"
+    if timed.get("host"):
+        return f"timed on {timed['host']} over SSH ({runtime})"
+    return f"timed on the machine that ran profile ({runtime})" + (
+        f", with {timed['target']}'s settings, not over SSH on the device" if timed.get("target") else "")
+
+
+def speed(report: dict, profiles: list[tuple[str, dict]]) -> Speed | None:
+    """The best evidence of a compressed model's speed: a profile on the device, else compress's own latency
+    rounds, else a profile on this host, else the FLOPs ratio (a proxy, said so)."""
+    profiled = _profile_timing(Path(str(report.get("output", ""))).name, profiles)
+    if profiled is not None and profiled[1]:
+        return profiled[0]
+    timed = _compress_timing(report)
+    if timed is not None:
+        return timed
+    if profiled is not None:
+        return profiled[0]
+    if report.get("pruned") or report.get("quantized"):  # the FLOPs of factorized layers miss what these did
+        return None
     totals = report.get("totals") or {}
     ratio = _ratio(totals.get("flops_after"), totals.get("flops_before"))
-    if ratio is not None:
-        return ratio, "FLOPs ratio (proxy, not measured)"
-    return None
+    return None if ratio is None else Speed(ratio, False, "FLOPs ratio (proxy, not measured)", "")
 
 
 def _nice_ticks(hi: float, n: int = 5) -> list[float]:
@@ -258,11 +326,20 @@ def _compress_section(name: str, report: dict) -> str:
     fr = _ratio(totals.get("flops_after"), totals.get("flops_before"))
     err = _whole_error(report)
     budget = f"{escape(str(report.get('metric', '?')))} {escape(_fmt(report.get('fraction'), 'g'))}"
-    facts = [
-        ("model", f"{escape(str(report.get('source', '?')))} → {escape(str(report.get('output', '?')))}"),
-        ("budget", budget + ("" if report.get("budget_reached", True) else " (not reached)")),
-        ("SVD", "data-aware (whitened)" if report.get("data_aware") else "plain (no calibration data)"),
-        ("kept", f"{_fmt(pr, '.3f') or '?'} of the params, {_fmt(fr, '.3f') or '?'} of the FLOPs of these layers"),
+    factorize = isinstance(report.get("layers"), list)  # no factorize pass: prune or quantize alone
+    facts = [("model", f"{escape(str(report.get('source', '?')))} → {escape(str(report.get('output', '?')))}")]
+    if factorize:
+        facts += [("budget", budget + ("" if report.get("budget_reached", True) else " (not reached)")),
+                  ("SVD", "data-aware (whitened)" if report.get("data_aware") else "plain (no calibration data)"),
+                  ("kept", f"{_fmt(pr, '.3f') or '?'} of the params, {_fmt(fr, '.3f') or '?'} of the FLOPs of these layers")]
+    pruned, quantized = report.get("pruned"), report.get("quantized")
+    if isinstance(pruned, dict):
+        facts.append(("pruned", (f"{_fmt(pruned.get('ratio'), 'g')} of the channels in "
+                                 f"{escape(str(pruned.get('groups_pruned', '?')))} of {escape(str(pruned.get('groups', '?')))} groups")))
+    if isinstance(quantized, dict):
+        facts.append(("quantized", (f"{escape(str(quantized.get('scheme', '?')))}, "
+                                    f"{escape(str(quantized.get('nodes_quantized', '?')))} nodes")))
+    facts += [
         ("output error", "not measured (no calibration data)" if err is None else
          f"worst {err:.4f} relative (each output and channel group on its own scale), on the "
          f"{escape(str(report.get('judged_on', 'calibration')))} samples"
@@ -278,11 +355,13 @@ def _compress_section(name: str, report: dict) -> str:
     if isinstance(lat, dict):
         for r in lat.get("rounds") or []:
             if isinstance(r, dict):
+                kept = " (kept)" if r.get("round") == lat.get("kept_round") else ""
                 facts.append((f"latency round {escape(str(r.get('round', '?')))}",
-                              f"predicted {_fmt(r.get('predicted_ratio'), '.3f')}, measured {_fmt(r.get('measured_ratio'), '.3f')} of the original"))
+                              f"predicted {_fmt(r.get('predicted_ratio'), '.3f')}, measured {_fmt(r.get('measured_ratio'), '.3f')} of the original{kept}"))
     warnings = [w for w in report.get("warnings") or []]
-    html = [f"<h3>{escape(name)}</h3>", _kv(facts),
-            _table(["layer", "op", "form", "rank", "params", "→", "FLOPs", "→", "rel.err"], rows, 3, classes)]
+    html = [f"<h3>{escape(name)}</h3>", _kv(facts)]
+    if factorize:
+        html.append(_table(["layer", "op", "form", "rank", "params", "→", "FLOPs", "→", "rel.err"], rows, 3, classes))
     if warnings:
         html.append("<ul class=\"note\">" + "".join(f"<li>{escape(str(w))}</li>" for w in warnings) + "</ul>")
     skipped = [s for s in report.get("skipped") or [] if isinstance(s, dict)]
@@ -330,14 +409,12 @@ def _latency_section(compress: list[tuple[str, dict]], profiles: list[tuple[str,
 def _curve_section(compress: list[tuple[str, dict]], profiles: list[tuple[str, dict]]) -> str:
     points, rows = [(1.0, 0.0, "original", "original")], []
     for name, report in compress:
-        err = _whole_error(report)
-        lat = _latency_point(name, report, profiles)
-        if err is None or lat is None:
+        err, fast = _whole_error(report), speed(report, profiles)
+        if err is None or fast is None:
             rows.append([escape(name), "left out: " + ("no whole-model error" if err is None else "no latency or FLOPs ratio"), "", ""])
             continue
-        ratio, how = lat
-        points.append((ratio, err, Path(name).stem, "proxy" if how.startswith("FLOPs") else "measured"))
-        rows.append([escape(name), escape(how), f"{ratio:.3f}", f"{err:.4f}"])
+        points.append((fast.ratio, err, Path(name).stem, "measured" if fast.measured else "proxy"))
+        rows.append([escape(name), escape(fast.source), f"{fast.ratio:.3f}", f"{err:.4f}"])
     if len(points) == 1:
         return '<p class="muted">No compress report with both a whole-model error and a latency ratio.</p>' + (
             _table(["report", "latency from", "latency ratio", "error"], rows, 2) if rows else "")
@@ -373,7 +450,8 @@ def _target_section(compress: list[tuple[str, dict]], profiles: list[tuple[str, 
     html = []
     for name, prof in profiles:
         a = prof["A"]
-        facts = [("onnxruntime", escape(str(a.get("onnxruntime", "?")))),
+        facts = [("timed", escape(_profiled_where(a))),
+                 ("onnxruntime", escape(str(a.get("onnxruntime", "?")))),
                  ("threads", escape(str(a.get("threads", "?")))),
                  ("runs", f"{escape(str(a.get('runs', '?')))} timed after {escape(str(a.get('warmup', '?')))} warm-up"),
                  ("peak memory", f"{_fmt(a.get('peak_rss_mb'), '.0f')} MB resident")]
@@ -386,69 +464,163 @@ def _target_section(compress: list[tuple[str, dict]], profiles: list[tuple[str, 
                 rows.append([key, escape(str(p.get("model", "?")))] + [_fmt(ms.get(k), ".3f") for k in ("min", "p50", "p90", "p99", "mean")]
                             + [_fmt(p.get("throughput_per_s"), ".1f")])
         html.append(_table(["", "model", "min ms", "p50 ms", "p90 ms", "p99 ms", "mean ms", "runs/s"], rows, 2))
-    targets = sorted({str(r["latency"].get("target")) for _, r in compress
-                      if isinstance(r.get("latency"), dict) and r["latency"].get("target")})
-    if targets:
-        html.append(_kv([("latency tables", escape(", ".join(targets)))]))
+    searched = [(name, _compress_timing(report)) for name, report in compress]
+    searched = [(f"{name} (latency rounds)", escape(timed.where)) for name, timed in searched if timed is not None]
+    if searched:
+        html.append(_kv(searched))
     if not html:
-        return '<p class="muted">No profile JSON in this run: the target and versions are unknown.</p>'
+        return '<p class="muted">Nothing in this run was timed: no profile JSON, no <code>compress --latency</code>.</p>'
     return "".join(html)
 
 
-def render_html(run_dir: Path, compress: list[tuple[str, dict]], profiles: list[tuple[str, dict]], ignored: list[str]) -> str:
+# ---------------------------------------------------------------- the summary: what a reader wants first
+
+def _on_disk(path_text: str, run_dir: Path) -> Path | None:
+    """A model file a report names: its path is relative to where compress ran, usually the run folder's
+    parent or the current folder."""
+    path = Path(path_text)
+    places = [path] if path.is_absolute() else [path, run_dir / path, run_dir.parent / path]
+    return next((p for p in places if p.is_file()), None)
+
+
+def _model_params(path: Path) -> int | None:
+    """Weights in a model file: initializers and Constant tensors of the main graph (no external data read)."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except (OSError, ValueError, DecodeError):  # not an ONNX file (any more): counted from the report instead
+        return None
+    tensors = list(graph.initializer) + [a.t for n in graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    return sum(math.prod(t.dims) for t in tensors)
+
+
+def _worst_group(errors: dict) -> str:
+    from edgelr.measure.verify import Verdict
+
+    return Verdict({k: v for k, v in errors.items() if _num(v) is not None}, None, 0).worst_group
+
+
+def summarise(name: str, report: dict, profiles: list[tuple[str, dict]], run_dir: Path) -> dict:
+    """One compress run in the numbers a person asks for first (JSON-ready): speed, size, params, error, task."""
+    files = [_on_disk(str(report.get(k, "")), run_dir) for k in ("source", "output")]
+    params = [_model_params(f) if f is not None else None for f in files]
+    if None in params:  # the files are not here: the layers edgelr factorized are what the report counts
+        totals = report.get("totals") or {}
+        params = [_num(totals.get("params_before")), _num(totals.get("params_after"))]
+        counted = "factorizable layers" if None not in params else None
+    else:
+        counted = "whole model"
+    errors = report.get("output_error") if isinstance(report.get("output_error"), dict) else {}
+    task = report.get("task") if isinstance(report.get("task"), dict) else {}
+    fast = speed(report, profiles)
+    return {
+        "report": name, "source": str(report.get("source", "?")), "output": str(report.get("output", "?")),
+        "target": report.get("target"),
+        "speed": asdict(fast) if fast is not None else None,
+        "file_bytes": [f.stat().st_size for f in files] if None not in files else None,
+        "params": {"before": params[0], "after": params[1], "counted": counted} if counted else None,
+        "worst_error": None if _whole_error(report) is None else {
+            "value": _whole_error(report), "output": _worst_group(errors), "judged_on": report.get("judged_on"),
+            "ceiling": _num(report.get("max_output_error"))},
+        "task": {k: task.get(k) for k in ("metric", "value", "floor", "passed", "samples")} if _num(task.get("value")) is not None else None,
+    }
+
+
+def _before_after(before, after, show) -> str:
+    return f"{show(before)} → {show(after)} <span class=\"muted\">({after / before:.2f}×)</span>" if before else "?"
+
+
+_TIME_IT = "time it with <code>compress --latency</code> or <code>edgelr profile --vs</code>"
+
+
+def _summary_section(summaries: list[dict]) -> str:
+    """One row per compress report; every cell says where its number came from."""
+    rows = []
+    for s in summaries:
+        run = (f"<b>{escape(s['report'])}</b><br>{escape(Path(s['source']).name)} → {escape(Path(s['output']).name)}"
+               + (f"<br><span class=\"note\">target {escape(str(s['target']))}</span>" if s["target"] else ""))
+        fast = s["speed"]
+        if fast is None:
+            speed_cell = f'not measured <span class="note">({_TIME_IT})</span>'
+        elif fast["measured"]:
+            speed_cell = (f"<b>{1 / fast['ratio']:.2f}×</b> <span class=\"note\">{escape(fast['source'])}; "
+                          f"{escape(fast['where'])}</span>")
+        else:
+            speed_cell = f"not measured <span class=\"note\">(FLOPs {fast['ratio']:.2f}× the original's, a proxy; {_TIME_IT})</span>"
+        size = (_before_after(*s["file_bytes"], lambda n: human(n) + "B") if s["file_bytes"] else
+                '<span class="muted">files not found here</span>')
+        params = (_before_after(s["params"]["before"], s["params"]["after"], human)
+                  + f' <span class="note">{escape(s["params"]["counted"])}</span>' if s["params"] else "?")
+        worst = s["worst_error"]
+        if worst is None:
+            error = '<span class="muted">not measured (no calibration data)</span>'
+        else:
+            ceiling = f", ceiling {worst['ceiling']:g}" if worst["ceiling"] is not None else ""
+            error = (f"<b>{worst['value']:.4f}</b> on {escape(worst['output'] or '?')} <span class=\"note\">"
+                     f"relative, on the {escape(str(worst['judged_on'] or 'calibration'))} samples{ceiling}</span>")
+        task = s["task"]
+        task_cell = ('<span class="muted">none</span>' if task is None else
+                     f"{escape(str(task['metric']))} <b>{_fmt(task['value'], '.3f')}</b> <span class=\"note\">floor "
+                     f"{_fmt(task['floor'], '.2f')}{'' if task.get('passed', True) else ', not met'}"
+                     + (f", {task['samples']} samples" if task.get("samples") else "") + "</span>")
+        rows.append([run, speed_cell, size, params, error, task_cell])
+    if not rows:
+        return '<p class="muted">No compress report in this run: see the profiles below.</p>'
+    headers = ["model → compressed", "speed-up", "file size", "parameters", "worst output error", "task metric"]
+    return _table(headers, rows, 1)
+
+
+# ---------------------------------------------------------------- the page
+
+def render_html(run_dir: Path, compress: list[tuple[str, dict]], profiles: list[tuple[str, dict]], ignored: list[str],
+                summaries: list[dict]) -> str:
+    """Top-down: the summary, the compression tables, the plots, where things were timed, then the per-node
+    detail folded away (a real model has hundreds of bars)."""
     title = f"edgelr report: {Path(run_dir).resolve().name}"
     body = [f"<h1>{escape(title)}</h1>",
             f'<p class="muted">{escape(str(run_dir))}: {len(compress)} compress report(s), {len(profiles)} profile(s)'
             + (f"; ignored {escape(', '.join(ignored))}" if ignored else "") + "</p>",
-            "<h2>Target and versions</h2>", _target_section(compress, profiles),
-            "<h2>Latency vs error</h2>", _curve_section(compress, profiles) if compress else
-            '<p class="muted">No compress report in this run.</p>',
-            "<h2>Latency search</h2>", _front_section(compress),
-            "<h2>Per-layer latency</h2>", _latency_section(compress, profiles),
+            f'<section id="summary"><h2>Summary</h2>{_summary_section(summaries)}</section>',
             "<h2>Compression</h2>"]
     body += [_compress_section(n, r) for n, r in compress] or ['<p class="muted">No compress report in this run.</p>']
-    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f"<title>{escape(title)}</title><style>{_CSS}</style></head><body>\n"
+    body += ["<h2>Latency vs error</h2>", _curve_section(compress, profiles) if compress else
+             '<p class="muted">No compress report in this run.</p>',
+             "<h2>Latency search</h2>", _front_section(compress),
+             "<h2>Where it was timed</h2>", _target_section(compress, profiles),
+             '<details id="per-layer"><summary><h2>Per-layer latency</h2> (per node; unfold)</summary>',
+             _latency_section(compress, profiles), "</details>"]
+    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">' + PAGE_MARK
+            + f"<title>{escape(title)}</title><style>{_CSS}</style></head><body>\n"
             + "\n".join(body) + "\n</body></html>\n")
 
 
-WRITTEN_BY = "edgelr report"  # in the page's JSON: a file with it is ours to write again
+WRITTEN_BY = "edgelr report"
+# How a later run knows a file at its paths is its own (and may be written again): the page carries a
+# generator tag, its data a first key. Anything else there is the user's and is never overwritten.
+PAGE_MARK = f'<meta name="generator" content="{WRITTEN_BY}">'
+DATA_MARK = f'"written_by": "{WRITTEN_BY}"'
 
 
 def page_data_path(out: Path) -> Path:
-    """Where the page's data goes: beside it, under a name of its own (report.html -> report.page.json),
-    so that it never lands on a report.json that compress --report wrote."""
+    """Where the page's data goes: beside it, under a name derived from the page's (report.html ->
+    report.page.json) that no other edgelr command writes, so it does not land on the report.json of
+    compress --report. No name is sure to be free, so a file there that edgelr report did not write is
+    refused (write_own_files), as is one at OUT itself."""
     return out.with_name(out.stem + ".page.json")
 
 
 def write_html_report(run_dir: Path, out: Path) -> tuple[Path, Path]:
-    """Read every *.json in RUN_DIR and write one self-contained HTML page to OUT, and the same data as
-    JSON beside it (page_data_path), both atomically. An existing data file that this command did not
-    write is refused, before anything is written. Returns (page, data file)."""
+    """Read every *.json in RUN_DIR and write one self-contained HTML page to OUT and its data as JSON beside
+    it (page_data_path), together and atomically; either path may be new or hold what edgelr report wrote
+    there before, nothing else. Returns (page, data file)."""
     run_dir, out = Path(run_dir), Path(out)
     compress, profiles, ignored = load_run(run_dir)
-    if not out.parent.is_dir():
-        raise EdgelrError(f"{out}: folder {out.parent} does not exist")
+    summaries = [summarise(name, report, profiles, run_dir) for name, report in compress]
+    page = render_html(run_dir, compress, profiles, ignored, summaries)
+    data = {"written_by": WRITTEN_BY, "summary": summaries, "compress": dict(compress), "profiles": dict(profiles),
+            "ignored": ignored}
     data_path = page_data_path(out)
-    if data_path.exists() and not _ours(data_path):
-        raise EdgelrError(f"{data_path}: exists and edgelr report did not write it; it is not overwritten: "
-                          "pick another -o name")
-    page = render_html(run_dir, compress, profiles, ignored)
-    curve = []
-    for name, report in compress:
-        point = _latency_point(name, report, profiles)
-        if point is not None:
-            curve.append({"report": name, "latency_ratio": point[0], "latency_from": point[1],
-                          "output_error": _whole_error(report)})
-    data = {"written_by": WRITTEN_BY, "compress": dict(compress), "profiles": dict(profiles),
-            "latency_vs_error": curve, "ignored": ignored}
-    write_json(data, data_path)
-    return write_text(out, page), data_path
-
-
-def _ours(path: Path) -> bool:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and data.get("written_by") == WRITTEN_BY
+    write_own_files([(data_path, json.dumps(data, indent=2) + "\n", DATA_MARK), (out, page, PAGE_MARK)])
+    return out, data_path

@@ -9,6 +9,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+from edgelr.errors import EdgelrError
 from edgelr.graph.layers import Layer, Skipped
 from edgelr.passes.factorize import FactorizeResult
 
@@ -116,15 +117,85 @@ def write_json(data: dict, path: str | os.PathLike) -> Path:
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write a text file atomically, with the permissions a plain open() would give it."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".edgelr-", suffix=path.suffix)
+    tmp = _staged(path, text)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _staged(path: Path, text: str) -> Path:
+    """TEXT in a hidden temporary file beside PATH (same filesystem: it can be moved into place whole)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".edgelr-", suffix=".tmp")  # a short name, whatever PATH's
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+    return Path(tmp)
+
+
+MARK_BYTES = 4096  # a marker is looked for this far into a file, so a huge file the user names is not read
+
+
+def has_mark(path: Path, mark: str) -> bool:
+    """Whether PATH is a regular file (not a link) with MARK near its start: a file edgelr wrote."""
+    try:
+        if path.is_symlink() or not path.is_file():
+            return False
+        with open(path, "rb") as f:
+            return mark.encode() in f.read(MARK_BYTES)
+    except OSError:
+        return False
+
+
+def write_own_files(files: list[tuple[Path, str, str]]) -> list[Path]:
+    """Write each (path, text, mark) where the path is new or holds a file with that mark (one edgelr wrote
+    before); anything else there is the user's and is refused, before anything is written. Every text
+    carries its mark within MARK_BYTES, so the next run recognises it. The files are staged beside their
+    paths and moved into place together; a failure removes the ones this call created."""
+    for path, text, mark in files:
+        assert mark in text[:MARK_BYTES], mark
+        if not path.parent.is_dir():
+            raise EdgelrError(f"{path}: folder {path.parent} does not exist")
+        if os.path.lexists(path) and not has_mark(path, mark):
+            what = "a link" if path.is_symlink() else "a folder" if path.is_dir() else "a file edgelr did not write"
+            raise EdgelrError(f"{path}: exists and is {what}; it is not overwritten: pick another name or remove it")
+    staged, created, path = [], [], files[0][0]
+    try:
+        for path, text, _mark in files:
+            staged.append(_staged(path, text))
+        for (path, _text, _mark), tmp in zip(files, staged):
+            if _place(tmp, path):
+                created.append(path)
+    except BaseException as exc:  # whole or nothing: an interrupted or failed write takes back what it created
+        for done in created:
+            done.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise EdgelrError(f"{path}: cannot write ({exc.strerror}); the report was not written") from None
+        raise
+    finally:
+        for tmp in staged:
+            tmp.unlink(missing_ok=True)
+    return [path for path, _text, _mark in files]
+
+
+def _place(tmp: Path, path: Path) -> bool:
+    """Move TMP to PATH; True when PATH is new. A new path is taken with a hard link, which fails rather
+    than replace a file that appeared since the check (os.replace would silently destroy it)."""
+    if os.path.lexists(path):
+        os.replace(tmp, path)  # checked above: a file this command wrote
+        return False
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise EdgelrError(f"{path}: appeared while the report was written; it is not overwritten") from None
+    except OSError:  # a filesystem without hard links: the check above is all there is
+        os.replace(tmp, path)
+    return True
