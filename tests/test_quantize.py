@@ -366,3 +366,34 @@ def test_an_old_opset_model_is_upgraded_for_per_channel_int8(tmp_path):
     assert any(n.op_type == "DequantizeLinear" for n in model.graph.node)
     assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 13
     assert done.output_error["worst"] < 0.5
+
+
+@pytest.mark.parametrize("bias_shape", [(1, 24), (24,)], ids=["bias-1xN", "bias-N"])
+def test_a_matmul_and_add_fused_into_a_gemm_quantizes_and_refits(tmp_path, bias_shape):
+    """ORT's pre-processing fuses MatMul + Add into a Gemm named NAME/MatMulAddFusion: with a [1, N] bias
+    its per-channel INT8 bias check failed ("could not quantize", magika in the corpus), and the renamed
+    low-rank node made the refit after INT8 crash with a KeyError (magika, ppocr-cls-v2). The Gemm keeps its
+    name and runs; the factorized pair is found in the INT8 model."""
+    from edgelr.api import compress
+    from edgelr.passes.factorize import FactorizeConfig
+
+    rng = np.random.default_rng(0)
+    inits = [onnx.numpy_helper.from_array((rng.standard_normal((16, 32)) / 4).astype(np.float32), "W0"),
+             onnx.numpy_helper.from_array((rng.standard_normal((32, 24)) / 6).astype(np.float32), "W1"),
+             onnx.numpy_helper.from_array(rng.standard_normal(bias_shape).astype(np.float32), "b1")]
+    nodes = [helper.make_node("MatMul", ["x", "W0"], ["h0"], name="fc0"), helper.make_node("Relu", ["h0"], ["a0"]),
+             helper.make_node("MatMul", ["a0", "W1"], ["m1"], name="fc1"),
+             helper.make_node("Add", ["m1", "b1"], ["y"], name="bias1")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 24])], inits)
+    path = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((32, 16)).astype(np.float32))
+    # a task metric (the refit then keeps a snapshot to restore); random weights have no low-rank
+    # structure: the floor is not what this checks
+    done = compress(path, tmp_path / "q.onnx", FactorizeConfig(params=0.6), calib=tmp_path / "calib.npz",
+                    quantize="int8", progress=False, metric="classify", floor=0.0)
+    graph = onnx.load(str(tmp_path / "q.onnx")).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    up = next(n for n in graph.node if n.name == "fc1/lowrank_up")
+    assert producers[up.input[1]].op_type == "DequantizeLinear"  # INT8 weights, where refit looks for them
+    assert done.quantized["by_op"].get("Gemm") == 1 and done.output_error["worst"] < 0.5

@@ -88,16 +88,19 @@ def quantize(
     progress: bool = True,
     prepare: bool = True,
     keep_float: tuple[str, ...] | list[str] = (),
+    where: str | os.PathLike | None = None,
 ) -> dict:
     """Quantize the model at MODEL_PATH to OUT_PATH (written atomically: the whole file or nothing).
 
     Returns {"scheme", "activations", "nodes_quantized", "by_op" (op type -> nodes with INT8 weights),
     "samples", "preprocess", "seconds"}, and "kept_float" (those of `keep_float`, node names, that were
     found and left in float; static schemes only). `prepare=False` skips ORT's pre-processing (for tiny
-    models that need none, timed by the latency tables).
+    models that need none, timed by the latency tables). `where`: the model errors name (default MODEL_PATH;
+    a pipeline's scratch copy names the user's model).
     """
     started = time.perf_counter()
     model_path, out_path = Path(model_path), Path(out_path)
+    shown = Path(where) if where is not None else model_path
     if scheme not in SCHEMES:
         raise EdgelrError(f"unknown quantization scheme '{scheme}'; known schemes: {', '.join(SCHEMES)}")
     if activations not in ACTIVATIONS:
@@ -121,15 +124,16 @@ def quantize(
                 source = tmp / "branched.onnx" if (tmp / "branched.onnx").exists() else model_path
                 source, opset_note = _per_channel_opset(source, tmp, external)
                 source, preprocess = _preprocess(source, tmp, external) if prepare else (source, "skipped")
-                floated = _static(source, staged, samples, activations, external, progress, model_path, list(keep_float),
+                source = _tidy_fusions(source, tmp, external)
+                floated = _static(source, staged, samples, activations, external, progress, shown, list(keep_float),
                                   per_channel=opset_note is None or opset_note.startswith("upgraded"))
             else:
                 preprocess, floated, opset_note = "not needed", [], None
-                _dynamic(model_path, staged, external, model_path)
+                _dynamic(model_path, staged, external, shown)
         by_op = _quantized_nodes(staged)
         if not by_op:
             raise EdgelrError(
-                f"{model_path}: ONNX Runtime found nothing to quantize (no Conv, MatMul or Gemm with constant "
+                f"{shown}: ONNX Runtime found nothing to quantize (no Conv, MatMul or Gemm with constant "
                 "weights); the model would be unchanged"
             )
         data = tmp / (out_path.name + ".data")
@@ -197,6 +201,45 @@ def _preprocess(model_path: Path, tmp: Path, external: bool) -> tuple[Path, str]
         except Exception:  # noqa: BLE001 - ORT raises bare Exception here; the fallback below is safe
             out.unlink(missing_ok=True)
     return model_path, "skipped (ONNX Runtime's pre-processing failed on this model)"
+
+
+FUSED = "/MatMulAddFusion"  # what ORT's pre-processing appends to the name of a MatMul it fused with its Add
+
+
+def _tidy_fusions(model_path: Path, tmp: Path, external: bool) -> Path:
+    """Undo two things ORT's pre-processing does when it fuses a MatMul and its Add into a Gemm, which later
+    steps trip on: the Gemm's new name (NAME/MatMulAddFusion: nodes are excluded, and factorized pairs found
+    again by refit, by their names) and its [1, N] bias (ORT's per-channel INT8 bias check fails on it: "The
+    truth value of an array with more than one element is ambiguous", onnxruntime 1.32; [N] broadcasts the
+    same). Magika's dense head is such a MatMul + Add."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    names = {node.name for node in graph.node}
+    renames = {node.name for node in graph.node if node.name.endswith(FUSED) and node.name.removesuffix(FUSED) not in names}
+    inits = {init.name: init for init in graph.initializer}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    biases = {node.input[2] for node in graph.node if node.op_type == "Gemm" and len(node.input) > 2
+              and node.input[2] in inits and uses[node.input[2]] == 1 and list(inits[node.input[2]].dims[:1]) == [1]
+              and len(inits[node.input[2]].dims) == 2}
+    if not renames and not biases:
+        return model_path
+    proto = onnx.load(str(model_path))
+    for node in proto.graph.node:
+        if node.name in renames:
+            node.name = node.name.removesuffix(FUSED)
+    for init in proto.graph.initializer:
+        if init.name in biases:
+            init.dims[:] = init.dims[1:]  # the same values in the same order: only the shape changes
+    for value in [*proto.graph.value_info, *proto.graph.input]:  # a shape recorded for it would contradict
+        if value.name in biases and len(value.type.tensor_type.shape.dim) == 2:
+            del value.type.tensor_type.shape.dim[0]
+    out = tmp / "tidied.onnx"
+    onnx.save(proto, str(out), save_as_external_data=external, location=out.name + ".data" if external else None)
+    return out
 
 
 def _static(source: Path, staged: Path, samples: Samples, activations: str, external: bool, progress: bool,
@@ -422,6 +465,6 @@ class QuantizePass(FunctionalEdgelrPass):
         keep = list(config.keep_float) + [n for n in (factorized.result.keep_float if factorized else []) if n not in config.keep_float]
         out = ctx.scratch("quantized")
         ctx.quantized = quantize(ctx.path, out, config.scheme, ctx.samples, activations=config.activations_on(ctx.target),
-                                 progress=ctx.progress, keep_float=keep)
+                                 progress=ctx.progress, keep_float=keep, where=ctx.source)
         ctx.float_model = model
         return PassDetails(load(out), True, ctx.quantized)

@@ -120,7 +120,10 @@ def _changeable(compressed: ir.Model, quantized: ir.Model | None, layers: list[L
         for layer in layers:
             for use in layer.uses:
                 for part in PARTS:
-                    for value in nodes[part_name(use.node.name, part)].inputs[1:3]:
+                    node = nodes.get(part_name(use.node.name, part))
+                    if node is None:  # not found again after quantization (renamed): not refit there either
+                        continue
+                    for value in node.inputs[1:3]:
                         dq = value.producer() if value is not None else None
                         if dq is not None and dq.op_type == "DequantizeLinear":
                             yield from ((tag, v) for v in dq.inputs[:2] if v.const_value is not None)
