@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import shutil
 import subprocess
@@ -134,7 +135,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
 # --- running the CLI and judging what it printed -------------------------------------------------
 def run_edgelr(*args, cwd=None) -> subprocess.CompletedProcess:
     """Run the CLI; stdout/stderr decoded by hand, since text=True would turn progress bars' \r into \n."""
-    result = subprocess.run([sys.executable, "-m", "edgelr", *map(str, args)], capture_output=True, cwd=cwd, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "edgelr", *map(str, args)], check=False, capture_output=True, cwd=cwd,
+                            timeout=300, env=os.environ | {"EDGELR_PROGRESS": "bars"})  # the bars a terminal gets, piped
     result.stdout = result.stdout.decode("utf-8", "replace")
     result.stderr = result.stderr.decode("utf-8", "replace")
     return result

@@ -21,12 +21,12 @@ from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
-from tqdm.auto import tqdm
 
 from edgelr.core import lowrank
 from edgelr.core.objective import Objective
 from edgelr.graph.layers import Layer, find_layers
 from edgelr.io import model as model_io
+from edgelr.io.progress import progress_bar
 from edgelr.io.samples import Samples
 
 PROBE_ERROR2 = 0.01  # the truncation each layer is probed at: a relative error of 0.1
@@ -54,7 +54,7 @@ def layer_sensitivity(source, layers: list[Layer], grams: Mapping[str, np.ndarra
             probes[layer.name] = (form, rank, float(residual[rank]))
     picked = sorted(set(np.linspace(0, len(samples) - 1, min(PROBE_SAMPLES, len(samples))).round().astype(int)))
     result: dict[str, float] = {}
-    bar = tqdm(total=len(probes) * len(picked), desc="sensitivity", unit="run", disable=not progress, leave=False)
+    bar = progress_bar(total=len(probes) * len(picked), desc="sensitivity", unit="run", show=progress)
     for group in _groups([layer for layer in layers if layer.name in probes]):
         model = model_io.load(source)
         fresh = {layer.name: layer for layer in find_layers(model)[0]}

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import onnx_ir as ir
-from tqdm.auto import tqdm
 
 from edgelr.errors import EdgelrError
 from edgelr.graph.subgraphs import Scope, body_model, captured, is_constant, scopes
 from edgelr.io.model import first_line, ort_session
+from edgelr.io.progress import progress_bar
 from edgelr.io.samples import Samples, model_inputs
 
 # id(graph) -> {value name: array}, for each graph that ran on one sample
@@ -39,7 +39,7 @@ def values_by_sample(model: ir.Model, values: list[ir.Value], samples: Samples, 
     try:
         with ort_session(model) as session:
             names = [o.name for o in session.get_outputs()]
-            for i in tqdm(range(len(samples)), desc=desc, unit="sample", disable=not progress, leave=False):
+            for i in progress_bar(range(len(samples)), desc=desc, unit="sample", show=progress):
                 feed = samples.feed(i)
                 try:
                     values = dict(zip(names, session.run(None, feed)))

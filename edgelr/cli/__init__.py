@@ -8,6 +8,7 @@ import os
 import sys
 
 from edgelr.cli import compress, demo, distill, export, inspect, profile, report
+from edgelr.cli.args import add_quiet
 from edgelr.errors import EdgelrError
 from edgelr.version import __version__
 
@@ -15,7 +16,7 @@ from edgelr.version import __version__
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgelr", description="Make ONNX models smaller and faster for edge devices.")
     parser.add_argument("--version", action="version", version=f"edgelr {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    add_quiet(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     inspect.add(sub)
@@ -25,8 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     distill.add(sub)
     report.add(sub)
     demo.add(sub)
-    for command in sub.choices.values():  # -q before or after the verb
-        command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    for command in sub.choices.values():  # -q before or after the verb; after it, it must not reset one given before
+        add_quiet(command, default=argparse.SUPPRESS)
     return parser
 
 

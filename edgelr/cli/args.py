@@ -40,6 +40,10 @@ def ssh_flags(p: argparse.ArgumentParser, flag: str) -> None:
 
 
 # --- argument groups: each flag defined once, with one meaning, for every command that takes it ----------------
+def add_quiet(p: argparse.ArgumentParser, default=False) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", default=default, help="no progress bars")
+
+
 def add_calib(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", metavar="DATA.npz",
                    help="sample inputs: an .npz with one array per model input, named after it, samples on the first "

@@ -127,6 +127,7 @@ def _flag_error(exc):
 def _launch(args, config) -> int:
     """Start this command again under torchrun with --nproc processes; their exit code."""
     from edgelr.errors import EdgelrError
+    from edgelr.io.progress import MODE_VARIABLE, progress_mode
 
     n = args.nproc
     if n < 1:
@@ -140,6 +141,7 @@ def _launch(args, config) -> int:
     env = dict(os.environ)
     # torchrun would give each process 1 thread (and say so); share this machine's cores out instead
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    env[MODE_VARIABLE] = progress_mode()  # their stderr is our pipe; bars or lines as our own stderr takes them
     return _torchrun(command, env)
 
 

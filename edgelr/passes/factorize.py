@@ -22,7 +22,6 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 from threadpoolctl import threadpool_limits
-from tqdm.auto import tqdm
 
 from edgelr.calibration.analysis import Analysis, analyse
 from edgelr.calibration.grams import Grams
@@ -44,6 +43,7 @@ from edgelr.core.costs import LatencyBudget
 from edgelr.errors import EdgelrError
 from edgelr.graph.layers import Layer, Skipped, find_layers
 from edgelr.graph.lowrank_pair import rewrite_pair
+from edgelr.io.progress import progress_bar
 from edgelr.measure.profile import layer_aliases
 from edgelr.passes.base import EdgelrPass, PassConfig, PassDetails, register_pass
 
@@ -284,7 +284,7 @@ def _weights(layers: list[Layer], sensitivity: Mapping[str, float] | None) -> di
 
 def _factorize(model, config, grams, layers, skipped, progress, cost: Cost, latency, spectra, weights) -> FactorizeResult:
     rows = grams.rows if config.adapt_damping and isinstance(grams, Grams) else {}
-    bar = tqdm(layers, desc="analysing", unit="layer", disable=not progress, leave=False)
+    bar = progress_bar(layers, desc="analysing", unit="layer", show=progress)
     options = [layer_options(layer, config, grams.get(layer.name), cost, spectra, weights.get(layer.name, 1.0),
                              rows.get(layer.name)) for layer in bar]
     if latency is not None and latency.float_layers and config.ranks is None:
@@ -306,7 +306,7 @@ def _factorize(model, config, grams, layers, skipped, progress, cost: Cost, late
                         + "; ".join(f"{name} ({why})" for name, why in data_free.items()))
 
     results, keep_float = [], []
-    bar = tqdm(total=len(layers), desc="factorizing", unit="layer", disable=not progress, leave=False)
+    bar = progress_bar(total=len(layers), desc="factorizing", unit="layer", show=progress)
     for layer, choice, opts in zip(layers, allocation.choices, options):
         if choice.keep_float:
             keep_float += [use.node.name for use in layer.uses]

@@ -37,12 +37,12 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
-from tqdm.auto import tqdm
 
 from edgelr.errors import EdgelrError
 from edgelr.graph.layers import FLOAT_TYPES, name_nodes
 from edgelr.graph.lowrank_pair import add_initializer, drop_weight
 from edgelr.io.model import ort_session
+from edgelr.io.progress import progress_bar
 from edgelr.io.samples import Samples, model_inputs
 from edgelr.passes.base import EdgelrPass, PassConfig, PassDetails, register_pass
 
@@ -666,7 +666,7 @@ def _channel_rms(model: ir.Model, producers: list[_Producer], samples: Samples, 
     try:
         with ort_session(model) as session:
             names = list(sums)
-            for i in tqdm(range(len(samples)), desc="pruning: importance", unit="sample", disable=not progress, leave=False):
+            for i in progress_bar(range(len(samples)), desc="pruning: importance", unit="sample", show=progress):
                 try:
                     values = session.run(names, samples.feed(i))
                 except Exception as exc:  # noqa: BLE001  (ORT reports bad input as a generic runtime error)

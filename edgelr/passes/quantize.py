@@ -46,10 +46,10 @@ from pathlib import Path
 from typing import ClassVar
 
 import onnx_ir as ir
-from tqdm.auto import tqdm
 
 from edgelr.errors import EdgelrError
 from edgelr.io.model import check_output_path, load
+from edgelr.io.progress import progress_bar
 from edgelr.io.samples import Samples
 from edgelr.passes.base import (
     FunctionalEdgelrPass,
@@ -360,7 +360,7 @@ class _Reader:
     def __init__(self, samples: Samples, progress: bool):
         self.samples = samples
         self.index = 0
-        self.bar = tqdm(total=len(samples), desc="calibrating (int8)", unit="sample", disable=not progress, leave=False)
+        self.bar = progress_bar(total=len(samples), desc="calibrating (int8)", unit="sample", show=progress)
 
     def get_next(self) -> dict | None:
         if self.index >= len(self.samples):

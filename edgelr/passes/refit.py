@@ -24,7 +24,6 @@ import onnx_ir as ir
 import onnxruntime as ort
 import scipy.linalg
 from threadpoolctl import threadpool_limits
-from tqdm.auto import tqdm
 
 from edgelr.calibration.analysis import SENSITIVITY_MAX_BYTES
 from edgelr.calibration.grams import input_gram
@@ -36,6 +35,7 @@ from edgelr.graph.layers import Layer
 from edgelr.graph.lowrank_pair import PARTS, factor_weights, pair_of, part_name
 from edgelr.io.cache import ArrayCache
 from edgelr.io.model import load, model_bytes, save
+from edgelr.io.progress import progress_bar
 from edgelr.io.samples import Samples
 from edgelr.measure.verify import judge, output_error
 from edgelr.passes.base import EdgelrPass, PassConfig, PassDetails, register_pass
@@ -74,7 +74,7 @@ def refit(original: ir.Model, compressed: ir.Model, layers: list[Layer], result:
     before = output_error(original, student, samples, objective=objective).get("worst", 0.0) if chosen else 0.0
     saved = _snapshot(compressed, quantized, chosen, rows)
     changed = set()
-    for level in tqdm(levels, desc="refitting", unit="level", disable=not progress, leave=False):
+    for level in progress_bar(levels, desc="refitting", unit="level", show=progress):
         stats = _statistics(original, student, level, samples, inputs)
         nodes = {node.name: node for node in compressed.graph}
         with threadpool_limits(limits=1, user_api="blas"):  # small matrices: see factorize()

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-from tqdm.auto import tqdm
 
 from edgelr.calibration.grams import layer_inputs, observe_shapes
 from edgelr.core import lowrank
@@ -41,6 +40,7 @@ from edgelr.graph.lowrank_pair import (
     pair_nodes,
 )
 from edgelr.io.model import load, ort_session, save
+from edgelr.io.progress import progress_bar
 from edgelr.io.samples import Samples, samples_from_arrays
 from edgelr.passes.quantize import FLOAT_BRANCH, SCHEME_REWRITES, quantize, quiet
 
@@ -77,7 +77,7 @@ def plan(model: ir.Model, samples: Samples, *, rank: int = RANK, alphas=ALPHAS, 
     layers = [layer for layer in find_layers(model)[0] if _eligible(layer, rank)]
     inputs = _activations(model, layers, samples)
     rows = []
-    for layer in tqdm(layers, desc="low-rank branches", unit="layer", disable=not progress, leave=False):
+    for layer in progress_bar(layers, desc="low-rank branches", unit="layer", show=progress):
         xs = inputs[layer.uses[0].input.name]
         absmax = _channel_absmax(np.concatenate(xs), layer)
         half = len(xs) // 2
@@ -104,7 +104,7 @@ def int8_errors(model: ir.Model, layers: list[Layer], samples: Samples, activati
                           f"(got {len(samples)})")
     inputs = _activations(model, layers, samples)
     errors = {}
-    for layer in tqdm(layers, desc="INT8 errors", unit="layer", disable=not progress, leave=False):
+    for layer in progress_bar(layers, desc="INT8 errors", unit="layer", show=progress):
         xs = inputs[layer.uses[0].input.name]
         half = max(1, len(xs) // 2)
         calib, judge = np.concatenate(xs[:half]), xs[half:]

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-from tqdm.auto import tqdm
 
 from edgelr.calibration.analysis import Analysis
 from edgelr.core.costs import LatencyBudget
 from edgelr.errors import EdgelrError
 from edgelr.graph.layers import Layer, find_layers
 from edgelr.io import model as model_io
+from edgelr.io.progress import progress_bar
 from edgelr.measure.latency import Timing, interleaved_timing
 from edgelr.measure.verify import (
     Verdict,
@@ -321,7 +321,7 @@ def _measure_float_layers(source: Path, layers: list, samples, activations: str,
                           objective) -> dict[str, tuple[float, float]]:
     with tempfile.TemporaryDirectory(prefix="edgelr-float-") as tmp:
         models = {}
-        bar = tqdm(layers, desc="float layers", unit="model", disable=not progress, leave=False)
+        bar = progress_bar(layers, desc="float layers", unit="model", show=progress)
         for name, keep in [("", [])] + [(layer.name, [use.node.name for use in layer.uses]) for layer in bar]:
             models[name] = Path(tmp) / f"{len(models)}.onnx"
             quantize_model(source, models[name], "int8", samples, activations=activations, progress=False, keep_float=keep)

@@ -35,10 +35,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-from tqdm.auto import tqdm
 
 from edgelr.errors import EdgelrError
 from edgelr.io import model as model_io
+from edgelr.io.progress import progress_bar
 from edgelr.train.convert import TorchGraph, ort_threads, to_tensors
 from edgelr.train.data import Data, Stream, chunks, shard
 from edgelr.train.losses import Objective
@@ -241,8 +241,7 @@ def train(job: Job, config) -> dict:
     taken = 0
     stopped = False
     loss_value = float("nan")
-    bar = tqdm(total=total, initial=step, desc="distilling", unit="step", disable=not (job.progress and world.main),
-               leave=False)
+    bar = progress_bar(total=total, initial=step, desc="distilling", unit="step", show=job.progress and world.main)
     try:
         while step < total:
             if time_limit is not None and world.from_main(float(time.perf_counter() - start > time_limit)):

@@ -32,7 +32,6 @@ import torch
 from threadpoolctl import threadpool_limits
 from torch import nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
 from edgelr.calibration.grams import input_gram
 from edgelr.calibration.spectra import whitening
@@ -40,6 +39,7 @@ from edgelr.core import lowrank
 from edgelr.errors import EdgelrError
 from edgelr.graph.layers import ConvGeometry, Layer, Use
 from edgelr.graph.lowrank_pair import factor_weights
+from edgelr.io.progress import progress_bar
 from edgelr.passes.factorize import (
     FactorizeConfig,
     LayerResult,
@@ -321,7 +321,7 @@ def factorize_module(
     cost = cost_function(config, None)
     with threadpool_limits(limits=1, user_api="blas"):
         spectra: dict = {}
-        bar = tqdm(layers, desc="analysing", unit="layer", disable=not progress, leave=False)
+        bar = progress_bar(layers, desc="analysing", unit="layer", show=progress)
         options = [layer_options(layer, config, grams.get(layer.name), cost, spectra) for layer in bar]
         allocation = choose_ranks(layers, options, config, cost, None)
         rows = [_replace(module, candidates[layer.name], layer, choice, opts, config, cost, grams.get(layer.name))
@@ -443,8 +443,7 @@ def _collect(module: nn.Module, candidates: dict[str, nn.Module], samples, batch
     try:
         with torch.no_grad(), threadpool_limits(limits=1, user_api="blas"):
             batches = list(_batches(samples, batch_size))
-            for i, (args, kwargs) in enumerate(tqdm(batches, desc="calibrating", unit="batch",
-                                                     disable=not progress, leave=False)):
+            for i, (args, kwargs) in enumerate(progress_bar(batches, desc="calibrating", unit="batch", show=progress)):
                 try:
                     module(*args, **kwargs)
                 except Exception as exc:  # noqa: BLE001  (the user's model rejects the samples)
