@@ -24,7 +24,9 @@ from edgelr.deploy.targets import Target, load_target
 from edgelr.errors import EdgelrError
 from edgelr.io import model as model_io
 from edgelr.io.samples import load_samples
+from edgelr.measure.device import DeviceTimer
 from edgelr.measure.profile import compare_models, layer_times, sample_feed
+from edgelr.measure.remote import Device
 from edgelr.measure.task import recognise
 from edgelr.measure.verify import ceiling_for, judge, rounded_up
 from edgelr.passes.base import Context, PassConfig, make_pass
@@ -103,6 +105,7 @@ def compress(
     metric: str | None = None,
     floor: float | None = None,
     max_output_error: float | None = None,
+    on: str | DeviceTimer | None = None,
 ) -> CompressReport:
     """Run PASSES on SOURCE and write OUTPUT; with CALIB the passes are data-aware and the result is
     measured on it against SOURCE. PASSES is a recipe, a list of pass configs, or a FactorizeConfig with
@@ -115,7 +118,10 @@ def compress(
     its own scale) and by the task metric: `metric` (a kind of edgelr.measure.task, or "none"), else the
     recipe's, else what the model's metadata says. A result under the metric's `floor`, or with an output
     group's error over `max_output_error` (default: edgelr.measure.verify.MAX_OUTPUT_ERROR where no task
-    metric judges), is not written: EdgelrError says what it measured."""
+    metric judges), is not written: EdgelrError says what it measured.
+
+    `on` ("user@host", or a DeviceTimer for SSH options) times a latency search's layers and rounds on that
+    device over SSH, into latency tables keyed by what the device is (edgelr.measure.device)."""
     start = time.perf_counter()
     source = Path(source)
     recipe = as_recipe(passes, prune, quantize, refit, calib is not None, target)
@@ -132,6 +138,10 @@ def compress(
             raise EdgelrError(f"{float_output}: the float model and the output cannot be the same file")
     recipe.check(calibrated=calib is not None)
     resolved = target if isinstance(target, Target) else load_target(recipe.target) if recipe.target else None
+    if on is not None:  # before anything slow: an unreachable device or one without onnxruntime fails here
+        if not any(isinstance(c, FactorizeConfig) and c.latency is not None for c in recipe.passes):
+            raise EdgelrError("--on times a latency search on the device: give --latency F too")
+        on = (on if isinstance(on, DeviceTimer) else DeviceTimer(Device(on))).connect()
     model = model_io.load(source)
     samples = load_samples(calib, model) if calib is not None else None
     task = recognise(model, metric if metric is not None else recipe.metric, floor if floor is not None else recipe.floor)
@@ -147,7 +157,7 @@ def compress(
     with tempfile.TemporaryDirectory(prefix=".edgelr-", dir=output.parent) as tmp:
         tmp = Path(tmp).resolve()
         ctx = Context(source, samples, Path(calib) if calib is not None else None, tmp, resolved, progress, path=source,
-                      task=task, judged=judged, ceiling=ceiling)
+                      task=task, judged=judged, ceiling=ceiling, device=on)
         for i, config in enumerate(recipe.passes):
             ctx.later = tuple(recipe.passes[i + 1:])
             try:

@@ -14,6 +14,7 @@ from edgelr.cli.args import (
     fraction,
     positive,
     removed,
+    ssh_flags,
 )
 from edgelr.errors import EdgelrError
 
@@ -26,7 +27,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--params", type=fraction, metavar="F", help="keep this fraction of the factorizable params")
     budget.add_argument("--flops", type=fraction, metavar="F", help="keep this fraction of the factorizable FLOPs")
     budget.add_argument("--latency", type=fraction, metavar="F",
-                        help="keep this fraction of the model's latency, measured on this machine (ONNX Runtime CPU, 1 thread)")
+                        help="keep this fraction of the model's latency, measured on this machine (ONNX Runtime CPU, the "
+                             "target's threads, else 1), or on the device --on names")
     p.add_argument("--max-error", type=positive, metavar="E", help="per-layer relative output error gate")
     p.add_argument("--no-refit", action="store_true", help="keep each factorized pair as fitted on the original's "
                    "inputs (default, with --calib: refit it on the inputs the compressed model feeds it)")
@@ -36,6 +38,10 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="the passes to run, as YAML (recipes/ has examples); instead of the budget, --prune and --quantize flags")
     p.add_argument("--write-recipe", metavar="RECIPE.yaml", help="also write the recipe the flags stand for (a new file)")
     add_target(p)
+    p.add_argument("--on", metavar="USER@HOST",
+                   help="with --latency: time the layers and each round's model on this device over SSH (needs python3, "
+                        "numpy and onnxruntime there); its tables are cached by what the device is, for every device alike")
+    ssh_flags(p, "--on")
     p.add_argument("--report", metavar="REPORT.json", help="write the per-layer results as JSON")
     p.add_argument("--float-output", metavar="FLOAT.onnx", help="with --quantize: also keep the model before quantization")
     p.add_argument("--prune", type=removed, metavar="F",
@@ -73,7 +79,7 @@ def run(args) -> int:
         raise EdgelrError(f"{args.write_recipe}: exists; edgelr does not overwrite files, pick another name")
     done = compress(args.model, args.output, recipe, calib=args.calib, report=args.report, progress=not args.quiet,
                     float_output=args.float_output, heldout=args.heldout, metric=args.metric, floor=args.floor,
-                    max_output_error=args.max_output_error)
+                    max_output_error=args.max_output_error, on=_device(args) if args.on else None)
     if args.write_recipe:
         recipe.save(args.write_recipe)
     if done.pruned:
@@ -94,6 +100,10 @@ def run(args) -> int:
                   "of the original" + (f" (quantized alone, timed beside it: {alone:.3f})" if alone else ""))
         print(f"kept round {done.latency['kept_round']}")
         print(f"latency tables: {done.latency['layer_timings']} layer timings new, cached in {done.latency['table']}")
+        if done.latency.get("device"):
+            d = done.latency["device"]
+            print(f"timed on {d['host']} over SSH: {d['machine']}, {d['cpu']}, onnxruntime {d['onnxruntime']}, "
+                  f"{d['threads']} thread(s), in {d['batches']} batches")
     if done.distilled:
         d = done.distilled
         print(f"distilled {d['steps']} steps in {d['seconds']:.0f} s, final loss {d['final_loss']:.4g}"
@@ -120,3 +130,13 @@ def run(args) -> int:
         print("no calibration data: plain SVD, whole-model error not measured (pass --calib DATA.npz)")
     print(f"wrote {done.output}" + (f" and {args.report}" if args.report else "") + f" in {done.seconds:.1f} s")
     return 0
+
+
+def _device(args):
+    """The device --on names, with the SSH flags (edgelr.measure.device); compress connects to it."""
+    from edgelr.measure.device import DeviceTimer
+    from edgelr.measure.remote import Device
+
+    return DeviceTimer(Device(args.on, port=args.port, identity=Path(args.identity) if args.identity else None,
+                              known_hosts=Path(args.known_hosts) if args.known_hosts else None, timeout=args.timeout),
+                       python=args.python)

@@ -6,6 +6,7 @@ The device needs only python3 with numpy and onnxruntime. Steps, each one a sepa
 its own timeout: make a temp dir (`mktemp -d`), copy `edgelr/runner.py`, the model and the inputs (.npz)
 into it under fixed names (streamed over ssh's stdin: no scp/sftp needed, and local file names never
 reach the remote shell), run the runner and read its JSON lines as they come, remove the temp dir.
+`run_runner` is one such call for any command that ends in the runner (edgelr.measure.device's batches).
 
 Safety: subprocess argument lists only (never a local shell); every word of a remote command is
 shlex-quoted; the host string is checked against a strict pattern, so it can be neither an ssh option
@@ -123,7 +124,7 @@ def _last_line(text: str) -> str:
     return lines[-1][:200] if lines else ""
 
 
-def _remote(words: list[str]) -> str:
+def command_line(words: list[str]) -> str:
     """One remote shell command line, every word quoted."""
     return " ".join(shlex.quote(w) for w in words)
 
@@ -179,7 +180,7 @@ def profile_remote(host: str, model: Path, feed: dict, runs: int = 50, warmup: i
     if runs < 1 or warmup < 0 or threads < 1:
         raise EdgelrError(f"--runs {runs}, --warmup {warmup}, --threads {threads}: need runs >= 1, warmup >= 0, threads >= 1")
     device = Device(host, port=port, identity=identity, known_hosts=known_hosts, timeout=timeout)
-    made = device.run(_remote(["mktemp", "-d", "/tmp/edgelr.XXXXXXXX"]), "making a temp dir").strip()
+    made = device.run(command_line(["mktemp", "-d", "/tmp/edgelr.XXXXXXXX"]), "making a temp dir").strip()
     if not _TMPDIR.fullmatch(made):
         raise EdgelrError(f"{_host_port(host, port)}: `mktemp -d` gave an unexpected answer {made[:80]!r}")
     try:
@@ -187,15 +188,15 @@ def profile_remote(host: str, model: Path, feed: dict, runs: int = 50, warmup: i
             inputs = Path(tmp) / "inputs.npz"
             np.savez(inputs, **{k: np.asarray(v) for k, v in feed.items()})
             for local, name in ((Path(_runner_module.__file__), "runner.py"), (model, "model.onnx"), (inputs, "inputs.npz")):
-                device.run(_remote(["cat"]) + " > " + shlex.quote(f"{made}/{name}"), f"copying {name}", stdin_path=local)
-        command = "cd " + shlex.quote(made) + " && " + _remote([
+                device.run(command_line(["cat"]) + " > " + shlex.quote(f"{made}/{name}"), f"copying {name}", stdin_path=local)
+        command = "cd " + shlex.quote(made) + " && " + command_line([
             python, "-u", "runner.py", "model.onnx", "--inputs", "inputs.npz",
             "--runs", str(int(runs)), "--warmup", str(int(warmup)), "--threads", str(int(threads)),
         ])
         data = _stream(device.base + [command], host, port, known_hosts, python, runs, timeout, progress, model.name)
     finally:
         try:  # best effort: after a lost connection this may fail too
-            device.run(_remote(["rm", "-rf", "--", made]), "removing the temp dir", step_timeout=min(timeout, 15))
+            device.run(command_line(["rm", "-rf", "--", made]), "removing the temp dir", step_timeout=min(timeout, 15))
         except EdgelrError:
             pass
     data["model"] = os.fspath(model)
@@ -203,12 +204,12 @@ def profile_remote(host: str, model: Path, feed: dict, runs: int = 50, warmup: i
     return Profile(**data)
 
 
-def _stream(cmd: list[str], host, port, known_hosts, python, runs, timeout, progress, model_name) -> dict:
-    """Run the runner, reading its JSON lines as they come; the final profile dict."""
-    hp = _host_port(host, port)
-    with tempfile.TemporaryFile() as errfile:
+def _json_lines(cmd: list[str], timeout: float, on_message, stdin_path: Path | None = None) -> tuple[int, str, bool]:
+    """Run `cmd` (an ssh call), handing each JSON object it prints to on_message(obj) as it comes: (its exit
+    status, its stderr, whether it fell silent for `timeout` s and was stopped)."""
+    with tempfile.TemporaryFile() as errfile, open(stdin_path or os.devnull, "rb") as stdin:
         try:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errfile)
+            proc = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=errfile)
         except FileNotFoundError:
             raise EdgelrError("the OpenSSH client `ssh` is not installed here (apt-get install openssh-client)") from None
         lines: queue.Queue = queue.Queue()
@@ -219,9 +220,6 @@ def _stream(cmd: list[str], host, port, known_hosts, python, runs, timeout, prog
             lines.put(None)
 
         threading.Thread(target=pump, daemon=True).start()
-        partial: list[float] = []
-        node_runs = 0
-        result = error = missing = None
         timed_out = False
         try:
             while True:
@@ -236,18 +234,8 @@ def _stream(cmd: list[str], host, port, known_hosts, python, runs, timeout, prog
                     msg = json.loads(raw)
                 except ValueError:
                     continue  # not ours (a login banner on stdout, say)
-                if not isinstance(msg, dict):
-                    continue
-                if "run" in msg:
-                    partial.append(float(msg["ms"]))
-                    if progress is not None:
-                        progress(int(msg["run"]), float(msg["ms"]))
-                elif "node_run" in msg:
-                    node_runs += 1
-                elif msg.get("done"):
-                    result = msg["profile"]
-                elif "error" in msg:
-                    error, missing = str(msg["error"]), msg.get("missing")
+                if isinstance(msg, dict):
+                    on_message(msg)
         finally:
             if not timed_out:
                 try:  # output ended: let ssh exit by itself, so its status and message say why
@@ -258,26 +246,83 @@ def _stream(cmd: list[str], host, port, known_hosts, python, runs, timeout, prog
                 proc.kill()
             proc.wait()
         errfile.seek(0)
-        stderr = errfile.read().decode(errors="replace")
-    rc = proc.returncode
-    if result is not None:
-        return result
-    if error is not None:
-        if missing:
-            raise EdgelrError(f"{hp}: {python} there has no {missing}; install it on the device "
-                              f"(`{python} -m pip install {missing}`)")
-        if error.startswith("model.onnx:"):  # the copy's fixed name: say which file the user gave
-            error = f"{model_name}{error[len('model.onnx'):]}"
-        raise EdgelrError(f"{hp}: the runner failed: {error}")
+        return proc.returncode, errfile.read().decode(errors="replace"), timed_out
+
+
+def _runner_failed(hp: str, python: str, failure: dict, model_name: str | None = None) -> EdgelrError:
+    """One line for the runner's {"error": ...} message (a missing module: how to install it)."""
+    missing, error = failure.get("missing"), str(failure["error"])
+    if missing:
+        return EdgelrError(f"{hp}: {python} there has no {missing}; install it on the device "
+                           f"(`{python} -m pip install {missing}`)")
+    if model_name and error.startswith("model.onnx:"):  # the copy's fixed name: say which file the user gave
+        error = f"{model_name}{error[len('model.onnx'):]}"
+    return EdgelrError(f"{hp}: the runner failed: {error}")
+
+
+def _no_python(hp: str, python: str) -> EdgelrError:
+    return EdgelrError(f"{hp}: no `{python}` on the device; install python3 with numpy and onnxruntime there")
+
+
+def run_runner(device: Device, command: str, what: str, python: str, stdin_path: Path | None = None,
+               on_message=None) -> dict:
+    """A remote command line that ends in runner.py, as one ssh call: the runner's final {"done": true, ...}
+    message. `on_message(obj)` sees the others (keep-alives); `device.timeout` bounds the silence between them."""
+    said: dict = {}
+
+    def take(msg: dict) -> None:
+        if msg.get("done") or "error" in msg:
+            said["done" if msg.get("done") else "error"] = msg
+        elif on_message is not None:
+            on_message(msg)
+
+    rc, stderr, timed_out = _json_lines(device.base + [command], device.timeout, take, stdin_path)
+    if "done" in said:
+        return said["done"]
+    if timed_out:
+        raise EdgelrError(f"{device.name}: no output for {device.timeout:g} s while {what} (the device or the "
+                          "connection hung); a slow device needs a longer --timeout")
+    if rc == 255:
+        raise _classify(device.host, device.port, device.known_hosts, stderr, what)
+    if "error" in said:
+        raise _runner_failed(device.name, python, said["error"])
+    if rc == 127 or "command not found" in stderr:
+        raise _no_python(device.name, python)
+    raise EdgelrError(f"{device.name}: {what} failed on the device ({_last_line(stderr) or 'exit status ' + str(rc)})")
+
+
+def _stream(cmd: list[str], host, port, known_hosts, python, runs, timeout, progress, model_name) -> dict:
+    """Run the runner, reading its JSON lines as they come; the final profile dict."""
+    hp = _host_port(host, port)
+    partial: list[float] = []
+    said: dict = {"node_runs": 0}
+
+    def take(msg: dict) -> None:
+        if "run" in msg:
+            partial.append(float(msg["ms"]))
+            if progress is not None:
+                progress(int(msg["run"]), float(msg["ms"]))
+        elif "node_run" in msg:
+            said["node_runs"] += 1
+        elif msg.get("done"):
+            said["result"] = msg["profile"]
+        elif "error" in msg:
+            said["error"] = msg
+
+    rc, stderr, timed_out = _json_lines(cmd, timeout, take)
+    if "result" in said:
+        return said["result"]
+    if "error" in said:
+        raise _runner_failed(hp, python, said["error"], model_name)
     if timed_out:
         why = f"no output for {timeout:g} s (the device or the connection hung)"
     elif rc == 255:
         first_step = _classify(host, port, known_hosts, stderr, "running the model")
-        why = f"the connection was lost ({_last_line(stderr) or 'ssh exit 255'})" if partial or node_runs else None
+        why = f"the connection was lost ({_last_line(stderr) or 'ssh exit 255'})" if partial or said["node_runs"] else None
         if why is None:
             raise first_step
     elif rc == 127 or "command not found" in stderr or "No such file or directory" in stderr and not partial:
-        raise EdgelrError(f"{hp}: no `{python}` on the device; install python3 with numpy and onnxruntime there")
+        raise _no_python(hp, python)
     elif not partial:
         raise EdgelrError(f"{hp}: the runner failed ({_last_line(stderr) or 'exit status ' + str(rc)})")
     else:
@@ -328,13 +373,13 @@ def copy_bundle(device: Device, bundle: Path, dest: str) -> None:
         with tarfile.open(archive, "w") as tar:
             for path in sorted(bundle.rglob("*")):
                 tar.add(path, arcname=str(path.relative_to(bundle)), recursive=False)
-        device.run(_remote(["sh", "-c", _INSTALL, "edgelr", dest]), f"copying the bundle to {dest}",
+        device.run(command_line(["sh", "-c", _INSTALL, "edgelr", dest]), f"copying the bundle to {dest}",
                    stdin_path=archive, step_timeout=max(device.timeout, 600))
 
 
 def run_bundle(device: Device, dest: str, python: str = "python3", runs: int = 20, warmup: int = 3) -> dict:
     """The bundle's run.py on the device: its JSON (ok, parity, latency_ms, ...). EdgelrError if it cannot run."""
-    command = "cd " + shlex.quote(dest) + " && " + _remote([python, "run.py", "--runs", str(int(runs)),
+    command = "cd " + shlex.quote(dest) + " && " + command_line([python, "run.py", "--runs", str(int(runs)),
                                                             "--warmup", str(int(warmup))])
     out = device.run(command, "running the bundle's run.py", step_timeout=max(device.timeout, 600),
                      ok_codes=(0, 1, 2, 3))

@@ -4,12 +4,16 @@ SELF-CONTAINED on purpose: it imports only the standard library, numpy and onnxr
 runs on an edge device that has nothing else (`edgelr.measure.remote` copies it there):
 
     python3 runner.py MODEL.onnx --inputs INPUTS.npz --runs 50 --warmup 5 --threads 1
+    python3 runner.py --identity                    what this device is (a latency table's key)
+    python3 runner.py --batch MANIFEST.json         the models a manifest lists, timed (edgelr.measure.device)
 
 prints JSON lines to stdout as it goes (each flushed at once):
 
     {"run": 0, "ms": 1.23}                 one per timed run
     {"node_run": 0}                        one per run of the per-node (ORT profiler) pass: keep-alive
+    {"layer": "0"}                         one per model of a batch timed alone: keep-alive
     {"done": true, "profile": {...}}       the same structure as edgelr.profile.Profile.to_json()
+    {"done": true, "identity": {...}}      with --identity; with --batch, "batch": seconds per run per model
     {"error": "...", "missing": "numpy"}   instead of "done" when it fails ("missing" only for an import)
 
 Exit status: 0 done, 2 a measurement error, 3 numpy or onnxruntime missing. `edgelr.measure.profile` imports
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import sys
 import tempfile
 import time
@@ -124,6 +129,64 @@ def time_runs(sessions: dict, feed: dict, runs: int, warmup: int, on_run=None) -
     return times
 
 
+def alone_runs(session, feed: dict, budget_s: float = 0.05) -> int:
+    """How many runs of a model timed alone fill about `budget_s` (7 to 200), after one warm-up run: a layer
+    runs for microseconds, and too few runs of it leave the interpreter's jitter in the median."""
+    session.run(None, feed)
+    start = time.perf_counter()
+    session.run(None, feed)
+    once = time.perf_counter() - start
+    return int(min(200, max(7, budget_s / max(once, 1e-6))))
+
+
+def identity() -> dict:
+    """What timings taken here depend on, and nothing that names this one unit: devices alike share tables."""
+    return {"machine": platform.machine(), "cpu": _cpu_model(), "cores": os.cpu_count(), "onnxruntime": ort.__version__,
+            "providers": sorted(ort.get_available_providers())}
+
+
+def _cpu_model() -> str:
+    """The board's name where the device tree gives one (a Pi, a Jetson), else the CPU's from /proc/cpuinfo."""
+    try:
+        with open("/proc/device-tree/model", "rb") as f:
+            return f.read().decode(errors="replace").strip("\0\n ")
+    except OSError:
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+    except OSError:
+        fields = {}
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    named = fields.get("model name") or fields.get("Hardware") or fields.get("Model")
+    parts = [f"{fields[k]}" for k in ("CPU implementer", "CPU part") if k in fields]  # ARM cores without a name
+    return named or ("ARM " + "/".join(parts) if parts else platform.processor() or "unknown")
+
+
+def run_batch(manifest: dict, emit) -> dict:
+    """Time what MANIFEST lists, with its "threads": each of its "layers" ({"id", "model", "input"}, the input's
+    array in "layer_inputs" under its id) alone, and its "interleaved" models ({"models": {name: file}, "inputs",
+    "runs", "warmup"}) A B A B. Seconds per run, per id and per name; emit(obj) keeps the caller's connection alive."""
+    threads = int(manifest["threads"])
+    layers = {}
+    if manifest.get("layers"):
+        with np.load(manifest["layer_inputs"], allow_pickle=False) as arrays:
+            for item in manifest["layers"]:
+                sess, feed = session(item["model"], threads), {item["input"]: arrays[item["id"]]}
+                layers[item["id"]] = time_runs({"": sess}, feed, alone_runs(sess, feed), 0)[""]
+                emit({"layer": item["id"]})
+    interleaved = None
+    job = manifest.get("interleaved")
+    if job:
+        with np.load(job["inputs"], allow_pickle=False) as z:
+            feed = {k: z[k] for k in z.files}
+        sessions = {name: session(path, threads) for name, path in job["models"].items()}
+        first = next(iter(sessions))
+        interleaved = time_runs(sessions, feed, int(job["runs"]), int(job["warmup"]),
+                                on_run=lambda name, i, sec: emit({"run": i}) if name == first else None)
+    return {"layers": layers, "interleaved": interleaved}
+
+
 def peak_rss_mb() -> float:
     if resource is None:
         return 0.0
@@ -162,6 +225,18 @@ def measure(models: dict, feed: dict, runs: int, warmup: int, threads: int, on_r
     return out
 
 
+def _batch_file(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return run_batch(json.load(f), _emit)
+    except RunnerError:
+        raise
+    except (OSError, ValueError, KeyError) as exc:
+        raise RunnerError(f"{path}: not a batch this runner can time ({_first_line(exc)})") from None
+    except Exception as exc:  # noqa: BLE001  (a model that does not run: ORT raises its own types)
+        raise RunnerError(f"a model of the batch does not run ({_first_line(exc)})") from None
+
+
 def _emit(obj: dict) -> None:
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
@@ -169,13 +244,23 @@ def _emit(obj: dict) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="time an ONNX model with ONNX Runtime; JSON lines on stdout")
-    parser.add_argument("model")
-    parser.add_argument("--inputs", required=True, help=".npz with one array per model input")
+    parser.add_argument("model", nargs="?")
+    parser.add_argument("--inputs", help=".npz with one array per model input")
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--identity", action="store_true", help="say what this device is, and nothing else")
+    parser.add_argument("--batch", metavar="MANIFEST.json", help="time the models a manifest lists (run_batch)")
     args = parser.parse_args(argv)
+    if args.identity:
+        _emit({"done": True, "identity": identity()})
+        return 0
+    if args.batch is None and (args.model is None or args.inputs is None):
+        parser.error("give MODEL and --inputs INPUTS.npz (or --identity, or --batch MANIFEST.json)")
     try:
+        if args.batch is not None:
+            _emit({"done": True, "batch": _batch_file(args.batch)})
+            return 0
         try:
             with np.load(args.inputs, allow_pickle=False) as z:
                 feed = {k: z[k] for k in z.files}

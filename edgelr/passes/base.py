@@ -72,6 +72,7 @@ class Context:
     judged: Samples | None = None  # the samples the result is judged on (held-out when given)
     later: tuple[PassConfig, ...] = ()  # the configs still to run after the current one
     pristine: bool = True  # no pass has changed the model yet
+    device: Any = None  # an edgelr.measure.device.DeviceTimer: a latency search times there, not here
     # left by passes for the ones after them
     factorized: Any = None  # edgelr.passes.factorize.Factorized
     float_model: ir.Model | None = None  # the model before quantization

@@ -145,6 +145,8 @@ def _compress_timing(report: dict) -> Speed | None:
                    else "ONNX Runtime CPU")
         where = f"timed on the machine that ran compress ({runtime})" + (
             f", with {report['target']}'s settings" if report.get("target") else "")
+    if isinstance(lat.get("device"), dict):  # compress --on: the search timed on the device itself
+        where = _profiled_where(lat["device"])
     return Speed(_num(kept["measured_ratio"]), True, f"measured (latency round {kept.get('round', '?')})", where)
 
 

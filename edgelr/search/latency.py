@@ -4,6 +4,7 @@ which layers stay in float). It runs a factorize config with a latency budget (F
 
 from __future__ import annotations
 
+import functools
 import math
 import platform
 import tempfile
@@ -79,8 +80,10 @@ class LatencySearchPass(FactorizePass):
         quantizing = ctx.following(QuantizeConfig)
         quantize = quantizing.scheme if quantizing else None
         activations = quantizing.activations_on(ctx.target) if quantizing else "uint8"
-        threads, elsewhere = _threads(ctx.target)
-        table = LatencyTable(threads=threads, quantize=quantize, activations=activations)
+        device = ctx.device  # an edgelr.measure.device.DeviceTimer: layers and rounds timed there; None: here
+        threads, elsewhere = device.settings(ctx.target) if device is not None else _threads(ctx.target)
+        table = LatencyTable(threads=threads, quantize=quantize, activations=activations, timer=device)
+        interleaved = device.interleaved_timing if device is not None else interleaved_timing
         feed = samples.feed(0)
         target = config.latency
         sensitivity = analysis.sensitivity if config.sensitivity else None
@@ -89,7 +92,7 @@ class LatencySearchPass(FactorizePass):
         float_layers = None
         if quantize == "int8" and len(samples) >= 2:  # which layers to quantize is part of the search (LatencyBudget)
             float_layers = _float_layers(source, model, layers, samples, key, sensitivity, table, activations, progress,
-                                         analysis.objective)
+                                         analysis.objective, interleaved)
             memo += "|float-choice"
 
         def allocation(saving: float) -> tuple[ir.Model, list[Layer], FactorizeResult]:
@@ -118,7 +121,7 @@ class LatencySearchPass(FactorizePass):
                 timed["quantized"] = Path(tmp) / "quantized.onnx"
                 quantize_model(source, timed["quantized"], quantize, samples, activations=activations, progress=False)
             floors = []  # the quantized original's latency ratio, per measurement
-            clock = _Clock(timed, feed, threads)
+            clock = _Clock(timed, feed, threads, interleaved, f"on {device.device.host}" if device else "on this machine")
             remembered = memo in table.entries
             if remembered:  # it settled there: only a miss of the budget (not a faster landing) is searched again
                 saving = table.entries[memo]
@@ -131,7 +134,7 @@ class LatencySearchPass(FactorizePass):
             for i in range(LATENCY_ROUNDS + (GATE_ROUNDS if gated else 0)):
                 if i >= LATENCY_ROUNDS and broke is None:  # the extra rounds are for backing off from a break
                     break
-                candidate, _, result = allocation(saving)
+                candidate, _, result = table.batched(functools.partial(allocation, saving))
                 timed["compressed"] = Path(tmp) / "round.onnx"
                 model_io.save(candidate, timed["compressed"])
                 if quantize:
@@ -199,7 +202,8 @@ class LatencySearchPass(FactorizePass):
         ctx.latency = {"target": table.target, "front": front, "quantized_only_ratio": floor if quantize else None,
                        "table": str(table.path), "layer_timings": table.measured,
                        "unstable_layer_timings": len(table.unstable), "rounds": rounds,
-                       "kept_round": best + 1, "within_budget": within}
+                       "kept_round": best + 1, "within_budget": within,
+                       "device": device.record(threads) if device is not None else None}
         return model, layers, result
 
 
@@ -210,19 +214,22 @@ class _Clock:
     more; in doubt again, the run stops (EdgelrError): a round accepted on such a timing is a model that was
     sold as fast and is not, and its saving would be remembered."""
 
-    def __init__(self, models: dict, feed: dict, threads: int):
+    def __init__(self, models: dict, feed: dict, threads: int, interleaved=interleaved_timing,
+                 where: str = "on this machine"):
         self.models, self.feed, self.threads = models, feed, threads
+        self.interleaved = interleaved  # interleaved_timing here, or a device's (DeviceTimer.interleaved_timing)
+        self.where = where  # what a refusal names
         self.originals: list[float] = []  # the original's median seconds, per trusted measurement
 
     def measure(self, expected: Callable[[dict[str, float]], float] | None = None) -> Timing:
         """The models timed interleaved; `expected(seconds)`: the ratio the tables predict for "compressed"."""
         for _ in range(2):
-            timing = interleaved_timing(self.models, self.feed, threads=self.threads, rounds=MEASURE_ROUNDS)
+            timing = self.interleaved(self.models, self.feed, threads=self.threads, rounds=MEASURE_ROUNDS)
             doubt = self._doubt(timing, expected)
             if doubt is None:
                 self.originals.append(timing.seconds["original"])
                 return timing
-        raise _unstable(doubt)
+        raise _unstable(doubt, self.where)
 
     def _doubt(self, timing: Timing, expected) -> str | None:
         """Why this measurement cannot be trusted, or None."""
@@ -242,8 +249,8 @@ def _spread(timing: Timing) -> str:
     return f"runs of one model spread {timing.spread:.0%} of their median, over {timing.limit:.0%}"
 
 
-def _unstable(doubt: str) -> EdgelrError:
-    return EdgelrError(f"timings on this machine are unstable ({doubt}): close other work and run again, or pass "
+def _unstable(doubt: str, where: str = "on this machine") -> EdgelrError:
+    return EdgelrError(f"timings {where} are unstable ({doubt}): close other work and run again, or pass "
                        "--flops F instead of --latency F (it times nothing)")
 
 
@@ -296,7 +303,8 @@ def _threads(target) -> tuple[int, str | None]:
 
 
 def _float_layers(source: Path, model, layers: list, samples, key: str, sensitivity: dict | None,
-                  table: LatencyTable, activations: str, progress: bool, objective) -> dict[str, tuple[float, float]]:
+                  table: LatencyTable, activations: str, progress: bool, objective,
+                  interleaved=interleaved_timing) -> dict[str, tuple[float, float]]:
     """Layer name -> (seconds added, error^2 removed) by leaving that layer in float in the INT8 model,
     for the FLOAT_CANDIDATES layers whose INT8 error, measured alone and weighed by sensitivity, is
     largest; each measured on the whole model (quantized without it, its error on the calibration
@@ -311,14 +319,14 @@ def _float_layers(source: Path, model, layers: list, samples, key: str, sensitiv
         score = {name: e * weight.get(name, 1.0) for name, e in own.items() if e > 0}
         chosen = sorted(score, key=score.get, reverse=True)[:FLOAT_CANDIDATES]
         known = _measure_float_layers(source, [layer for layer in layers if layer.name in chosen], samples,
-                                       activations, progress, objective)
+                                       activations, progress, objective, interleaved)
         table.entries.update({memo + name: list(v) for name, v in known.items()})
         table.save()
     return {name: tuple(v) for name, v in known.items() if v and v[1] > 0}
 
 
 def _measure_float_layers(source: Path, layers: list, samples, activations: str, progress: bool,
-                          objective) -> dict[str, tuple[float, float]]:
+                          objective, interleaved=interleaved_timing) -> dict[str, tuple[float, float]]:
     with tempfile.TemporaryDirectory(prefix="edgelr-float-") as tmp:
         models = {}
         bar = progress_bar(layers, desc="float layers", unit="model", show=progress)
@@ -326,7 +334,7 @@ def _measure_float_layers(source: Path, layers: list, samples, activations: str,
             models[name] = Path(tmp) / f"{len(models)}.onnx"
             quantize_model(source, models[name], "int8", samples, activations=activations, progress=False, keep_float=keep)
         error2 = {name: compare_outputs(source, path, samples, objective=objective).total2() for name, path in models.items()}
-        timing = interleaved_timing(models, samples.feed(0), rounds=MEASURE_ROUNDS)
+        timing = interleaved(models, samples.feed(0), rounds=MEASURE_ROUNDS)
     if not timing.stable:
         raise _unstable(_spread(timing))
     times = timing.seconds

@@ -13,7 +13,9 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import onnx_ir as ir
@@ -31,6 +33,8 @@ from edgelr.measure.latency import LAYER_LEEWAY, Timing, spread, steadiest
 from edgelr.passes.quantize import quantize
 
 POINTS_PER_FORM = 4  # ranks timed per form; the rest are interpolated
+GUESS_S_PER_FLOP = 1e-10  # a layer's time while its timing waits for the batch (LatencyTable.batched)
+T = TypeVar("T")
 
 
 def cache_dir() -> Path:
@@ -51,15 +55,20 @@ class LatencyTable:
     """Seconds per layer configuration on one target, measured once and cached on disk."""
 
     def __init__(self, threads: int = 1, cache: Path | None = None, quantize: str | None = None,
-                 activations: str = "uint8"):
+                 activations: str = "uint8", timer=None):
         self.threads = threads
         self.quantize = quantize  # time the layers as this quantization scheme runs them (edgelr.passes.quantize)
         self.activations = activations  # ... with this activation type (the target's: activations_for)
-        # one table per runtime, threads and kernel flavour: what the timings depend on
-        self.target = (f"ort-{ort.__version__}-cpu-t{threads}" + (f"-{quantize}" if quantize else "")
+        self.timer = timer  # times the layers on a device (edgelr.measure.device.DeviceTimer); None: here
+        # one table per runtime (a device's: its identity), threads and kernel flavour: what the timings depend on
+        runtime = timer.runtime if timer is not None else f"ort-{ort.__version__}-cpu"
+        self.target = (f"{runtime}-t{threads}" + (f"-{quantize}" if quantize else "")
                        + (f"-{activations}" if quantize and activations != "uint8" else ""))
         self.path = (cache or cache_dir()) / f"{self.target}.json"
         self.entries: dict[str, float] = _read_cache(self.path)
+        if timer is not None:  # what the file's timings belong to, for whoever reads it
+            self.entries["device"] = timer.identity | {"threads": threads}
+        self.pending: dict | None = None  # in batched(): the layer timings still to take
         self.measured = 0  # configurations timed by this table (0 when everything came from the cache)
         self.unstable: set[str] = set()  # entries timed on a busy machine: used by this run, never saved
 
@@ -88,13 +97,42 @@ class LatencyTable:
         times = [sum(self._time(layer, use, form, r) for use in layer.uses) for r in points]
         return float(np.interp(rank, points, times))
 
+    def batched(self, allocate: Callable[[], T]) -> T:
+        """allocate(), with the layer timings it asks for taken together: on a device, one batch (one SSH round
+        trip) rather than one per layer. Meanwhile a missing timing is a guess in proportion to FLOPs, and
+        allocate() runs again once they are real. Here (no timer) each layer is timed as it is asked for."""
+        if self.timer is None:
+            return allocate()
+        while True:  # ends: every pass times what it missed, and a model has finitely many configurations
+            self.pending = {}
+            try:
+                done = allocate()
+            finally:
+                pending, self.pending = self.pending, None
+            if not pending:
+                return done
+            self._take(pending)
+
     def _time(self, layer: Layer, use: Use, form: str | None, rank: int) -> float:
         key = _signature(layer, use, form, rank)
         if key not in self.entries:
-            timing = _measure(layer, use, form, rank, self.threads, self.quantize, self.activations)
-            self.record(key, timing.seconds["layer"], timing.stable)
-            self.measured += 1
+            if self.pending is not None:
+                self.pending[key] = (layer, use, form, rank)
+                return (layer.cost("flops", form, rank) or 0) / len(layer.uses) * GUESS_S_PER_FLOP
+            if self.timer is not None:
+                self._take({key: (layer, use, form, rank)})
+            else:
+                timing = _measure(layer, use, form, rank, self.threads, self.quantize, self.activations)
+                self.record(key, timing.seconds["layer"], timing.stable)
+                self.measured += 1
         return self.entries[key]
+
+    def _take(self, pending: dict[str, tuple]) -> None:
+        """Time `pending` ({key: (layer, use, form, rank)}) on the device, as one batch."""
+        models = {key: _layer_model(*args, self.quantize, self.activations) for key, args in pending.items()}
+        for key, timing in self.timer.layers(models, self.threads).items():
+            self.record(key, timing.seconds["layer"], timing.stable)
+        self.measured += len(models)
 
 
 
@@ -120,6 +158,24 @@ def _measure(layer: Layer, use: Use, form: str | None, rank: int, threads: int, 
     """Median seconds of one run of the layer alone (dense or as a factorized pair) in ORT, as
     Timing.seconds["layer"], re-measured while unstable; with `quantize`, as the quantized model runs it
     (Q/DQ around it and between the pair, integer kernels)."""
+    serialized, feed = _layer_model(layer, use, form, rank, quantize, activations)
+    session = runner.session(serialized, threads)
+    runs = runner.alone_runs(session, feed)
+
+    def timed() -> Timing:
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            session.run(None, feed)
+            times.append(time.perf_counter() - start)
+        return Timing({"layer": float(np.median(times))}, spread(times), LAYER_LEEWAY)
+
+    return steadiest(timed)
+
+
+def _layer_model(layer: Layer, use: Use, form: str | None, rank: int, quantize: str | None,
+                 activations: str) -> tuple[bytes, dict]:
+    """The layer alone (dense, or factorized at `rank`; quantized with `quantize`), serialized, and a feed for it."""
     rng = np.random.default_rng(0)
     model = single_layer_model(layer, use, rng)
     if form is not None:
@@ -131,22 +187,7 @@ def _measure(layer: Layer, use: Use, form: str | None, rank: int, threads: int, 
     x = model.graph.inputs[0]
     feed = {x.name: rng.normal(size=use.input_shape).astype(x.dtype.numpy())}
     serialized = ir.to_proto(model).SerializeToString() if not quantize else _quantized(model, quantize, activations, feed, rng)
-    session = runner.session(serialized, threads)
-    session.run(None, feed)
-    start = time.perf_counter()
-    session.run(None, feed)
-    once = time.perf_counter() - start
-    runs = int(min(200, max(7, 0.05 / max(once, 1e-6))))
-
-    def timed() -> Timing:
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            session.run(None, feed)
-            times.append(time.perf_counter() - start)
-        return Timing({"layer": float(np.median(times))}, spread(times), LAYER_LEEWAY)
-
-    return steadiest(timed)
+    return serialized, feed
 
 
 def _quantized(model: ir.Model, scheme: str, activations: str, feed: dict, rng: np.random.Generator) -> bytes:
