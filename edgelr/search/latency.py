@@ -191,7 +191,7 @@ class LatencySearchPass(FactorizePass):
         table.record(memo, saving, stable=not table.unstable)  # a saving settled on unstable tables is not remembered
         table.save()
         if not held or rounds[best]["measured_ratio"] > target + LATENCY_SLACK:  # missed by more than timing noise
-            raise EdgelrError(_unreachable(target, rounds, best, task, ceiling))
+            raise EdgelrError(_unreachable(target, rounds, best, task, ceiling, quantize))
         t_original = measured["original"]
         front = [{"predicted_ratio": 1 - (result.dense_cost - cost) / t_original, "predicted_error": math.sqrt(e2)}
                  for cost, e2 in result.front]
@@ -264,15 +264,16 @@ def _judged(verdict: Verdict | None) -> dict:
             "worst_error": verdict.errors.get("worst")}
 
 
-def _unreachable(target: float, rounds: list[dict], best: int, task, ceiling: float | None) -> str:
+def _unreachable(target: float, rounds: list[dict], best: int, task, ceiling: float | None,
+                 quantize: str | None = None) -> str:
     """One line: why the latency budget was not met, what was reachable, and what to pass to go further."""
     held = [r for r in rounds if r["task_held"]]
     broke = [r for r in rounds if not r["task_held"]]
     reached = f"pass --latency {rounded_up(rounds[best]['measured_ratio'])}"
     if not broke:
         return (f"latency budget {target:g} not reachable: the fastest factorization measured "
-                f"{rounds[best]['measured_ratio']:.2f} of the latency (more does not pay on these kernels); {reached}, "
-                "or quantize as well (--quantize int8)")
+                f"{rounds[best]['measured_ratio']:.2f} of the latency (more does not pay on these kernels); {reached}"
+                + ("" if quantize else ", or quantize as well (--quantize int8)"))
     bars = ([f"{task.kind} >= {task.floor:g}"] if task is not None else []) + (
         [f"every output error <= {ceiling:g}"] if ceiling is not None else [])
     fastest = min(broke, key=lambda r: r["measured_ratio"])
