@@ -43,7 +43,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.corpus import ENTRIES, CorpusUnavailable, Entry, get
+from models.corpus import BY_NAME, ENTRIES, CorpusUnavailable, Entry, get
 
 COMPRESS_FLOWS = {  # flow -> the compress flags beside -o, --calib, --heldout and --metric
     "params": ["--params", "0.5"],
@@ -183,7 +183,7 @@ def violations(result: dict, dest: str) -> list[str]:
 def measure(entry: Entry, out: Path, dest: str, rounds: int) -> dict:
     """A written model against the original on the held-out inputs: each output's error (edgelr's
     objective: each channel group on its own scale), the task metric, whether it passes the floor or the
-    ceiling, the speed-up timed interleaved on 1 thread, and its parameter count."""
+    ceiling, the speed-up timed interleaved on 1 thread, its parameter count and its size."""
     from edgelr.io.model import load
     from edgelr.io.samples import load_samples
     from edgelr.measure.latency import interleaved_latency
@@ -199,7 +199,7 @@ def measure(entry: Entry, out: Path, dest: str, rounds: int) -> dict:
     score = task_score(task, [a for a, _ in runs], [b for _, b in runs]) if task is not None else None
     verdict = Verdict(errors, score, len(heldout), ceiling_for(task, None))
     found = {"heldout_error": errors, "verdict": verdict.line(), "passed": verdict.passed,
-             "params_after": _params(_onnx(new))}
+             "params_after": _params(_onnx(new)), "bytes_after": new.stat().st_size}
     if score is not None:
         found["task"] = {"metric": score.metric, "value": score.value, "floor": score.floor}
     if entry.family == "text recognizer":  # no edgelr metric reads CTC scores: the share of lines read alike
@@ -287,7 +287,7 @@ def markdown(rows: list[dict]) -> str:
     """One line per model and flow."""
     def per_output(r: dict, outputs: list[str]) -> str:
         errs = r.get("heldout_error", {})
-        return ", ".join(f"`{_short(o, 12)}` {errs[o]:.3g}" for o in outputs if o in errs) if len(outputs) > 1 else ""
+        return ", ".join(f"`{_short(o, 18)}` {errs[o]:.3g}" for o in outputs if o in errs) if len(outputs) > 1 else ""
 
     def task(r: dict) -> str:
         if "task" in r:
@@ -307,20 +307,21 @@ def markdown(rows: list[dict]) -> str:
         said += [f"**{p}**" for p in r.get("violations", [])]
         return _short("; ".join(said), 240).replace("|", "\\|")
 
-    lines = ["| model | flow | exit | held-out worst | per output | task metric | speed × | params | s | refusal / note |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| model | flow | exit | held-out worst | per output | task metric | speed × | params | size | s | "
+              "refusal / note |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         if row.get("status") == "unavailable":
-            lines.append(f"| {row['name']} | | unavailable | | | | | | | {row['message']} |")
+            lines.append(f"| {row['name']} | | unavailable | | | | | | | | {row['message']} |")
             continue
         outputs = [o["name"] for o in row.get("outputs", [])]
         for flow, r in row.get("flows", {}).items():
             worst = r.get("heldout_error", {}).get("worst")
             after = f"{r['params_after'] / row['params']:.2f}×" if r.get("params_after") and row.get("params") else ""
             speed = f"{r['speed']:.2f}" if "speed" in r else ""
+            size = f"{r['bytes_after'] / row['bytes']:.2f}×" if r.get("bytes_after") and row.get("bytes") else ""
             lines.append(f"| {row['name']} | {flow} | {r['status']} | {'' if worst is None else f'{worst:.3g}'} | "
                          f"{per_output(r, outputs)} | {task(r)} | "
-                         f"{speed} | {after} | {r['seconds']} | {note(flow, r)} |")
+                         f"{speed} | {after} | {size} | {r['seconds']} | {note(flow, r)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -361,6 +362,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per edgelr run")
     parser.add_argument("--markdown", help="also write the results table here")
     parser.add_argument("--cold", action="store_true", help="a new, empty edgelr cache (honest times)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the other models' rows of --out's results.json (to finish an interrupted run)")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -373,19 +376,22 @@ def main() -> None:
         cache = out / CACHE_DIR
         shutil.rmtree(cache, ignore_errors=True)
         os.environ["EDGELR_CACHE"] = str(cache)  # the runs inherit it
-    rows = []
+    previous = out / "results.json"
+    done = {row["name"]: row for row in json.loads(previous.read_text()) if row["name"] in BY_NAME} \
+        if args.keep and previous.is_file() else {}
+    rows: list[dict] = []
     start = time.perf_counter()
     for entry in entries:
         print(f"{entry.name}:", flush=True)
         try:
             row = prepare(entry, out)
+            row["flows"] = run_model(entry, out, flows, args.rounds, args.timeout)
         except CorpusUnavailable as exc:
             print(f"  unavailable: {exc}")
-            rows.append({"name": entry.name, "status": "unavailable", "message": str(exc)})
-            continue
-        row["flows"] = run_model(entry, out, flows, args.rounds, args.timeout)
-        rows.append(row)
-        (out / "results.json").write_text(json.dumps(rows, indent=1))  # after each model: a partial run is kept
+            row = {"name": entry.name, "status": "unavailable", "message": str(exc)}
+        done[entry.name] = row
+        rows = [done[e.name] for e in ENTRIES if e.name in done]
+        previous.write_text(json.dumps(rows, indent=1))  # after each model: an interrupted run is kept
     table = markdown(rows)
     said = f"{summary(rows)}; {time.perf_counter() - start:.0f} s"
     if args.markdown:
