@@ -19,13 +19,24 @@ from edgelr.errors import EdgelrError
 from edgelr.search.latency import LATENCY_ROUNDS
 from edgelr.search.tables import LatencyTable
 
+
+def timed_compress(*args, **kwargs):
+    """compress with a latency budget; a machine too busy to time on (the refusal issue 20 asks for) skips the
+    test rather than failing it: what these tests check needs timings the search trusts."""
+    try:
+        return compress(*args, **kwargs)
+    except EdgelrError as exc:
+        if "unstable" in str(exc):
+            pytest.skip(f"this machine is too busy to time on now: {exc}")
+        raise
+
 UNSTABLE = "timings on this machine are unstable"
 
 
 @pytest.mark.slow
 def test_latency_budget_measures_tables_once_and_reports_rounds(demo):
     config = FactorizeConfig(latency=0.8)
-    first = compress(demo / "m.onnx", demo / "a.onnx", config, calib=demo / "calib.npz", progress=False)
+    first = timed_compress(demo / "m.onnx", demo / "a.onnx", config, calib=demo / "calib.npz", progress=False)
     assert first.latency["layer_timings"] > 0
     assert (demo / "cache" / "latency").is_dir() and list((demo / "cache" / "latency").glob("*.json"))
     rounds = first.latency["rounds"]
@@ -33,7 +44,7 @@ def test_latency_budget_measures_tables_once_and_reports_rounds(demo):
     assert all(0 < r["predicted_ratio"] <= 1.2 and r["measured_ratio"] > 0 for r in rounds)
     rows = [r for r in first.result.layers if r.latency_before is not None]
     assert rows and all(r.latency_after <= r.latency_before for r in rows if r.form != "dense")
-    second = compress(demo / "m.onnx", demo / "b.onnx", config, calib=demo / "calib.npz", progress=False)
+    second = timed_compress(demo / "m.onnx", demo / "b.onnx", config, calib=demo / "calib.npz", progress=False)
     # every table entry came from the cache, but those timed while the machine was busy (issue 20)
     assert second.latency["layer_timings"] == first.latency["unstable_layer_timings"]
 
@@ -130,7 +141,7 @@ def test_latency_report_has_the_search_front_and_measured_layers(demo):
 
     run = demo / "run"
     run.mkdir()
-    compress(demo / "m.onnx", run / "a.onnx", FactorizeConfig(latency=0.8), calib=demo / "calib.npz",
+    timed_compress(demo / "m.onnx", run / "a.onnx", FactorizeConfig(latency=0.8), calib=demo / "calib.npz",
              report=run / "a.json", progress=False)
     data = json.loads((run / "a.json").read_text())
     front = data["latency"]["front"]
@@ -151,7 +162,7 @@ def test_latency_budget_with_quantize_measures_the_quantized_model(demo):
     """--latency with --quantize: quantization alone is measured first (the floor), every round's model is
     quantized before it is timed, beside the quantized original (the floor is the median of those
     measurements), and the output is the quantized model."""
-    done = compress(demo / "m.onnx", demo / "q.onnx", FactorizeConfig(latency=0.8), calib=demo / "calib.npz",
+    done = timed_compress(demo / "m.onnx", demo / "q.onnx", FactorizeConfig(latency=0.8), calib=demo / "calib.npz",
                     progress=False, quantize="int8")
     assert done.quantized["scheme"] == "int8"
     assert 0 < done.latency["quantized_only_ratio"] < 3
