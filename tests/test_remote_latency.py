@@ -115,7 +115,9 @@ def test_latency_tables_built_on_an_emulated_aarch64_device_and_reused(sshd, dem
 
 @pytest.mark.slow
 def test_latency_tables_built_on_a_device_and_reused(sshd, demo):
-    _device_search(lambda out, *extra: _compress(sshd, demo, out, sys.executable, *extra), sshd, demo, "0.5",
+    """At --latency 0.5 the demo model sits at the edge of the error ceiling (CI once measured the fastest round
+    that kept it at 0.54, and the search rightly refused): 0.7 is well inside it."""
+    _device_search(lambda out, *extra: _compress(sshd, demo, out, sys.executable, *extra), sshd, demo, "0.7",
                    platform.machine())
 
 
