@@ -22,6 +22,7 @@ import onnx_ir as ir
 
 from edgelr.deploy.targets import Target, load_target
 from edgelr.errors import EdgelrError
+from edgelr.graph.einsum import lower_weight_einsums
 from edgelr.io import model as model_io
 from edgelr.io.samples import load_samples
 from edgelr.measure.device import DeviceTimer
@@ -156,7 +157,13 @@ def compress(
     ceiling = ceiling_for(task, given) if judged is not None else None
     with tempfile.TemporaryDirectory(prefix=".edgelr-", dir=output.parent) as tmp:
         tmp = Path(tmp).resolve()
-        ctx = Context(source, samples, Path(calib) if calib is not None else None, tmp, resolved, progress, path=source,
+        path = source
+        if any(isinstance(c, FactorizeConfig) for c in recipe.passes) and any(n.op_type == "Einsum" for n in model.graph):
+            model_io.infer_shapes(model)  # fixed sizes become constant shapes in the rewrite
+        if any(isinstance(c, FactorizeConfig) for c in recipe.passes) and lower_weight_einsums(model):
+            path = tmp / "einsums-as-matmuls.onnx"  # exact; the passes that read files read this one
+            model_io.save(model, path)
+        ctx = Context(source, samples, Path(calib) if calib is not None else None, tmp, resolved, progress, path=path,
                       task=task, judged=judged, ceiling=ceiling, device=on)
         for i, config in enumerate(recipe.passes):
             ctx.later = tuple(recipe.passes[i + 1:])

@@ -16,6 +16,7 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 def run(args) -> int:
     from edgelr.calibration.grams import observe_shapes
+    from edgelr.graph.einsum import lower_weight_einsums
     from edgelr.graph.layers import find_layers
     from edgelr.io import model as model_io
     from edgelr.io.samples import load_samples
@@ -25,6 +26,8 @@ def run(args) -> int:
     shapes = parse_shapes(args.shapes, args.model)
     model = model_io.load(args.model)
     model_io.infer_shapes(model)
+    if lower_weight_einsums(model):  # as compress sees them: one MatMul layer per weight matrix
+        model_io.infer_shapes(model)
     layers, skipped = find_layers(model)
     samples = load_samples(args.calib, model) if args.calib else None
     try:

@@ -23,7 +23,6 @@ process's slice is weighed exactly as one process weighs the whole batch.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
