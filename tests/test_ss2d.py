@@ -19,7 +19,11 @@ from edgelr.train.ss2d import (
     chunked_scan,
     cross_merge,
     cross_scan,
+    keep_channels,
+    keep_states,
     sequential_scan,
+    slice_states,
+    state_energy,
 )
 
 
@@ -92,3 +96,59 @@ def test_block_at_40x40_exports_to_under_2000_nodes(tmp_path):
         export_onnx(block, tmp_path / "b.onnx", (torch.randn(1, 40, 40, 96),), dynamic_batch=False)
     nodes = onnx.load(tmp_path / "b.onnx").graph.node
     assert len(nodes) < 2000 and not {"Loop", "Scan"} & {n.op_type for n in nodes}  # unrolled, and small
+
+
+def test_per_state_parts_sum_to_the_scan():
+    args = _scan_args(12, 1.0)
+    parts = chunked_scan(*args, per_state=True)
+    x, D = args[0], args[5]
+    assert parts.shape == (2, 4, 6, 5, 12)
+    assert torch.allclose(parts.sum(3) + D.unsqueeze(-1) * x, chunked_scan(*args), atol=1e-5)
+
+
+def _block_and_samples(seed=0):
+    torch.manual_seed(seed)
+    block = SS2D(16, d_state=8).eval()
+    with torch.no_grad():  # delta 0.05..1: states that carry the output unevenly
+        block.dt_projs_bias.copy_(torch.linspace(-3, 0.5, block.dt_projs_bias.numel()).reshape(block.dt_projs_bias.shape))
+    return block, torch.randn(6, 6, 5, 16)
+
+
+def test_keeping_every_state_or_channel_changes_nothing():
+    block, x = _block_and_samples()
+    with torch.no_grad():
+        before = block(x)
+        keep_states(block, 8, x)
+        keep_channels(block, block.d_inner, x)
+        assert torch.allclose(block(x), before, atol=1e-6)
+
+
+def test_states_are_dropped_by_what_they_carry():
+    """keep_states keeps each direction's strongest states; dropping those instead moves the output more."""
+    block, x = _block_and_samples()
+    order = state_energy(block, x).argsort(dim=1)
+    with torch.no_grad():
+        before = block(x)
+    errors = {}
+    for name, kept in (("weakest dropped", None), ("strongest dropped", order[:, :4].sort(dim=1).values)):
+        reduced, _ = _block_and_samples()
+        if kept is None:
+            assert torch.equal(keep_states(reduced, 4, x), order[:, 4:].sort(dim=1).values)
+        else:
+            slice_states(reduced, kept)
+        with torch.no_grad():
+            errors[name] = ((reduced(x) - before).norm() / before.norm()).item()
+    assert errors["weakest dropped"] < errors["strongest dropped"]
+
+
+def test_reduced_block_exports_and_is_smaller(tmp_path):
+    block, x = _block_and_samples()
+    before = sum(p.numel() for p in block.parameters())
+    keep_states(block, 4, x)
+    keep_channels(block, 20, x)
+    assert (block.d_state, block.d_inner) == (4, 20) and sum(p.numel() for p in block.parameters()) < 0.7 * before
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_onnx(block, tmp_path / "r.onnx", (x[:1],), dynamic_batch=False)
+    with pytest.raises(ValueError, match="keep 0 states"):
+        keep_states(block, 0, x)

@@ -49,8 +49,10 @@ def chunk_length(tokens: int) -> int:
                key=lambda length: length + tokens // length)
 
 
-def chunked_scan(x, delta, A, B, C, D, chunk: int | None = None):
-    """The same result as sequential_scan, in about 2*sqrt(t) unrolled steps, each over whole tensors."""
+def chunked_scan(x, delta, A, B, C, D, chunk: int | None = None, per_state: bool = False):
+    """The same result as sequential_scan, in about 2*sqrt(t) unrolled steps, each over whole tensors.
+    per_state: each state's own part of y, C[t, n] * h[t, n], as (b, k, d, n, t), without the D skip (the modes
+    of a diagonal A never mix, so y is exactly their sum)."""
     b, k, d, t = x.shape
     n = A.shape[-1]
     length = chunk or chunk_length(t)
@@ -84,7 +86,9 @@ def chunked_scan(x, delta, A, B, C, D, chunk: int | None = None):
     ys = []
     for i in range(length):
         h = decay[i] * h + inflow[i]
-        ys.append((h * Cp[i]).sum(-1))                                   # (b, k, chunks, d)
+        ys.append(h * Cp[i] if per_state else (h * Cp[i]).sum(-1))     # (b, k, chunks, d[, n])
+    if per_state:
+        return torch.stack(ys, -1).permute(0, 1, 3, 4, 2, 5).reshape(b, k, d, n, t)
     y = torch.stack(ys, -1).permute(0, 1, 3, 2, 4).reshape(b, k, d, t)
     return y + D.unsqueeze(-1) * x
 
@@ -146,3 +150,90 @@ class SS2D(nn.Module):
         y = (sequential_scan if self.scan == "sequential" else chunked_scan)(*args)
         y = cross_merge(y, height, width).transpose(1, 2).reshape(x.shape[0], height, width, -1)
         return self.out_proj(self.out_norm(y) * F.silu(z))
+
+
+# --- reductions: fewer states, a narrower inner width ------------------------------------------------
+@torch.no_grad()
+def state_energy(block: SS2D, x: torch.Tensor) -> torch.Tensor:
+    """(directions, d_state): how much of the scan's output each direction's state carries on samples x, the
+    mean square of C[t, n] * h[t, n] over samples, channels and tokens."""
+    args, _ = block.scan_inputs(x)
+    return chunked_scan(*args, per_state=True).pow(2).mean(dim=(0, 2, 4))
+
+
+@torch.no_grad()
+def channel_energy(block: SS2D, x: torch.Tensor) -> torch.Tensor:
+    """(d_inner,): each inner channel's share of the block's output: the mean square of what out_proj reads from
+    it (normalised scan output times the gate) times the squared norm of out_proj's column for it."""
+    _, height, width, _ = x.shape
+    args, z = block.scan_inputs(x)
+    y = cross_merge(chunked_scan(*args), height, width).transpose(1, 2).reshape(x.shape[0], height, width, -1)
+    feeds = (block.out_norm(y) * F.silu(z)).pow(2).mean(dim=(0, 1, 2))
+    return feeds * block.out_proj.weight.pow(2).sum(0)
+
+
+@torch.no_grad()
+def keep_states(block: SS2D, keep: int, x: torch.Tensor) -> torch.Tensor:
+    """Keep each direction's `keep` states that carry the most output on samples x (each direction its own);
+    B's and C's rows of x_proj and A's columns go with them. The block is changed in place; returns the
+    kept indices (directions, keep)."""
+    if not 0 < keep <= block.d_state:
+        raise ValueError(f"keep {keep} states: must be in 1..{block.d_state}")
+    kept = state_energy(block, x).topk(keep, dim=1).indices.sort(dim=1).values     # (k, keep)
+    slice_states(block, kept)
+    return kept
+
+
+@torch.no_grad()
+def slice_states(block: SS2D, kept: torch.Tensor) -> None:
+    """Keep the states KEPT (directions, keep) of each direction, in place."""
+    keep, r, n = kept.shape[1], block.dt_rank, block.d_state
+    w = block.x_proj_weight.data                                                  # (k, r + 2n, d)
+    rows = torch.cat([torch.arange(r).expand(len(kept), r), r + kept, r + n + kept], 1)
+    block.x_proj_weight = nn.Parameter(torch.stack([w[i, rows[i]] for i in range(len(kept))]))
+    block.A_logs = nn.Parameter(torch.stack([block.A_logs.data[i][:, kept[i]] for i in range(len(kept))]))
+    block.d_state = keep
+
+
+@torch.no_grad()
+def keep_channels(block: SS2D, keep: int, x: torch.Tensor) -> torch.Tensor:
+    """Keep the `keep` inner channels that feed out_proj the most on samples x: their rows of in_proj (x and
+    gate), depthwise conv filters, scan parameters, norm and out_proj columns. In place; returns the kept
+    indices. The norm now averages over fewer channels: distillation restores what that moves."""
+    if not 0 < keep <= block.d_inner:
+        raise ValueError(f"keep {keep} channels: must be in 1..{block.d_inner}")
+    kept = channel_energy(block, x).topk(keep).indices.sort().values
+    slice_channels(block, kept)
+    return kept
+
+
+@torch.no_grad()
+def slice_channels(block: SS2D, kept: torch.Tensor) -> None:
+    """Keep the inner channels KEPT, in place."""
+    keep, d = len(kept), block.d_inner
+    block.in_proj = _linear_rows(block.in_proj, torch.cat([kept, d + kept]))
+    conv = nn.Conv2d(keep, keep, 3, padding=1, groups=keep)
+    conv.weight.data, conv.bias.data = block.conv2d.weight.data[kept].clone(), block.conv2d.bias.data[kept].clone()
+    block.conv2d = conv
+    block.x_proj_weight = nn.Parameter(block.x_proj_weight.data[:, :, kept].clone())
+    block.dt_projs_weight = nn.Parameter(block.dt_projs_weight.data[:, kept].clone())
+    block.dt_projs_bias = nn.Parameter(block.dt_projs_bias.data[:, kept].clone())
+    block.A_logs = nn.Parameter(block.A_logs.data[:, kept].clone())
+    block.Ds = nn.Parameter(block.Ds.data[:, kept].clone())
+    norm = nn.LayerNorm(keep, eps=block.out_norm.eps)
+    norm.weight.data, norm.bias.data = block.out_norm.weight.data[kept].clone(), block.out_norm.bias.data[kept].clone()
+    block.out_norm = norm
+    out = nn.Linear(keep, block.d_model, bias=block.out_proj.bias is not None)
+    out.weight.data = block.out_proj.weight.data[:, kept].clone()
+    if out.bias is not None:
+        out.bias.data = block.out_proj.bias.data.clone()
+    block.out_proj = out
+    block.d_inner = keep
+
+
+def _linear_rows(linear: nn.Linear, rows: torch.Tensor) -> nn.Linear:
+    kept = nn.Linear(linear.in_features, len(rows), bias=linear.bias is not None)
+    kept.weight.data = linear.weight.data[rows].clone()
+    if linear.bias is not None:
+        kept.bias.data = linear.bias.data[rows].clone()
+    return kept
