@@ -82,11 +82,10 @@ def chunked_scan(x, delta, A, B, C, D, chunk: int | None = None, per_state: bool
     h = torch.stack(entering, 2)                                         # (b, k, chunks, d, n)
 
     # every position, all chunks at once
-    decay = torch.exp(decay_log)
-    ys = []
-    for i in range(length):
-        h = decay[i] * h + inflow[i]
-        ys.append(h * Cp[i] if per_state else (h * Cp[i]).sum(-1))     # (b, k, chunks, d[, n])
+    ys = []  # unbind, not [i]: under autograd each index would fill a whole zero gradient in the backward pass
+    for decay, inflow_i, C_i in zip(torch.exp(decay_log).unbind(0), inflow.unbind(0), Cp.unbind(0)):
+        h = decay * h + inflow_i
+        ys.append(h * C_i if per_state else (h * C_i).sum(-1))          # (b, k, chunks, d[, n])
     if per_state:
         return torch.stack(ys, -1).permute(0, 1, 3, 4, 2, 5).reshape(b, k, d, n, t)
     y = torch.stack(ys, -1).permute(0, 1, 3, 2, 4).reshape(b, k, d, t)
@@ -128,6 +127,7 @@ class SS2D(nn.Module):
         self.dt_projs_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
         self.A_logs = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(k, d, 1))
         self.Ds = nn.Parameter(torch.ones(k, d))
+        self.scan_output = nn.Identity()  # a place to hook the scan's output (b, k, d, t): distillation aligns it
         self.out_norm = nn.LayerNorm(d)
         self.out_proj = nn.Linear(d, d_model, bias=False)
 
@@ -147,7 +147,7 @@ class SS2D(nn.Module):
     def forward(self, x):
         _, height, width, _ = x.shape
         args, z = self.scan_inputs(x)
-        y = (sequential_scan if self.scan == "sequential" else chunked_scan)(*args)
+        y = self.scan_output((sequential_scan if self.scan == "sequential" else chunked_scan)(*args))
         y = cross_merge(y, height, width).transpose(1, 2).reshape(x.shape[0], height, width, -1)
         return self.out_proj(self.out_norm(y) * F.silu(z))
 
