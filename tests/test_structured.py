@@ -118,8 +118,10 @@ def test_projections_start_from_the_kept_channels(teacher, batches):
     assert torch.equal(projection.sum(1), torch.ones(20))
     loss.close()
 
-    with torch.no_grad():  # trained since: no channel matches, the projection is fitted by least squares
+    with torch.no_grad():  # trained since: the channels are still known by their origin
         block.conv2d.weight.add_(1e-3 * torch.randn_like(block.conv2d.weight))
+    assert torch.equal(recover_kept_channels(teacher.get_submodule(BLOCK), block), kept)
+    block.channel_origin = block.channel_origin + 1000  # built some other way: fitted by least squares
     assert recover_kept_channels(teacher.get_submodule(BLOCK), block) is None
     loss = StructureAwareLoss(teacher, student, config(state=1.0))
     _, fitted = loss(batches[0])

@@ -127,6 +127,8 @@ class SS2D(nn.Module):
         self.dt_projs_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
         self.A_logs = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(k, d, 1))
         self.Ds = nn.Parameter(torch.ones(k, d))
+        # which of the original block's inner channels these are: slice_channels narrows it, distillation reads it
+        self.register_buffer("channel_origin", torch.arange(d))
         self.scan_output = nn.Identity()  # a place to hook the scan's output (b, k, d, t): distillation aligns it
         self.out_norm = nn.LayerNorm(d)
         self.out_proj = nn.Linear(d, d_model, bias=False)
@@ -229,6 +231,7 @@ def slice_channels(block: SS2D, kept: torch.Tensor) -> None:
         out.bias.data = block.out_proj.bias.data.clone()
     block.out_proj = out
     block.d_inner = keep
+    block.channel_origin = block.channel_origin[kept]
 
 
 def _linear_rows(linear: nn.Linear, rows: torch.Tensor) -> nn.Linear:

@@ -15,7 +15,7 @@ module path. The loss, L = task * L_task + svd * L_SVD + state * L_state + feat 
 - L_state: per SS2D block, the student's scan output (b, k, d, t) (the block's `scan_output` hook) against a
   learned projection of the teacher's over the channel axis, d_teacher -> d_student, trained with the student.
   It starts as the identity where the widths are equal, as the selection of the kept channels where
-  slice_channels reduced the width (recovered from the values it copied), else as the least-squares map on
+  slice_channels reduced the width (SS2D.channel_origin), else as the least-squares map on
   the first batch. The mean over blocks of MSE / variance of the projected teacher output: that variance,
   not the raw teacher's, so that the projection cannot lower the term by shrinking both sides towards 0.
 - L_feat: per SS2D block, its output, student against teacher, MSE / the teacher output's variance.
@@ -93,28 +93,12 @@ def is_low_rank_pair(module: nn.Module) -> bool:
 
 @torch.no_grad()
 def recover_kept_channels(teacher_block: SS2D, student_block: SS2D) -> torch.Tensor | None:
-    """The teacher's inner channels the student block's were sliced from, in the student's order: slice_channels
-    copies each kept channel's conv filter and bias, D, delta bias and norm weights unchanged, so they are
-    matched by those values. None where a channel matches no teacher channel exactly (the student was trained
-    since, or built some other way)."""
-    if student_block.d_inner == teacher_block.d_inner:
-        return torch.arange(student_block.d_inner)
-
-    def signature(block: SS2D) -> torch.Tensor:
-        conv, norm = block.conv2d, block.out_norm
-        parts = [conv.weight.flatten(1), block.Ds.T, block.dt_projs_bias.T]
-        parts += [p[:, None] for p in (conv.bias, norm.weight, norm.bias) if p is not None]
-        return torch.cat(parts, 1).double()
-
-    mine, theirs = signature(student_block), signature(teacher_block)
-    if mine.shape[1] != theirs.shape[1]:
-        return None
-    distance = torch.cdist(mine, theirs)
-    nearest = distance.argmin(1)
-    tolerance = 1e-6 * float(theirs.norm(dim=1).mean())
-    if bool((distance.gather(1, nearest[:, None]) > tolerance).any()) or len(nearest.unique()) != len(nearest):
-        return None
-    return nearest
+    """The teacher's inner channels the student block's were sliced from, in the student's order, read from
+    the channels' recorded origin (SS2D.channel_origin, which slice_channels narrows); None where a student
+    channel is not one of the teacher's."""
+    where = {int(c): i for i, c in enumerate(teacher_block.channel_origin)}
+    kept = [where.get(int(c)) for c in student_block.channel_origin]
+    return None if None in kept else torch.tensor(kept)
 
 
 def _teacher_weight(path: str, linear: nn.Linear, pair: nn.Module, teacher_blocks: dict[str, SS2D],
