@@ -33,7 +33,7 @@ from edgelr.measure.verify import ceiling_for, judge, rounded_up
 from edgelr.passes.base import Context, PassConfig, make_pass
 from edgelr.passes.factorize import FactorizeConfig, FactorizeResult
 from edgelr.passes.prune import PruneConfig
-from edgelr.passes.quantize import SCHEMES, QuantizeConfig
+from edgelr.passes.quantize import SCHEMES, QuantizeConfig, quantized_already
 from edgelr.passes.refit import RefitConfig
 from edgelr.recipe import Recipe
 from edgelr.report.tables import result_json, write_json
@@ -144,6 +144,9 @@ def compress(
             raise EdgelrError("--on times a latency search on the device: give --latency F too")
         on = (on if isinstance(on, DeviceTimer) else DeviceTimer(Device(on))).connect()
     model = model_io.load(source)
+    if any(isinstance(c, QuantizeConfig) for c in recipe.passes) and (count := quantized_already(model)):
+        raise EdgelrError(f"{source}: already quantized ({count} quantization nodes): quantize the float model it was "
+                          "made from, or leave out --quantize")
     samples = load_samples(calib, model) if calib is not None else None
     task = recognise(model, metric if metric is not None else recipe.metric, floor if floor is not None else recipe.floor)
     if heldout is not None and samples is None:
@@ -195,9 +198,11 @@ def compress(
             if verdict is not None and not verdict.passed:
                 way = "lower the floor (--floor)" if verdict.score is not None and not verdict.score.passed else \
                     f"pass --max-output-error {rounded_up(verdict.errors['worst'])}"
+                budgeted = any(isinstance(c, PruneConfig) or (isinstance(c, FactorizeConfig) and c.ranks != {})
+                               for c in recipe.passes)  # else quantization alone: there is no budget to loosen
                 raise EdgelrError(f"{output}: not written: {verdict.line()}, on {verdict.samples} "
                                   f"{'held-out' if heldout is not None else 'calibration'} samples; "
-                                  f"loosen the budget, or {way}")
+                                  + (f"loosen the budget, or {way}" if budgeted else way))
             errors = verdict.errors if verdict is not None else {}
             if report is not None and ctx.factorized is not None:
                 _measure_layers(ctx.factorized, staged, samples)

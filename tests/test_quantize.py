@@ -246,6 +246,28 @@ def test_compress_quantize_bad_input_writes_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
+def test_an_already_quantized_model_is_refused_for_what_it_is(tmp_path):
+    """Quantizing an INT8 model again, or factorizing its quantized weights: one line that says so, nothing
+    written; quantization alone is judged without advice to loosen a budget it does not have."""
+    from edgelr.demo import build_model, synthetic_images
+
+    onnx.save(build_model(), tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", image=synthetic_images(8, seed=1))
+    run = _cli("compress", tmp_path / "m.onnx", "-o", tmp_path / "q.onnx", "--quantize", "int8", "--calib",
+               tmp_path / "calib.npz")
+    assert run.returncode == 0, run.stderr
+    run = _cli("compress", tmp_path / "q.onnx", "-o", tmp_path / "qq.onnx", "--quantize", "int8", "--calib",
+               tmp_path / "calib.npz")
+    assert run.returncode == 1 and "already quantized" in run.stderr and "Traceback" not in run.stderr
+    run = _cli("compress", tmp_path / "q.onnx", "-o", tmp_path / "qq.onnx", "--params", "0.5", "--calib",
+               tmp_path / "calib.npz")
+    assert run.returncode == 1 and "weight is quantized: factorize the float model" in run.stderr
+    run = _cli("compress", tmp_path / "m.onnx", "-o", tmp_path / "tight.onnx", "--quantize", "int8", "--calib",
+               tmp_path / "calib.npz", "--max-output-error", "0.0001")
+    assert run.returncode == 1 and "not written" in run.stderr and "budget" not in run.stderr, run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz", "m.onnx", "q.onnx"]
+
+
 # --- the low-rank branch beside INT8 (edgelr.passes.svdquant) ----------------------------------------------------------
 def outlier_conv(tmp_path: Path, heavy: float = 60.0) -> tuple[Path, Samples]:
     """Relu -> Conv 3x3 (16 -> 32) -> Relu, whose input has two channels `heavy` times the others."""

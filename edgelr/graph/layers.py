@@ -267,6 +267,9 @@ def _inspect_node(node: ir.Node, opset: int):
     except ValueError:
         tensor = None
     if tensor is None:
+        producer = weight.producer()
+        if producer is not None and producer.op_type == "DequantizeLinear":
+            return "weight is quantized: factorize the float model", None, None
         return "weight is not a constant", None, None
     if tensor.dtype not in FLOAT_TYPES:
         return f"weight is {tensor.dtype.name}, not floating point", None, None

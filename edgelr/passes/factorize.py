@@ -232,6 +232,8 @@ class FactorizePass(EdgelrPass):
     def call(self, model: ir.Model) -> PassDetails:
         ctx, config = self.context, self.config
         layers, skipped = find_layers(model)
+        if not layers and config.ranks == {}:  # every layer stays dense (pruning or quantization alone): nothing to do
+            return PassDetails(model, False, None)
         if not layers:
             reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:3])
             raise EdgelrError(f"{ctx.source}: no factorizable MatMul, Gemm or Conv node with a constant weight"

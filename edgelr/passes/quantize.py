@@ -374,6 +374,13 @@ class _Reader:
         return len(self.samples)
 
 
+def quantized_already(model: ir.Model) -> int:
+    """How many quantization nodes (QuantizeLinear, DequantizeLinear, integer ops) the model holds already."""
+    return sum(1 for node in ir.traversal.RecursiveGraphIterator(model.graph)
+               if node.op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+               or node.op_type.endswith("Integer") or node.op_type.startswith("QLinear"))
+
+
 def _quantized_nodes(path: Path) -> dict[str, int]:
     """Op type -> how many nodes now hold their constant inputs (weights) as INT8: fed by a
     DequantizeLinear of an initializer (QDQ), or an integer op (dynamic)."""
