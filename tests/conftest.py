@@ -32,6 +32,17 @@ def _own_cache(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture()
+def torch_one_thread():
+    """Torch on one thread for the test (small models train faster so, beside other work on 2 cores)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture()
 def demo(tmp_path, monkeypatch):
     """edgelr demo's small convnet (m.onnx) and 8 calibration images (calib.npz), with a cold cache of its own."""
     monkeypatch.setenv("EDGELR_CACHE", str(tmp_path / "cache"))

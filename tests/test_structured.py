@@ -30,12 +30,7 @@ BLOCK = "stages.0.blocks.0.ss2d"
 ONLY = {term: 0.0 for term in TERMS}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")
