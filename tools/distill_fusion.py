@@ -43,11 +43,13 @@ DEFAULT_WEIGHTS = {"task": 1.0, "svd": 0.5, "state": 0.1, "feat": 1.5}
 CALIBRATION_SEED_OFFSET = 7919  # the calibration scenes come from a training stream of their own
 
 
-def variants(ablation: bool) -> dict[str, dict[str, float]]:
-    """Variant name -> term weights: the full loss, and with --ablation the task loss alone and each term off."""
+def variants(ablation: bool, baseline: bool = False) -> dict[str, dict[str, float]]:
+    """Variant name -> term weights: the full loss; with --baseline or --ablation the task loss alone; with
+    --ablation each term off in turn."""
     found = {"distilled": DEFAULT_WEIGHTS}
-    if ablation:
+    if ablation or baseline:
         found["task only (no distillation)"] = {**DEFAULT_WEIGHTS, "svd": 0.0, "state": 0.0, "feat": 0.0}
+    if ablation:
         found.update({f"no {term}": {**DEFAULT_WEIGHTS, term: 0.0} for term in TERMS})
     return found
 
@@ -85,6 +87,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for distill.json and the ONNX files")
     parser.add_argument("--minutes", type=float, default=10.0, help="training time of each variant")
     parser.add_argument("--ablation", action="store_true", help="also task loss only, and each term off in turn")
+    parser.add_argument("--baseline", action="store_true", help="also task loss only (the student undistilled)")
     parser.add_argument("--states", type=int, default=8, help="states kept per direction")
     parser.add_argument("--width-fraction", type=float, default=0.67, help="inner channels kept, a fraction")
     parser.add_argument("--params", type=float, default=0.5, help="in_proj / out_proj parameters kept, a fraction")
@@ -117,7 +120,7 @@ def main() -> None:
 
     models = {"teacher": teacher, "reduced, not trained": student}
     runs = {}
-    for variant, weights in variants(args.ablation).items():
+    for variant, weights in variants(args.ablation, args.baseline).items():
         print(f"{variant}: {args.minutes} min", flush=True)
         trained = copy.deepcopy(student)
         config = StructuredDistillConfig(steps=None, lr=args.lr, time_limit=args.minutes * 60, **weights)
