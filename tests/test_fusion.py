@@ -210,3 +210,32 @@ def test_training_script_writes_the_model_and_its_numbers(tmp_path, monkeypatch)
     assert report["eval_images"] == 16 and set(report["class_ap50"]) <= set(CLASSES)
     model = FusionDetector(TINY)
     model.load_state_dict(torch.load(tmp_path / "fusion.pt"))
+
+
+@pytest.mark.slow
+def test_detector_deploys_to_rpi5_under_emulation_and_builds_a_tensorrt_rtx_engine(tmp_path):
+    """The SS2D detector at a fixed size: its Pi bundle passes parity on the emulated aarch64 Pi (onnxruntime
+    1.19.2, ORT format, reduced operators), and TensorRT for RTX builds its engine (ahead of time, no GPU)."""
+    import importlib.util
+    import shutil
+
+    from edgelr.deploy.export import export
+    from tools.aarch64_env import QEMU, run_bundle
+
+    torch.manual_seed(0)
+    rgb, thermal = torch.rand(1, 3, SIZE, SIZE), torch.rand(1, 1, SIZE, SIZE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_onnx(FusionDetector(TINY).eval(), tmp_path / "fusion.onnx", (rgb, thermal),
+                    input_names=["rgb", "thermal"], dynamic_batch=False)
+    np.savez(tmp_path / "calib.npz", rgb=np.random.default_rng(0).random((2, 3, SIZE, SIZE), np.float32),
+             thermal=np.random.default_rng(1).random((2, 1, SIZE, SIZE), np.float32))
+    export(tmp_path / "fusion.onnx", "rpi5", tmp_path / "pi", calib=tmp_path / "calib.npz", progress=False)
+    if shutil.which(QEMU) is not None:
+        done = run_bundle(tmp_path / "pi", ["--runs", "1", "--warmup", "0"], progress=False)
+        assert done.returncode == 0 and done.report["machine"] == "aarch64", done.report
+        assert done.report["parity"]["passed"], done.report
+    if not any(importlib.util.find_spec(name) for name in ("tensorrt_rtx", "tensorrt_rtx_bindings")):
+        return  # the [trt] extra is not installed here: the Pi half ran
+    export(tmp_path / "fusion.onnx", "rtx", tmp_path / "rtx", calib=tmp_path / "calib.npz", progress=False)
+    assert (tmp_path / "rtx" / "model.engine").stat().st_size > 0
