@@ -71,12 +71,12 @@ def parameters(model: torch.nn.Module) -> int:
 
 
 def teacher_config(path: Path, chosen: str | None) -> str:
-    """--config, else the one train.json beside the teacher names, else 'default'."""
+    """--config, else the one the teacher's record names (NAME.train.json or train.json beside it), else 'default'."""
     if chosen:
         return chosen
-    record = path.parent / "train.json"
-    if record.is_file():
-        return json.loads(record.read_text()).get("config", {}).get("name", "default")
+    for record in (path.with_suffix(".train.json"), path.parent / "train.json"):
+        if record.is_file():
+            return json.loads(record.read_text()).get("config", {}).get("name", "default")
     return "default"
 
 
