@@ -163,9 +163,9 @@ def compress(
         path = source
         if any(isinstance(c, FactorizeConfig) for c in recipe.passes) and any(n.op_type == "Einsum" for n in model.graph):
             model_io.infer_shapes(model)  # fixed sizes become constant shapes in the rewrite
-        if any(isinstance(c, FactorizeConfig) for c in recipe.passes) and lower_weight_einsums(model):
-            path = tmp / "einsums-as-matmuls.onnx"  # exact; the passes that read files read this one
-            model_io.save(model, path)
+            if lower_weight_einsums(model):
+                path = tmp / "einsums-as-matmuls.onnx"  # exact; the passes that read files read this one
+                model_io.save(model, path)
         ctx = Context(source, samples, Path(calib) if calib is not None else None, tmp, resolved, progress, path=path,
                       task=task, judged=judged, ceiling=ceiling, device=on)
         for i, config in enumerate(recipe.passes):
