@@ -11,6 +11,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 import torch
+from graphs import make_model, value_info
 from onnx import helper, numpy_helper
 
 from edgelr import compress
@@ -23,17 +24,15 @@ from edgelr.train.lowrank import export_onnx
 
 def _einsum_model(equation: str, x_shape, w: np.ndarray, weight_first=False, as_constant=False, opset=13):
     """One Einsum of input X (first dim dynamic) and constant W (an initializer, or a Constant node)."""
-    dtype = helper.np_dtype_to_tensor_dtype(w.dtype)
     inputs = ["W", "X"] if weight_first else ["X", "W"]
     nodes = [helper.make_node("Einsum", inputs, ["Y"], equation=equation, name="mix")]
     inits = [numpy_helper.from_array(w, "W")]
     if as_constant:
         nodes.insert(0, helper.make_node("Constant", [], ["W"], value=inits.pop()))
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", dtype, ["n", *x_shape[1:]])],
-                              [helper.make_tensor_value_info("Y", dtype, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    return model
+    x = np.zeros(x_shape, w.dtype)
+    rank = np.einsum(equation, *((w, x) if weight_first else (x, w))).ndim
+    y = value_info("Y", w.dtype, [f"y{i}" for i in range(rank)])  # symbolic: the first dim of X moves
+    return make_model(nodes, [value_info("X", w.dtype, ["n", *x_shape[1:]])], [y], inits, opset=opset)
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:

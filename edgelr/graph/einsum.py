@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from edgelr.graph.layers import FLOAT_TYPES
+from edgelr.graph.layers import FLOAT_TYPES, const_tensor
 from edgelr.graph.lowrank_pair import add_initializer, drop_weight
 
 
@@ -79,12 +79,7 @@ def lower_weight_einsums(model: ir.Model) -> list[str]:
 
 
 def _constant(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or (value.is_graph_input() and not value.is_initializer()):
-        return None
-    try:
-        tensor = ir.convenience.get_const_tensor(value)
-    except ValueError:
-        return None
+    tensor = const_tensor(value)
     return tensor.numpy() if tensor is not None and tensor.dtype in FLOAT_TYPES else None
 
 

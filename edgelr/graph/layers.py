@@ -262,10 +262,7 @@ def _inspect_node(node: ir.Node, opset: int):
     weight = node.inputs[1]
     if weight.is_graph_input() and not weight.is_initializer():
         return "weight is a graph input", None, None
-    try:
-        tensor = ir.convenience.get_const_tensor(weight)
-    except ValueError:
-        tensor = None
+    tensor = const_tensor(weight)
     if tensor is None:
         producer = weight.producer()
         if producer is not None and producer.op_type == "DequantizeLinear":
@@ -285,6 +282,17 @@ def _inspect_node(node: ir.Node, opset: int):
             return "weight rank below 3", None, None
         use.geometry = ConvGeometry.of(node, tuple(int(d) for d in tensor.shape[2:]))
     return None, use, weight
+
+
+def const_tensor(value: ir.Value | None):
+    """The value's constant tensor (an initializer or a Constant node's), None if it has none: a graph input
+    (which a caller may feed), or computed."""
+    if value is None or (value.is_graph_input() and not value.is_initializer()):
+        return None
+    try:
+        return ir.convenience.get_const_tensor(value)
+    except ValueError:
+        return None
 
 
 def _static_shape(value: ir.Value) -> tuple | None:
