@@ -16,8 +16,9 @@ from edgelr.cli.args import (
 
 
 def add(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="write the files that run a model on a device (Pi bundle, TensorRT engine)")
-    p.add_argument("model", metavar="MODEL.onnx")
+    p = sub.add_parser("export", help="write the files that run a model on a device (Pi bundle, TensorRT engine, "
+                                      "diffusion pipeline)")
+    p.add_argument("model", metavar="MODEL.onnx", help="an ONNX model, or a diffusers pipeline folder (model_index.json)")
     add_target(p, required=True)
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="the folder to write (new, empty, or an earlier bundle)")
     add_calib(p)
@@ -32,6 +33,8 @@ def add(sub: argparse._SubParsersAction) -> None:
 def run(args) -> int:
     from pathlib import Path
 
+    if Path(args.model).is_dir():
+        return _pipeline(args)
     from edgelr.deploy.export import SshOptions, export
     from edgelr.io.shapes import parse_shapes
     from edgelr.report.tables import human
@@ -74,4 +77,26 @@ def run(args) -> int:
             print(f"edgelr export: error: the model's outputs on {done.destination} do not match the reference",
                   file=sys.stderr)
             return 1
+    return 0
+
+
+def _pipeline(args) -> int:
+    from edgelr.deploy.pipeline import export_pipeline
+    from edgelr.errors import EdgelrError
+
+    given = [flag for flag, value in (("--calib", args.calib), ("--shapes", args.shapes), ("--precision", args.precision),
+                                      ("--sparsity", args.sparsity), ("--to", args.to)) if value]
+    if given:
+        raise EdgelrError(f"{args.model}: {', '.join(given)} apply to ONNX models; a pipeline folder exports with "
+                          "--target, -o and --threads only")
+    done = export_pipeline(args.model, args.target, args.output, threads=args.threads, progress=not args.quiet)
+    m = done.manifest
+    print(f"{done.target.name}: {done.target.description}")
+    print(f"{m['source']['class']} ({m['kind']}), exported with {next(iter(m['components'].values()))['exporter']}")
+    for name, c in m["components"].items():
+        p = c["parity"]
+        print(f"  {c['file']}  parity {p['relative_error']:.1e} relative, {p['max_abs_error']:.1e} max abs "
+              f"(tolerance {p['tolerance']:.0e})")
+    print(f"wrote {done.out_dir} in {done.seconds:.1f} s; run it there: python run.py --steps 25"
+          + (' --prompt "..."' if m["run"]["conditional"] else ""))
     return 0
