@@ -87,7 +87,7 @@ def _pipeline(args) -> int:
     given = [flag for flag, value in (("--calib", args.calib), ("--shapes", args.shapes), ("--precision", args.precision),
                                       ("--sparsity", args.sparsity), ("--to", args.to)) if value]
     if given:
-        raise EdgelrError(f"{args.model}: {', '.join(given)} apply to ONNX models; a pipeline folder exports with "
+        raise EdgelrError(f"{args.model}: {', '.join(given)} {'is' if len(given) == 1 else 'are'} for ONNX models; a pipeline folder exports with "
                           "--target, -o and --threads only")
     done = export_pipeline(args.model, args.target, args.output, threads=args.threads, progress=not args.quiet)
     m = done.manifest

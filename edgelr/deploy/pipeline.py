@@ -146,6 +146,10 @@ def _plan(pipe: PipelineDir) -> _Plan:
             raise EdgelrError(f"{pipe.path}: {pipe.class_name} is not Stable-Diffusion style (a UNet2DConditionModel "
                               "with one CLIP text encoder, its tokenizer and a VAE); edgelr exports those and "
                               "unconditional UNet2DModel pipelines")
+        tokenizer = pipe.components[roles["tokenizer"]].path
+        if not all((tokenizer / f).is_file() for f in ("vocab.json", "merges.txt")):
+            raise EdgelrError(f"{tokenizer}: no vocab.json and merges.txt; the exported pipeline's runner reads CLIP's "
+                              "BPE from them (save the pipeline with a CLIPTokenizer)")
         vae_cls = component_class(pipe.components["vae"])
         if not issubclass(vae_cls, diffusers.AutoencoderKL):
             raise EdgelrError(f"{pipe.path}/vae: a {vae_cls.__name__}; the text-to-image export takes an AutoencoderKL")
