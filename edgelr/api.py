@@ -55,6 +55,7 @@ class CompressReport:
     task: dict | None = None  # the task metric against the original, and on what it was judged
     judged_on: str = "calibration"  # or "held-out": the samples output_error and task were measured on
     max_output_error: float | None = None  # the ceiling output_error["worst"] was held to
+    blocks_removed: dict | None = None  # with remove_blocks: the candidates, their sensitivity, what went
 
     def to_json(self) -> dict:
         data = {"source": str(self.source), "output": str(self.output), "seconds": round(self.seconds, 3),
@@ -67,7 +68,7 @@ class CompressReport:
             data["max_output_error"] = self.max_output_error
         if self.task is not None:
             data["task"] = self.task
-        for name in ("latency", "quantized", "pruned", "distilled"):
+        for name in ("latency", "quantized", "pruned", "distilled", "blocks_removed"):
             if getattr(self, name) is not None:
                 data[name] = getattr(self, name)
         return data
@@ -210,7 +211,8 @@ def compress(
                           ctx.pruned, ctx.distilled, [c.to_dict() for c in recipe.passes],
                           recipe.target if resolved is None else resolved.name,
                           verdict.to_json() if verdict is not None and task is not None else None,
-                          "held-out" if heldout is not None else "calibration", ceiling if verdict is not None else None)
+                          "held-out" if heldout is not None else "calibration", ceiling if verdict is not None else None,
+                          ctx.blocks_removed)
     if report is not None:
         write_json(done.to_json(), report)
     return done

@@ -80,8 +80,10 @@ class Context:
     pruned: dict | None = None  # what the prune pass did
     latency: dict | None = None  # what a latency search did
     distilled: dict | None = None  # what a distill pass did
+    blocks_removed: dict | None = None  # what a remove_blocks pass did
     references: list | None = None  # the original's outputs on the samples, while still pristine
     objective: Any = None  # edgelr.core.objective.Objective: the output groups every error is measured by
+    block_judge: Any = None  # model -> error: how a pipeline judges a model by what it makes (remove_blocks)
 
     def scratch(self, stem: str) -> Path:
         """A new file name in the pipeline's scratch folder (removed with it)."""
