@@ -2,19 +2,23 @@
 
     report = edgelr.compress("model.onnx", "small.onnx", FactorizeConfig(params=0.5), calib="data.npz")
     report = edgelr.compress("model.onnx", "fast.onnx", load_recipe("recipes/yolov8n-latency50-int8.yaml"), calib=...)
+    done = compress_pipeline("sd-onnx/", "sd-small/", FactorizeConfig(params=0.5))   # an exported diffusion pipeline
 
 A pipeline loads the model once, runs each pass on it in order (each sees what the earlier ones left on
 the shared Context), writes OUTPUT whole or not at all, and measures the result against the model as
-given, on every output.
+given, on every output. compress_pipeline does the same to an exported diffusion pipeline's denoiser, calibrated
+on the pipeline's own sampling trajectories and judged by the images it makes, into a new pipeline folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,6 +112,7 @@ def compress(
     floor: float | None = None,
     max_output_error: float | None = None,
     on: str | DeviceTimer | None = None,
+    block_judge: Callable[[ir.Model], float] | None = None,
 ) -> CompressReport:
     """Run PASSES on SOURCE and write OUTPUT; with CALIB the passes are data-aware and the result is
     measured on it against SOURCE. PASSES is a recipe, a list of pass configs, or a FactorizeConfig with
@@ -123,7 +128,10 @@ def compress(
     metric judges), is not written: EdgelrError says what it measured.
 
     `on` ("user@host", or a DeviceTimer for SSH options) times a latency search's layers and rounds on that
-    device over SSH, into latency tables keyed by what the device is (edgelr.measure.device)."""
+    device over SSH, into latency tables keyed by what the device is (edgelr.measure.device).
+
+    `block_judge` (model -> error, lower is better) ranks blocks for a remove_blocks pass by what the model
+    makes (compress_pipeline judges a diffusion denoiser by its generated images); default: output error."""
     start = time.perf_counter()
     source = Path(source)
     recipe = as_recipe(passes, prune, quantize, refit, calib is not None, target)
@@ -168,7 +176,7 @@ def compress(
                 path = tmp / "einsums-as-matmuls.onnx"  # exact; the passes that read files read this one
                 model_io.save(model, path)
         ctx = Context(source, samples, Path(calib) if calib is not None else None, tmp, resolved, progress, path=path,
-                      task=task, judged=judged, ceiling=ceiling, device=on)
+                      task=task, judged=judged, ceiling=ceiling, device=on, block_judge=block_judge)
         for i, config in enumerate(recipe.passes):
             ctx.later = tuple(recipe.passes[i + 1:])
             try:
@@ -216,6 +224,132 @@ def compress(
     if report is not None:
         write_json(done.to_json(), report)
     return done
+
+
+@dataclass
+class PipelineCompressReport:
+    source: Path  # the exported pipeline folder
+    output: Path  # the new pipeline folder
+    denoiser: CompressReport  # what compress did to the denoiser, judged on the trajectory samples
+    images: dict  # PSNR/SSIM of the new pipeline's images against the source's, same seeds (ImageJudge.describe too)
+    calibration: dict  # the trajectories the denoiser was calibrated on (Trajectories.summary)
+    manifest: dict  # the new folder's manifest.json
+    seconds: float
+
+
+def compress_pipeline(
+    export_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    passes: FactorizeConfig | Sequence[PassConfig] | Recipe,
+    *,
+    seeds: int | Sequence[int] = 4,
+    steps: int = 20,
+    prompts: Sequence[str] | None = None,
+    guidance: float = 7.5,
+    samples: int = 64,
+    images: int = 4,
+    max_output_error: float | None = None,
+    min_psnr: float | None = None,
+    min_ssim: float | None = None,
+    target: str | None = None,
+    progress: bool = True,
+) -> PipelineCompressReport:
+    """Compress the denoiser of the pipeline EXPORT_DIR (an `edgelr export PIPELINE_DIR` folder) with PASSES and
+    write the pipeline, with it in place, to OUT_DIR (new, empty, or an earlier edgelr pipeline: replaced
+    whole; EXPORT_DIR is never changed).
+
+    Calibration: the pipeline runs STEPS steps once per seed (SEEDS: a count, or the seeds), a text-to-image one
+    on PROMPTS (default: edgelr.calibration.trajectories.DEFAULT_PROMPTS) with classifier-free GUIDANCE, and at
+    most SAMPLES of its denoiser's inputs, spread evenly over the timesteps, are what compress() calibrates on
+    and judges the denoiser's output error on (MAX_OUTPUT_ERROR: compress's ceiling, default 0.2).
+    Judgement: IMAGES seeds of their own (edgelr.deploy.pipeline_compress.JUDGE_SEED on) generate with the
+    original and the compressed denoiser from the same noise; PSNR and SSIM of the images are reported (and
+    held to MIN_PSNR / MIN_SSIM when given: under them, nothing is written), and a remove_blocks pass ranks
+    blocks by those runs' images (1 - mean SSIM), not by one step's output."""
+    from edgelr.calibration.trajectories import DEFAULT_PROMPTS, capture_trajectories
+    from edgelr.deploy.pipeline_compress import (
+        BLOCK_JUDGE,
+        DENOISER,
+        JUDGE_SEED,
+        ImageJudge,
+        check_out_dir,
+        file_bytes,
+        float_params,
+        image_measures,
+        read_exported,
+        write_compressed,
+    )
+    from edgelr.deploy.pipeline_run import OnnxDiffusionPipeline
+    from edgelr.passes.remove_blocks import RemoveBlocksConfig
+    from edgelr.version import __version__
+
+    start = time.perf_counter()
+    source = read_exported(export_dir)
+    out_dir = check_out_dir(out_dir, source.path)
+    recipe = as_recipe(passes, target=target)
+    if recipe.target is None:  # quantization aims at the target the pipeline was exported for
+        try:
+            recipe = dataclasses.replace(recipe, target=load_target(source.manifest["target"]["name"]).name)
+        except (EdgelrError, KeyError, TypeError):
+            pass
+    for name, value in (("steps", steps), ("images", images), ("samples", samples)):
+        if value < 1:
+            raise EdgelrError(f"{name} {value}: need 1 or more")
+    if prompts and not source.conditional:
+        raise EdgelrError(f"{source.path}: an unconditional pipeline takes no prompts; leave them out")
+    prompts = (tuple(prompts) if prompts else DEFAULT_PROMPTS) if source.conditional else None
+    pipe = OnnxDiffusionPipeline(source.path)
+    say = print if progress else (lambda *a, **k: None)
+    say(f"sampling trajectories: {seeds if isinstance(seeds, int) else len(seeds)} seeds x {steps} steps",
+        file=sys.stderr)
+    trajectories = capture_trajectories(pipe, seeds=seeds, steps=steps, prompts=prompts, guidance=guidance,
+                                        samples=samples)
+    judge = ImageJudge(pipe, seeds=range(JUDGE_SEED, JUDGE_SEED + images), steps=steps, prompts=prompts,
+                       guidance=guidance)
+    removes = any(isinstance(c, RemoveBlocksConfig) for c in recipe.passes)
+    with tempfile.TemporaryDirectory(prefix=".edgelr-", dir=out_dir.parent) as tmp:
+        calib = trajectories.save(Path(tmp) / "trajectories.npz")
+        unet = Path(tmp) / "model.onnx"
+        try:
+            done = compress(source.denoiser, unet, recipe, calib=calib, progress=progress,
+                            max_output_error=max_output_error, block_judge=judge.judge if removes else None)
+        except EdgelrError as exc:  # name the file the user will get, not the scratch one
+            raise EdgelrError(str(exc).replace(str(unet), str(out_dir / DENOISER / "model.onnx"))) from None
+        compressed = judge.images(unet)
+        quality = {**judge.describe(), **image_measures(judge.reference, compressed)}
+        short = [f"{what} {quality[key]:.2f}{unit} under {least:g}" for what, key, unit, least in
+                 (("PSNR", "psnr_mean", " dB", min_psnr), ("SSIM", "ssim_mean", "", min_ssim))
+                 if least is not None and not quality[key] >= least]
+        if short:
+            raise EdgelrError(f"{out_dir}: not written: the compressed pipeline's images against the original's: "
+                              f"{', '.join(short)} (mean of {quality['images']} images); loosen the budget")
+        denoiser = done.to_json()
+        denoiser["output"] = f"{DENOISER}/model.onnx"
+        denoiser["judged_on"] = "trajectory samples"
+        record = {"edgelr": __version__, "from": str(source.path), "passes": done.passes,
+                  "params_before": float_params(source.denoiser), "params_after": float_params(unet),
+                  "bytes_before": file_bytes(source.denoiser), "bytes_after": file_bytes(unet),
+                  "calibration": trajectories.summary(), "images": quality, "denoiser": denoiser,
+                  "seconds": round(time.perf_counter() - start, 3)}
+        if removes and done.blocks_removed is not None:
+            names = done.blocks_removed["candidates"]
+            record["blocks_removed"] = {**done.blocks_removed, "judged_by": BLOCK_JUDGE,
+                                        "candidate_images": dict(zip(names, judge.judged))}
+        manifest = write_compressed(source, out_dir, unet, _finite(record), judge, compressed)
+    done.output = out_dir / DENOISER / "model.onnx"
+    return PipelineCompressReport(source.path, out_dir, done, quality, trajectories.summary(), manifest,
+                                  time.perf_counter() - start)
+
+
+def _finite(data):
+    """DATA with infinite floats (PSNR of identical images) as strings: manifests are plain JSON."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return str(data)
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(v) for v in data]
+    return data
 
 
 def as_recipe(passes: FactorizeConfig | Sequence[PassConfig] | Recipe | None, prune: float | None = None,

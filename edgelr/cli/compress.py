@@ -11,6 +11,7 @@ from edgelr.cli.args import (
     add_calib,
     add_judge,
     add_target,
+    count,
     fraction,
     positive,
     removed,
@@ -20,9 +21,9 @@ from edgelr.errors import EdgelrError
 
 
 def add(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("compress", help="low-rank factorize a model against a budget")
-    p.add_argument("model", metavar="MODEL.onnx")
-    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
+    p = sub.add_parser("compress", help="low-rank factorize a model (or an exported pipeline's denoiser) against a budget")
+    p.add_argument("model", metavar="MODEL.onnx", help="an ONNX model, or a diffusion pipeline folder `edgelr export` wrote")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="the compressed model (for a pipeline: a folder)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--params", type=fraction, metavar="F", help="keep this fraction of the factorizable params")
     budget.add_argument("--flops", type=fraction, metavar="F", help="keep this fraction of the factorizable FLOPs")
@@ -49,6 +50,18 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quantize", choices=["int8", "int8-lowrank", "int8-dynamic"],
                    help="then quantize with ONNX Runtime: int8 (static, calibrated on --calib), int8-lowrank "
                         "(int8 plus float low-rank branches where they measure better) or int8-dynamic")
+    pipe = p.add_argument_group("a pipeline folder (the denoiser is calibrated on sampling trajectories, judged by its images)")
+    pipe.add_argument("--remove-blocks", type=count, metavar="N", help="first remove the N residual blocks whose removal "
+                      "changes the generated images least (the first quarter of the blocks are kept)")
+    pipe.add_argument("--steps", type=count, metavar="N", help="sampling steps of every run (default 20)")
+    pipe.add_argument("--seeds", type=count, metavar="K", help="sampling runs to calibrate on, seeds 0..K-1 (default 4)")
+    pipe.add_argument("--images", type=count, metavar="N", help="images judged, from seeds of their own (default 4)")
+    pipe.add_argument("--prompt", action="append", metavar="TEXT", help="text to image: a prompt to sample with (repeat "
+                      "for more; default: a few generic ones)")
+    pipe.add_argument("--guidance", type=positive, metavar="G", help="classifier-free guidance scale (default 7.5)")
+
+
+PIPELINE_FLAGS = ("remove_blocks", "steps", "seeds", "images", "prompt", "guidance")
 
 
 def run(args) -> int:
@@ -56,6 +69,12 @@ def run(args) -> int:
     from edgelr.passes.factorize import FactorizeConfig
     from edgelr.recipe import load_recipe
     from edgelr.report.tables import compression_table
+
+    if Path(args.model).is_dir():
+        return _pipeline(args)
+    given = [name for name in PIPELINE_FLAGS if getattr(args, name) is not None]
+    if given:
+        raise EdgelrError(f"--{given[0].replace('_', '-')} is for a pipeline folder; {args.model} is not a folder")
 
     budget = {"params": args.params, "flops": args.flops, "latency": args.latency, "max_error": args.max_error}
     flags = [name for name, value in budget.items() if value is not None]
@@ -140,3 +159,51 @@ def _device(args):
     return DeviceTimer(Device(args.on, port=args.port, identity=Path(args.identity) if args.identity else None,
                               known_hosts=Path(args.known_hosts) if args.known_hosts else None, timeout=args.timeout),
                        python=args.python)
+
+
+def _pipeline(args) -> int:
+    """A pipeline folder: its denoiser compressed, calibrated on trajectories, judged by images (compress_pipeline)."""
+    from edgelr.api import compress_pipeline, flag_passes
+    from edgelr.passes.factorize import FactorizeConfig
+    from edgelr.passes.remove_blocks import RemoveBlocksConfig
+    from edgelr.recipe import load_recipe
+
+    given = [flag for flag, value in (("--calib", args.calib), ("--heldout", args.heldout), ("--metric", args.metric),
+                                      ("--floor", args.floor), ("--on", args.on), ("--float-output", args.float_output),
+                                      ("--write-recipe", args.write_recipe), ("--report", args.report)) if value]
+    if given:
+        raise EdgelrError(f"{args.model}: {given[0]} is for ONNX models; a pipeline folder is calibrated on its own "
+                          "sampling trajectories and its manifest.json records what was done")
+    budget = {"params": args.params, "flops": args.flops, "latency": args.latency, "max_error": args.max_error}
+    factorize = FactorizeConfig(**{k: v for k, v in budget.items() if v is not None}) if any(budget.values()) else None
+    if args.recipe:
+        if factorize or args.prune or args.quantize or args.remove_blocks:
+            raise EdgelrError("--recipe gives the passes: drop the budget, --prune, --quantize and --remove-blocks flags")
+        passes = load_recipe(args.recipe)
+    else:
+        if not (factorize or args.prune or args.quantize or args.remove_blocks):
+            raise EdgelrError("say how far to compress: --params F, --flops F, --latency F, --max-error E, --prune F, "
+                              "--quantize SCHEME, --remove-blocks N, or --recipe RECIPE.yaml")
+        passes = [RemoveBlocksConfig(count=args.remove_blocks)] if args.remove_blocks else []
+        if factorize or args.prune or args.quantize:
+            passes += flag_passes(factorize, args.prune, args.quantize, not args.no_refit)
+    done = compress_pipeline(args.model, args.output, passes, seeds=args.seeds or 4, steps=args.steps or 20,
+                             prompts=args.prompt, guidance=args.guidance or 7.5, images=args.images or 4,
+                             max_output_error=args.max_output_error, target=args.target, progress=not args.quiet)
+    record, c, i = done.manifest["compression"], done.calibration, done.images
+    print(f"calibrated on {c['samples']} denoiser inputs from {len(c['seeds'])} sampling runs, {c['timesteps_covered']} "
+          f"of {c['steps']} timesteps" + (f", guidance {c['guidance']:g}" if c["guidance"] else ""))
+    if record.get("blocks_removed"):
+        b = record["blocks_removed"]
+        print(f"removed {len(b['removed'])} of {len(b['candidates'])} candidate blocks, judged by their images: "
+              f"{', '.join(b['removed'])}")
+    if done.denoiser.quantized:
+        q = done.denoiser.quantized
+        print(f"quantized {q['nodes_quantized']} nodes ({q['scheme']}, {q['activations']} activations)")
+    print(f"denoiser: {record['params_before']:,} -> {record['params_after']:,} weights, {record['bytes_before']:,} -> "
+          f"{record['bytes_after']:,} bytes; output error on the trajectories {done.denoiser.output_error.get('worst', 0.0):.4f}")
+    print(f"images against the original's, same seeds ({i['images']} images, {i['steps']} steps): PSNR {i['psnr_mean']:.2f} "
+          f"dB (worst {i['psnr_min']:.2f}), SSIM {i['ssim_mean']:.4f} (worst {i['ssim_min']:.4f})")
+    print(f"wrote {done.output} in {done.seconds:.1f} s; run it there: python run.py --steps {i['steps']}"
+          + (' --prompt "..."' if done.manifest["run"]["conditional"] else ""))
+    return 0

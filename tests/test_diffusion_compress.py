@@ -1,0 +1,226 @@
+"""edgelr compress EXPORTED_PIPELINE: the denoiser of a tiny exported pipeline (models/diffusion_tiny.py, random
+weights) calibrated on its own sampling trajectories, compressed, judged by the images the pipeline makes, and
+written as a new pipeline folder that runs in ONNX Runtime. Bad input: one line, exit 1, nothing written."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("diffusers")
+pytest.importorskip("optimum.exporters.onnx")
+pytest.importorskip("skimage")
+
+import onnx_ir as ir
+import torch
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from edgelr.api import compress_pipeline
+from edgelr.calibration.trajectories import capture_trajectories
+from edgelr.cli import main
+from edgelr.deploy.pipeline import export_pipeline
+from edgelr.deploy.pipeline_compress import JUDGE_SEED
+from edgelr.deploy.pipeline_run import OnnxDiffusionPipeline
+from edgelr.errors import EdgelrError
+from edgelr.graph.residual import remove_branches, residual_branches
+from edgelr.io.model import ort_session
+from edgelr.io.samples import load_samples
+from edgelr.passes.factorize import FactorizeConfig
+from edgelr.passes.remove_blocks import RemoveBlocksConfig
+from models import diffusion_tiny
+
+PROMPTS = ["a photo of the red cat", "dog"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The two tiny pipelines, saved and exported once (torch at one thread: the machine is shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("diffusion-compress")
+    try:
+        for name, save in (("ddpm", diffusion_tiny.save_ddpm), ("sd", diffusion_tiny.save_text_to_image)):
+            export_pipeline(save(root / name), "x86-cpu", root / f"{name}.out", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return root
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _pixels(reference: np.ndarray, test: np.ndarray) -> tuple[float, float]:
+    """Mean PSNR and SSIM over images (N, H, W, C) in [0, 1], straight from scikit-image."""
+    p = [peak_signal_noise_ratio(a, b, data_range=1.0) for a, b in zip(reference, test)]
+    s = [structural_similarity(a, b, data_range=1.0, channel_axis=-1, gaussian_weights=True, sigma=1.5,
+                               use_sample_covariance=False) for a, b in zip(reference, test)]
+    return float(np.mean(p)), float(np.mean(s))
+
+
+# ---- trajectories ----
+
+def test_unconditional_trajectories_cover_every_timestep(exported, tmp_path):
+    pipe = OnnxDiffusionPipeline(exported / "ddpm.out")
+    traj = capture_trajectories(pipe, seeds=[3, 4], steps=6, samples=64)
+    schedule = pipe.scheduler.timesteps.tolist()
+    assert traj.schedule.tolist() == schedule and len(set(schedule)) == 6
+    # 2 runs x 6 steps x batch 1 = 12 rows, all kept; one array per denoiser input, at batch 1 per sample
+    assert set(traj.arrays) == {"sample", "timestep"} == set(pipe.unet_inputs)
+    assert traj.arrays["sample"].shape == (12, 3, 16, 16) and traj.arrays["timestep"].shape == (12,)
+    assert traj.arrays["timestep"].dtype == np.int64 and traj.arrays["timestep"].tolist() == traj.timesteps.tolist()
+    assert traj.per_step == {t: 2 for t in schedule}
+    # any prefix spreads over the schedule: the first six samples hold the six timesteps
+    assert sorted(traj.timesteps[:6].tolist()) == sorted(schedule)
+    # the samples are what the runs fed the denoiser: the first step's input is the seed's initial noise
+    first = [i for i, t in enumerate(traj.timesteps) if t == schedule[0]]
+    noise = {seed: np.random.default_rng(seed).standard_normal((1, 3, 16, 16), dtype=np.float32)[0] for seed in (3, 4)}
+    assert all(any(np.array_equal(traj.arrays["sample"][i], n) for i in first) for n in noise.values())
+    # what compress reads: names and shapes checked against the exported denoiser
+    path = traj.save(tmp_path / "calib.npz")
+    samples = load_samples(path, ir.load(str(exported / "ddpm.out" / "unet" / "model.onnx")))
+    assert len(samples) == 12 and samples.feed(0)["sample"].shape == (1, 3, 16, 16)
+    assert samples.feed(0)["timestep"].shape == (1,)
+
+    few = capture_trajectories(pipe, seeds=2, steps=6, samples=3)  # fewer samples than steps: one per range
+    assert len(few) == 3 and len(set(few.timesteps.tolist())) == 3
+    order = {t: i for i, t in enumerate(schedule)}
+    assert sorted(order[int(t)] // 2 for t in few.timesteps) == [0, 1, 2]
+
+
+def test_text_to_image_trajectories_keep_both_halves_of_guidance(exported, tmp_path):
+    pipe = OnnxDiffusionPipeline(exported / "sd.out")
+    traj = capture_trajectories(pipe, seeds=2, steps=5, prompts=PROMPTS, guidance=7.5, samples=30)
+    # CFG: per run the denoiser sees batch 4 (2 negative, 2 prompts); 2 runs x 5 steps x 4 rows = 40, 30 kept
+    assert traj.rows_per_step == 8 and len(traj) == 30
+    assert set(traj.arrays) == {"sample", "timestep", "encoder_hidden_states"}
+    assert traj.arrays["sample"].shape == (30, 4, 8, 8)
+    assert traj.arrays["encoder_hidden_states"].shape == (30, 16, 16)
+    assert traj.arrays["timestep"].shape == (30,) and traj.arrays["timestep"].dtype == np.float32
+    assert sorted(traj.per_step.values()) == [6] * 5 and set(traj.per_step) == set(pipe.scheduler.timesteps.tolist())
+    embeds = pipe.encode_prompt(["", *PROMPTS])  # the negative prompt's embedding, then each prompt's
+    kept = traj.arrays["encoder_hidden_states"]
+    found = [any(np.allclose(k, e, atol=1e-6) for k in kept) for e in embeds]
+    assert found == [True, True, True]  # unconditional and conditional halves both calibrate
+    samples = load_samples(traj.save(tmp_path / "sd.npz"), ir.load(str(exported / "sd.out" / "unet" / "model.onnx")))
+    assert samples.feed(0)["timestep"].shape == ()  # the exported UNet takes a scalar timestep
+    assert traj.summary()["guidance"] == 7.5 and traj.summary()["timesteps_covered"] == 5
+
+
+# ---- compress ----
+
+def test_compress_params_writes_a_pipeline_judged_by_its_images(exported, tmp_path, capsys):
+    source = exported / "ddpm.out"
+    before = _digest(source)
+    out = tmp_path / "small"
+    code = main(["compress", str(source), "-o", str(out), "--params", "0.5", "--steps", "6", "--seeds", "1",
+                 "--images", "2", "--max-output-error", "1"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "PSNR" in printed and "SSIM" in printed and f"wrote {out}" in printed
+    assert _digest(source) == before  # the exported folder is untouched
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing staged is left
+    m = json.loads((out / "manifest.json").read_text())
+    c = m["compression"]
+    assert [p["_type"] for p in c["passes"]] == ["factorize", "refit"]
+    assert c["params_after"] < 0.6 * c["params_before"]
+    assert c["calibration"]["timesteps_covered"] == 6 and c["calibration"]["samples"] == 6
+    assert m["components"]["unet"]["compressed"]["params_after"] == c["params_after"]
+    assert set(m["files"]) == {k for k in _digest(out) if k != "manifest.json"}
+    assert m["files"]["unet/model.onnx"]["sha256"] == _digest(out)["unet/model.onnx"]
+    # the images: the reported PSNR/SSIM are what scikit-image measures on the two folders' images
+    seeds = range(JUDGE_SEED, JUDGE_SEED + 2)
+    original, small = OnnxDiffusionPipeline(source), OnnxDiffusionPipeline(out)
+    a = np.concatenate([original(steps=6, seed=s) for s in seeds])
+    b = np.concatenate([small(steps=6, seed=s) for s in seeds])
+    psnr, ssim = _pixels(a, b)
+    assert c["images"]["psnr_mean"] == pytest.approx(psnr, rel=1e-4)
+    assert c["images"]["ssim_mean"] == pytest.approx(ssim, rel=1e-4)
+    assert 15 < psnr < 60 and 0.5 < ssim < 1  # changed, and not wrecked
+
+
+def test_text_to_image_pipeline_compresses_with_guidance(exported, tmp_path):
+    out = tmp_path / "sd-small"
+    done = compress_pipeline(exported / "sd.out", out, [FactorizeConfig(params=0.5)], seeds=2, steps=4, prompts=PROMPTS,
+                             samples=8, images=1, max_output_error=1.0, progress=False)
+    assert done.calibration["guidance"] == 7.5 and done.calibration["timesteps_covered"] == 4
+    assert done.images["prompts"] == PROMPTS and done.images["images"] == 2
+    assert np.isfinite(done.images["psnr_mean"]) and 0 < done.images["ssim_mean"] < 1
+    images = OnnxDiffusionPipeline(out)(PROMPTS, steps=4, seed=JUDGE_SEED)
+    reference = OnnxDiffusionPipeline(exported / "sd.out")(PROMPTS, steps=4, seed=JUDGE_SEED)
+    assert images.shape == (2, 16, 16, 3) and _pixels(reference, images)[0] == pytest.approx(done.images["psnr_mean"], rel=1e-4)
+    for name in ("text_encoder", "vae_decoder", "tokenizer"):  # the rest of the pipeline comes along unchanged
+        assert _digest(out / name) == _digest(exported / "sd.out" / name)
+
+
+def test_remove_blocks_removes_the_block_whose_images_change_least(exported, tmp_path):
+    source = exported / "ddpm.out"
+    done = compress_pipeline(source, tmp_path / "fewer", [RemoveBlocksConfig(count=1)], seeds=2, steps=5, images=2,
+                             max_output_error=5.0, progress=False)
+    b = done.manifest["compression"]["blocks_removed"]
+    scores = {k: float(v) for k, v in b["sensitivity"].items()}
+    finite = {k: v for k, v in scores.items() if np.isfinite(v)}
+    assert len(finite) >= 5
+    assert b["removed"] == [min(finite, key=finite.get)]
+    assert "SSIM" in b["judged_by"]
+    # judged over whole sampling runs: the removed block's score is 1 - SSIM of the images it makes, as
+    # measured here without edgelr's judge
+    model = ir.load(str(source / "unet" / "model.onnx"))
+    remove_branches(model, [next(x for x in residual_branches(model) if x.name == b["removed"][0])])
+    pipe = OnnxDiffusionPipeline(source)
+    seeds = range(JUDGE_SEED, JUDGE_SEED + 2)
+    reference = np.concatenate([pipe(steps=5, seed=s) for s in seeds])
+    with ort_session(model) as session:
+        pipe.unet = session
+        images = np.concatenate([pipe(steps=5, seed=s) for s in seeds])
+    assert 1 - _pixels(reference, images)[1] == pytest.approx(finite[b["removed"][0]], rel=1e-4)
+    assert done.images["ssim_mean"] == pytest.approx(1 - finite[b["removed"][0]], rel=1e-6)
+    assert done.manifest["compression"]["params_after"] < done.manifest["compression"]["params_before"]
+    assert OnnxDiffusionPipeline(tmp_path / "fewer")(steps=2).shape == (1, 16, 16, 3)
+
+
+# ---- bad input ----
+
+def _fails(capsys, argv: list[str], out: Path, *words: str) -> None:
+    before = set(out.parent.iterdir())
+    code = main(["-q", "compress", *argv, "-o", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 1
+    assert len(err.splitlines()) == 1 and err.startswith("edgelr compress: error: "), err
+    for word in words:
+        assert word in err, err
+    assert set(out.parent.iterdir()) == before  # no OUT, no hidden staging folder left
+
+
+def test_bad_inputs_one_line_nothing_written(exported, tmp_path, capsys):
+    out = tmp_path / "out"
+    _fails(capsys, [str(exported / "ddpm"), "--params", "0.5"], out, "not an exported one", "edgelr export")
+    (tmp_path / "empty").mkdir()
+    _fails(capsys, [str(tmp_path / "empty"), "--params", "0.5"], out, "not an exported diffusion pipeline")
+    _fails(capsys, [str(exported / "ddpm.out"), "--params", "0.5", "--calib", "x.npz"], out, "--calib")
+    _fails(capsys, [str(exported / "ddpm.out")], out, "say how far to compress")
+    _fails(capsys, [str(exported / "ddpm.out" / "unet" / "model.onnx"), "--params", "0.5", "--steps", "4"],
+           tmp_path / "out.onnx", "--steps is for a pipeline folder")
+    _fails(capsys, [str(exported / "ddpm.out"), "--params", "0.5", "--prompt", "a cat"], out, "unconditional")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    _fails(capsys, [str(exported / "ddpm.out"), "--params", "0.5"], tmp_path / "busy", "not empty")
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+    copy = tmp_path / "copy"
+    shutil.copytree(exported / "ddpm.out", copy)
+    before = _digest(copy)
+    _fails(capsys, [str(copy), "--params", "0.5"], copy / "inner", "never overwrites its input")
+    assert _digest(copy) == before
+    # a result over the denoiser's error ceiling, or under an image floor, is not written
+    _fails(capsys, [str(copy), "--params", "0.2", "--no-refit", "--steps", "3", "--seeds", "1", "--images", "1",
+                    "--max-output-error", "0.01"], out, "not written", f"{out}/unet/model.onnx")
+    with pytest.raises(EdgelrError, match="not written.*SSIM"):
+        compress_pipeline(copy, out, [FactorizeConfig(params=0.5)], seeds=1, steps=3, images=1, max_output_error=1.0,
+                          min_ssim=0.999999, progress=False)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
