@@ -145,11 +145,11 @@ def test_yolo_bottlenecks_are_the_blocks():
 
 
 @pytest.mark.parametrize("config, message", [
-    (dict(count=1, blocks=("a",)), "give exactly one of blocks"),
-    (dict(), "give exactly one of blocks"),
-    (dict(count=0), "at least 1"),
-    (dict(max_error=0), "must be above 0"),
-    (dict(count=1, keep_first=1.0), "keep_first"),
+    ({"count": 1, "blocks": ("a",)}, "give exactly one of blocks"),
+    ({}, "give exactly one of blocks"),
+    ({"count": 0}, "at least 1"),
+    ({"max_error": 0}, "must be above 0"),
+    ({"count": 1, "keep_first": 1.0}, "keep_first"),
 ])
 def test_bad_configs_are_one_line(config, message):
     with pytest.raises(EdgelrError, match=message):
@@ -166,3 +166,22 @@ def test_unknown_names_and_models_without_blocks_are_refused(net, tmp_path):
     torch.onnx.export(plain, (torch.randn(1, 3, 8, 8),), str(tmp_path / "plain.onnx"), dynamo=False)
     with pytest.raises(EdgelrError, match=r"no residual block \(y = x \+ f\(x\)\) found"):
         remove_blocks(load(tmp_path / "plain.onnx"), RemoveBlocksConfig(count=1))
+
+
+def test_a_diffusion_unets_blocks_are_its_resnets_and_attentions(tmp_path):
+    """The exported UNet's GroupNorms end in x * gamma + beta, beta through an Identity of a weight: an Add of a
+    constant, not a block."""
+    pytest.importorskip("diffusers")
+    from edgelr.deploy.pipeline import export_pipeline
+    from models import diffusion_tiny
+
+    exported = export_pipeline(diffusion_tiny.save_ddpm(tmp_path / "ddpm"), "x86-cpu", tmp_path / "out", progress=False)
+    unet = load(exported.out_dir / "unet" / "model.onnx")
+    found = residual_branches(unet)
+    assert found and all("/resnets." in b.name or "/attentions." in b.name for b in found), [b.name for b in found]
+    feed = {"sample": np.zeros((1, 3, 16, 16), np.float32), "timestep": np.array([10], np.int64)}
+    for block in found:
+        model = load(exported.out_dir / "unet" / "model.onnx")
+        remove_branches(model, [block])
+        with ort_session(model) as session:
+            assert session.run(None, feed)[0].shape == (1, 3, 16, 16)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import onnx_ir as ir
 
 from edgelr.graph.layers import const_tensor
@@ -45,11 +44,12 @@ def residual_branches(model: ir.Model) -> list[ResidualBranch]:
     position = {id(node): i for i, node in enumerate(nodes)}
     outputs = set(map(id, graph.outputs))
     found, names = [], {}
+    data = _data_values(graph)
     for add in nodes:
         if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
             continue
-        if any(v is None or v.producer() is None or const_tensor(v) is not None for v in add.inputs):
-            continue  # a bias, a constant, or a graph input added: not a block
+        if any(v is None or v.producer() is None or id(v) not in data for v in add.inputs):
+            continue  # a bias (also through an Identity or a Reshape), a constant, or a graph input added: not a block
         for side in (0, 1):
             skip, branch_out = add.inputs[1 - side], add.inputs[side]
             cone = _exclusive_cone(branch_out, add, outputs)
@@ -107,13 +107,22 @@ def _exclusive_cone(value: ir.Value, add: ir.Node, graph_outputs: set[int]) -> s
     cone, grown = {first}, True
     while grown:
         grown = False
-        for node in list(cone):
+        for node in list(cone):  # noqa: PERF101  (the cone grows inside the loop)
             for v in node.inputs:
                 producer = v.producer() if v is not None else None
                 if producer is not None and producer not in cone and producer.graph is add.graph and exclusive(producer, cone):
                     cone.add(producer)
                     grown = True
     return cone
+
+
+def _data_values(graph: ir.Graph) -> set[int]:
+    """The ids of the values computed from the graph's fed inputs (not from constants alone)."""
+    data = {id(v) for v in graph.inputs if not v.is_initializer()}
+    for node in graph:  # topological order
+        if any(v is not None and id(v) in data for v in node.inputs):
+            data.update(id(out) for out in node.outputs)
+    return data
 
 
 def _starts_at_skip(cone: set[ir.Node], skip: ir.Value) -> bool:

@@ -94,12 +94,15 @@ def remove_blocks(model: ir.Model, config: RemoveBlocksConfig, judge: Callable[[
     candidates = found[math.ceil(len(found) * config.keep_first):]
     result = RemoveBlocksResult(candidates)
     for block in progress_bar(candidates, desc="block sensitivity", unit="block", show=progress):
-        result.sensitivity[block.name] = judge(_without(model, [block]))
-    ranked = sorted(candidates, key=lambda b: (result.sensitivity[b.name], -b.add))  # ties: the later first
+        result.sensitivity[block.name] = _judged(judge, _without(model, [block]))
+    ranked = sorted((b for b in candidates if math.isfinite(result.sensitivity[b.name])),
+                    key=lambda b: (result.sensitivity[b.name], -b.add))  # ties: the later first
     if config.count is not None:
-        if config.count > len(candidates):
-            raise EdgelrError(f"count {config.count}: only {len(candidates)} blocks may be removed "
-                              f"({len(found)} found, the first {len(found) - len(candidates)} kept by keep_first)")
+        if config.count > len(ranked):
+            broken = len(candidates) - len(ranked)
+            raise EdgelrError(f"count {config.count}: only {len(ranked)} blocks may be removed ({len(found)} found, "
+                              f"the first {len(found) - len(candidates)} kept by keep_first"
+                              + (f", {broken} the model does not run without)" if broken else ")"))
         chosen = _outermost(ranked[:config.count])
         _remove(model, chosen, result)
         result.error = judge(model)
@@ -108,7 +111,7 @@ def remove_blocks(model: ir.Model, config: RemoveBlocksConfig, judge: Callable[[
     for block in ranked:  # greedy, judged together: errors of removed blocks do not simply add
         if any(b.contains(block) or block.contains(b) for b in chosen):
             continue
-        error = judge(_without(model, [*chosen, block]))
+        error = _judged(judge, _without(model, [*chosen, block]))
         if error <= config.max_error:
             chosen.append(block)
             result.error = error
@@ -121,6 +124,14 @@ def _without(model: ir.Model, blocks: list[ResidualBranch]) -> ir.Model:
     trial = ir.from_proto(ir.to_proto(model))
     remove_branches(trial, _outermost(blocks))
     return trial
+
+
+def _judged(judge: Callable[[ir.Model], float], candidate: ir.Model) -> float:
+    """The judge's error, infinite for a model that does not run without the block (never chosen)."""
+    try:
+        return judge(candidate)
+    except (EdgelrError, RuntimeError):  # ONNX Runtime raises RuntimeError subclasses for a graph it refuses
+        return math.inf
 
 
 def _remove(model: ir.Model, blocks: list[ResidualBranch], result: RemoveBlocksResult) -> None:
