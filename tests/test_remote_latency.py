@@ -68,10 +68,11 @@ def _pi_one_thread(folder: Path) -> Path:
     return target
 
 
-def _device_search(compress, sshd, demo: Path, budget: str, machine: str) -> None:
+def _device_search(compress, sshd, demo: Path, budget: str, machine: str, *extra: str) -> None:
     """Two runs of the same search on the device: the first builds its tables there, the second times no layer."""
     target = str(_pi_one_thread(demo))
-    status, out, err = compress("a.onnx", "--latency", budget, "--target", target, "--report", str(demo / "a.json"))
+    status, out, err = compress("a.onnx", "--latency", budget, "--target", target, "--report", str(demo / "a.json"),
+                                *extra)
     assert status == 0, err
     report = json.loads((demo / "a.json").read_text())["latency"]
     device = report["device"]
@@ -85,7 +86,8 @@ def _device_search(compress, sshd, demo: Path, budget: str, machine: str) -> Non
     assert kept["measured_ratio"] <= float(budget) + 0.01  # within the budget (its timing noise)
     assert ("not on rpi5" in err) == (machine != "aarch64")  # a device unlike the target is said to be
 
-    status, out, err = compress("b.onnx", "--latency", budget, "--target", target, "--report", str(demo / "b.json"))
+    status, out, err = compress("b.onnx", "--latency", budget, "--target", target, "--report", str(demo / "b.json"),
+                                *extra)
     assert status == 0, err
     again = json.loads((demo / "b.json").read_text())["latency"]
     assert again["table"] == report["table"]
@@ -99,8 +101,9 @@ def test_latency_tables_built_on_an_emulated_aarch64_device_and_reused(sshd, dem
     """The command, run in this process: its timings mean nothing under qemu (an op costs what its translation
     costs, not what the layer's kernel does: a round missed the tables' prediction by 0.3, and runs spread past
     the limit on this busy machine), so the search's trust in timings, tested in test_latency.py, is switched
-    off; what is tested is the path. At --latency 0.5 the error ceiling refused the rounds under emulation in
-    one of two tries (a refusal, rightly): 0.7 lands within both."""
+    off; what is tested is the path. The issue's command, --latency 0.5: on this small demo model that budget sits
+    at the default error ceiling (0.2; the fastest round within it measured 0.54 once, and the search rightly
+    refused), so the test loosens the ceiling as a user would, to 0.3."""
     monkeypatch.setattr(timing, "SPREAD_LIMIT", math.inf)
     monkeypatch.setattr(search, "PREDICTION_TOLERANCE", math.inf)
     monkeypatch.setattr(search, "DRIFT_LIMIT", math.inf)
@@ -110,7 +113,7 @@ def test_latency_tables_built_on_an_emulated_aarch64_device_and_reused(sshd, dem
         said = capsys.readouterr()
         return status, said.out, said.err
 
-    _device_search(compress, sshd, demo, "0.7", "aarch64")
+    _device_search(compress, sshd, demo, "0.5", "aarch64", "--max-output-error", "0.3")
 
 
 @pytest.mark.slow
