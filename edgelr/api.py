@@ -272,7 +272,6 @@ def compress_pipeline(
         DENOISER,
         JUDGE_SEED,
         ImageJudge,
-        check_out_dir,
         file_bytes,
         float_params,
         image_measures,
@@ -285,7 +284,7 @@ def compress_pipeline(
 
     start = time.perf_counter()
     source = read_exported(export_dir)
-    out_dir = check_out_dir(out_dir, source.path)
+    out_dir = model_io.check_output_folder(out_dir, source.path, what="compressed pipeline")
     recipe = as_recipe(passes, target=target)
     if recipe.target is None:  # quantization aims at the target the pipeline was exported for
         try:

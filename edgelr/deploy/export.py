@@ -91,7 +91,7 @@ def export(
 
         host, dest = split_destination(to)
     loaded = model_io.load(model_path)  # a clear error for a missing or broken model, before any work
-    out_dir = _check_out_dir(Path(out_dir), model_path, calib)
+    out_dir = model_io.check_output_folder(out_dir, model_path, calib, manifest=MANIFEST)
     samples = load_samples(calib, loaded) if calib is not None else None
     shapes = shapes or target.shapes or None
     # every input's size, before any work: --calib, --shapes, the model's metadata, else one line naming --shapes
@@ -136,20 +136,3 @@ def _write(model_path: Path, target: Target, stage: Path, samples, precision, sh
 
     return write_ort_bundle(model_path, target, stage, samples.feed(0) if samples is not None else None, shapes=shapes,
                             progress=progress)
-
-
-def _check_out_dir(out_dir: Path, *inputs) -> Path:
-    """OUT_DIR may be new, empty, or an earlier edgelr bundle (replaced); never anything else."""
-    if not out_dir.parent.exists():
-        raise EdgelrError(f"{out_dir}: folder '{out_dir.parent}' does not exist; create it or pick another path")
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise EdgelrError(f"{out_dir}: is a file; give a folder for the bundle")
-        if any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
-            raise EdgelrError(f"{out_dir}: not empty and not an edgelr bundle; pick a new folder (nothing was written)")
-        for src in inputs:
-            if src is not None and Path(src).resolve().is_relative_to(out_dir.resolve()):
-                raise EdgelrError(f"{out_dir}: holds the input {src}; export to another folder")
-    if not os.access(out_dir.parent, os.W_OK):
-        raise EdgelrError(f"{out_dir}: cannot write in '{out_dir.parent}' (permission denied)")
-    return out_dir

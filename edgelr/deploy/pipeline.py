@@ -94,7 +94,7 @@ def export_pipeline(pipeline_dir: str | os.PathLike, target: str | Target, out_d
             raise EdgelrError(f"--threads {threads}: need threads >= 1")
         target = dataclasses.replace(target, threads=threads)
     pipe = read_pipeline_dir(pipeline_dir)
-    out_dir = _check_out_dir(Path(out_dir), pipe.path)
+    out_dir = model_io.check_output_folder(out_dir, pipe.path, what="exported pipeline", manifest=MANIFEST)
     plan = _plan(pipe)
     _say(progress, f"{pipe.path}: {pipe.class_name} ({plan.kind}); loading {', '.join(plan.models)}")
     modules = {name: load_component(pipe.components[name]) for name in (*plan.models,)}
@@ -112,22 +112,6 @@ def _say(progress: bool, text: str) -> None:
         import sys
 
         print(text, file=sys.stderr)
-
-
-def _check_out_dir(out_dir: Path, source: Path) -> Path:
-    """OUT may be new, empty, or an earlier edgelr export (replaced); never anything else (as deploy.export's)."""
-    if not out_dir.parent.exists():
-        raise EdgelrError(f"{out_dir}: folder '{out_dir.parent}' does not exist; create it or pick another path")
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise EdgelrError(f"{out_dir}: is a file; give a folder for the exported pipeline")
-        if any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
-            raise EdgelrError(f"{out_dir}: not empty and not an edgelr export; pick a new folder (nothing was written)")
-        if source.resolve().is_relative_to(out_dir.resolve()) or out_dir.resolve() == source.resolve():
-            raise EdgelrError(f"{out_dir}: holds the pipeline {source}; export to another folder")
-    if not os.access(out_dir.parent, os.W_OK):
-        raise EdgelrError(f"{out_dir}: cannot write in '{out_dir.parent}' (permission denied)")
-    return out_dir
 
 
 def _plan(pipe: PipelineDir) -> _Plan:

@@ -77,26 +77,6 @@ def read_exported(folder: str | os.PathLike) -> ExportedPipeline:
     return ExportedPipeline(path, manifest)
 
 
-def check_out_dir(out_dir: str | os.PathLike, source: Path) -> Path:
-    """OUT_DIR may be new, empty, or an earlier edgelr pipeline folder (replaced whole); never the source or a
-    folder inside it, and never anything else."""
-    out_dir = Path(out_dir)
-    if not out_dir.parent.exists():
-        raise EdgelrError(f"{out_dir}: folder '{out_dir.parent}' does not exist; create it or pick another path")
-    if out_dir.resolve() == source.resolve() or out_dir.resolve().is_relative_to(source.resolve()) \
-            or source.resolve().is_relative_to(out_dir.resolve()):
-        raise EdgelrError(f"{out_dir}: is (or holds, or is inside) the pipeline {source}; edgelr never overwrites its "
-                          "input, pick another folder")
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise EdgelrError(f"{out_dir}: is a file; give a folder for the compressed pipeline")
-        if any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
-            raise EdgelrError(f"{out_dir}: not empty and not an edgelr pipeline; pick a new folder (nothing was written)")
-    if not os.access(out_dir.parent, os.W_OK):
-        raise EdgelrError(f"{out_dir}: cannot write in '{out_dir.parent}' (permission denied)")
-    return out_dir
-
-
 class ImageJudge:
     """Images from fixed seeds with the pipeline's own denoiser (the reference), and with others in its place."""
 

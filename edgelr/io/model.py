@@ -158,6 +158,31 @@ def check_output_path(out: str | os.PathLike, *inputs: str | os.PathLike) -> Pat
     return out
 
 
+def check_output_folder(out_dir: str | os.PathLike, *inputs: str | os.PathLike | None, what: str = "bundle",
+                        manifest: str = "manifest.json") -> Path:
+    """Fail early if OUT_DIR cannot take an edgelr folder (a bundle, an exported pipeline): it may be new, empty,
+    or an earlier edgelr folder (one with MANIFEST, replaced whole); never an input, a folder holding one or
+    inside one, and never anything else. WHAT names the folder in errors."""
+    out_dir = Path(out_dir)
+    if not out_dir.parent.exists():
+        raise EdgelrError(f"{out_dir}: folder '{out_dir.parent}' does not exist; create it or pick another path")
+    for src in inputs:
+        if src is None:
+            continue
+        src, out = Path(src).resolve(), out_dir.resolve()
+        if src.is_relative_to(out) or out.is_relative_to(src):
+            raise EdgelrError(f"{out_dir}: is, holds, or is inside the input {src}; edgelr never overwrites its input, "
+                              "pick another folder")
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise EdgelrError(f"{out_dir}: is a file; give a folder for the {what}")
+        if any(out_dir.iterdir()) and not (out_dir / manifest).is_file():
+            raise EdgelrError(f"{out_dir}: not empty and not an edgelr {what}; pick a new folder (nothing was written)")
+    if not os.access(out_dir.parent, os.W_OK):
+        raise EdgelrError(f"{out_dir}: cannot write in '{out_dir.parent}' (permission denied)")
+    return out_dir
+
+
 def remove(path: Path) -> None:
     """Delete a model file and its external data file, if there."""
     path.unlink(missing_ok=True)
