@@ -5,6 +5,7 @@ held-out inputs, and the speed of each model beside the original and ONNX Runtim
     python tools/bench_task.py MODEL.onnx --calib calib.npz --heldout heldout.npz \\
         --flow "latency=0.5" --flow "latency=0.5 quantize=int8" --json docs/bench_task_yolov8n.json
 
+`--model NAME=PATH` judges and times a model made elsewhere (an earlier edgelr, another tool) beside them.
 A flow is `key=value` words: a budget (params, flops, latency), prune, quantize, metric/floor and
 max_output_error. Every model is timed in the same interleaved runs (ONNX Runtime CPU, 1 thread,
 median), so the ratios are comparable; a flow the gate refuses is reported with what it measured.
@@ -48,16 +49,20 @@ def run_flow(source: Path, out: Path, flow: str, calib: str, heldout: str, metri
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model")
+    parser.add_argument("model_path", metavar="model")
     parser.add_argument("--calib", required=True)
     parser.add_argument("--heldout", required=True)
-    parser.add_argument("--flow", action="append", required=True, help='e.g. "latency=0.5 quantize=int8"')
+    parser.add_argument("--flow", action="append", default=[], help='e.g. "latency=0.5 quantize=int8"')
+    parser.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
+                        help="a model made elsewhere (e.g. by an earlier edgelr), judged and timed beside the flows")
     parser.add_argument("--metric", help="task metric (default: the model's metadata)")
     parser.add_argument("--floor", type=float)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--json")
     args = parser.parse_args()
-    source = Path(args.model).resolve()
+    if not args.flow and not args.model:
+        parser.error("give at least one --flow or --model")
+    source = Path(args.model_path).resolve()
     model = load(source)
     task = recognise(model, args.metric, args.floor)
     heldout = load_samples(args.heldout, model)
@@ -71,6 +76,11 @@ def main() -> None:
             paths[flow] = Path(tmp) / f"flow{i}.onnx"
             rows[flow] = run_flow(source, paths[flow], flow, args.calib, args.heldout, args.metric, args.floor)
             print(f"{flow}: {rows[flow].get('refused', 'written')} ({rows[flow]['seconds']:.0f} s)", flush=True)
+        for given in args.model:
+            name, path = given.rsplit("=", 1)
+            if not Path(path).is_file():
+                parser.error(f"--model {given}: no model file {path}")
+            paths[name], rows[name] = Path(path), {"path": path}
         written = {name: path for name, path in paths.items() if path.exists()}
         times = interleaved_latency(written, heldout.feed(0), threads=1, rounds=args.rounds)
         for name, path in written.items():
@@ -80,7 +90,7 @@ def main() -> None:
             rows[name].update({"speedup": times["original"] / times[name], "latency_ms": times[name] * 1e3,
                                "errors": verdict.errors, "task": verdict.to_json()})
     rows["original"] = {"latency_ms": times["original"] * 1e3}
-    for name in ("int8 alone", *args.flow):
+    for name in (name for name in rows if name != "original"):
         r = rows[name]
         if "refused" in r:
             print(f"{name:32s} refused: {r['refused']}")
@@ -91,7 +101,7 @@ def main() -> None:
               + (f"{t['metric']} {t['value']:.3f}" if "metric" in t else "")
               + "".join(f"  {k} {t[k]:.3f}" for k in ("top_class_agreement", "class_score_error") if k in t))
     if args.json:
-        Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "model": str(args.model),
+        Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "model": str(args.model_path),
                                                "task": task and task.kind, "rows": rows}, indent=1))
 
 
