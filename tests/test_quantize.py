@@ -142,6 +142,31 @@ def test_dynamic_int8_quantizes_matmul_weights(tmp_path):
     assert np.linalg.norm(quantized - reference) / np.linalg.norm(reference) < 0.05
 
 
+def test_a_sinusoidal_embedding_stays_float(tmp_path):
+    """A diffusion UNet's timestep embedding, sin/cos(t * frequencies) into a Linear: t * f reaches ~1000
+    radians, where one uint8 step is a turn or more, so what feeds a Sin or Cos stays float (static INT8 once
+    made a trained digits DDPM's images noise: 5.8 dB against the original's)."""
+    rng = np.random.default_rng(0)
+    freqs = np.exp(-np.log(10000) * np.arange(16) / 16).astype(np.float32)
+    w = rng.standard_normal((32, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["t", "freqs"], ["phase"], name="phase"),
+         helper.make_node("Sin", ["phase"], ["sin"], name="sin"), helper.make_node("Cos", ["phase"], ["cos"], name="cos"),
+         helper.make_node("Concat", ["sin", "cos"], ["emb"], axis=1, name="concat"),
+         helper.make_node("MatMul", ["emb", "w"], ["y"], name="linear")],
+        "embedding", [helper.make_tensor_value_info("t", TensorProto.FLOAT, [1, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor("freqs", TensorProto.FLOAT, [1, 16], freqs), helper.make_tensor("w", TensorProto.FLOAT, [32, 8], w)])
+    path = tmp_path / "emb.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    t = rng.uniform(0, 1000, (64, 1)).astype(np.float32)
+    result = quantize(path, tmp_path / "q.onnx", "int8", Samples({"t": t[:48]}, {"t": True}), progress=False)
+    assert result["by_op"]["MatMul"] == 1
+    reference = np.concatenate([session(path).run(None, {"t": x[None]})[0] for x in t[48:]])
+    quantized = np.concatenate([session(tmp_path / "q.onnx").run(None, {"t": x[None]})[0] for x in t[48:]])
+    assert np.linalg.norm(quantized - reference) / np.linalg.norm(reference) < 0.05
+
+
 def test_activation_type_follows_the_target():
     assert activations_for(load_target("rtx")) == "int8-symmetric"
     assert activations_for(load_target("jetson-orin")) == "int8-symmetric"

@@ -62,6 +62,7 @@ SCHEMES = ("int8", "int8-lowrank", "int8-dynamic")
 ACTIVATIONS = ("uint8", "int8", "int8-symmetric")
 # The ops that carry weights: where TensorRT wants its Q/DQ pairs (and where INT8 pays on any runtime).
 _WEIGHTED_OPS = ["Conv", "ConvTranspose", "MatMul", "Gemm"]
+_PERIODIC = ("Sin", "Cos")  # an error in their argument wraps around: kept float with what feeds them
 _DYNAMIC_OPS = ["MatMul", "Gemm"]  # ORT's CPU kernels have no ConvInteger for INT8 weights
 FLOAT_BRANCH = "/float_branch"  # in a node's name: keep the node in float, on float inputs
 # Schemes that rewrite the float model before static INT8: scheme -> f(model_path, tmp, samples, activations,
@@ -286,7 +287,7 @@ def _static(source: Path, staged: Path, samples: Samples, activations: str, exte
 
 def _float_nodes(source: Path, tmp: Path, keep_float: list[str]) -> tuple[Path, list[str], list[str]]:
     """The nodes that stay in float, by name: the output tail (those that reach a graph output without
-    passing through a weighted op), and the float branches with the nodes in `keep_float`, which read
+    passing through a weighted op) and the inputs of periodic functions alike, and the float branches with the nodes in `keep_float`, which read
     float inputs. Unnamed nodes get names first, in a copy (ORT excludes nodes by name)."""
     import onnx
 
@@ -301,7 +302,11 @@ def _float_nodes(source: Path, tmp: Path, keep_float: list[str]) -> tuple[Path, 
         save(model, source)
         graph = onnx.load(str(source), load_external_data=False).graph
     producer = {output: node for node in graph.node for output in node.output}
-    tail, seen, stack = [], set(), [value.name for value in graph.output]
+    # the tail, and what feeds a Sin or Cos (a diffusion model's timestep embedding: t * frequencies reaches
+    # ~1000 radians, where one uint8 step is a turn and more): back to the nearest weighted ops
+    tail, seen = [], set()
+    stack = [value.name for value in graph.output] + [output for node in graph.node if node.op_type in _PERIODIC
+                                                      for output in node.output]
     while stack:
         node = producer.get(stack.pop())
         if node is None or node.name in seen or node.op_type in _WEIGHTED_OPS:
