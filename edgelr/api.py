@@ -39,6 +39,7 @@ from edgelr.passes.factorize import FactorizeConfig, FactorizeResult
 from edgelr.passes.prune import PruneConfig
 from edgelr.passes.quantize import SCHEMES, QuantizeConfig, quantized_already
 from edgelr.passes.refit import RefitConfig
+from edgelr.passes.remove_blocks import RemoveBlocksConfig
 from edgelr.recipe import Recipe
 from edgelr.report.tables import result_json, write_json
 
@@ -207,7 +208,8 @@ def compress(
             if verdict is not None and not verdict.passed:
                 way = "lower the floor (--floor)" if verdict.score is not None and not verdict.score.passed else \
                     f"pass --max-output-error {rounded_up(verdict.errors['worst'])}"
-                budgeted = any(isinstance(c, PruneConfig) or (isinstance(c, FactorizeConfig) and c.ranks != {})
+                budgeted = any(isinstance(c, (PruneConfig, RemoveBlocksConfig))
+                               or (isinstance(c, FactorizeConfig) and c.ranks != {})
                                for c in recipe.passes)  # else quantization alone: there is no budget to loosen
                 raise EdgelrError(f"{output}: not written: {verdict.line()}, on {verdict.samples} "
                                   f"{'held-out' if heldout is not None else 'calibration'} samples; "
@@ -279,7 +281,6 @@ def compress_pipeline(
         write_compressed,
     )
     from edgelr.deploy.pipeline_run import OnnxDiffusionPipeline
-    from edgelr.passes.remove_blocks import RemoveBlocksConfig
     from edgelr.version import __version__
 
     start = time.perf_counter()
