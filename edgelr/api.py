@@ -13,7 +13,6 @@ on the pipeline's own sampling trajectories and judged by the images it makes, i
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import sys
 import tempfile
@@ -41,7 +40,7 @@ from edgelr.passes.quantize import SCHEMES, QuantizeConfig, quantized_already
 from edgelr.passes.refit import RefitConfig
 from edgelr.passes.remove_blocks import RemoveBlocksConfig
 from edgelr.recipe import Recipe
-from edgelr.report.tables import result_json, write_json
+from edgelr.report.tables import plain_json, result_json, write_json
 
 
 @dataclass
@@ -335,21 +334,10 @@ def compress_pipeline(
             names = done.blocks_removed["candidates"]
             record["blocks_removed"] = {**done.blocks_removed, "judged_by": BLOCK_JUDGE,
                                         "candidate_images": dict(zip(names, judge.judged))}
-        manifest = write_compressed(source, out_dir, unet, _finite(record), judge, compressed)
+        manifest = write_compressed(source, out_dir, unet, plain_json(record), judge, compressed)
     done.output = out_dir / DENOISER / "model.onnx"
     return PipelineCompressReport(source.path, out_dir, done, quality, trajectories.summary(), manifest,
                                   time.perf_counter() - start)
-
-
-def _finite(data):
-    """DATA with infinite floats (PSNR of identical images) as strings: manifests are plain JSON."""
-    if isinstance(data, float) and not math.isfinite(data):
-        return str(data)
-    if isinstance(data, dict):
-        return {k: _finite(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [_finite(v) for v in data]
-    return data
 
 
 def as_recipe(passes: FactorizeConfig | Sequence[PassConfig] | Recipe | None, prune: float | None = None,

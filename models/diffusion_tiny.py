@@ -39,6 +39,8 @@ from diffusers import (
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from edgelr.deploy.pipeline_run import bytes_to_unicode
+
 IMAGE = 16  # pixels, both pipelines
 TOKENS = 16  # the tokenizer's (and text encoder's) sequence length; Stable Diffusion's is 77
 
@@ -101,19 +103,6 @@ def save_text_to_image(path: str | os.PathLike, seed: int = 0, vocab: str = "tin
 
 # ---- the tokenizer's vocabulary ----
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible map from bytes to printable characters."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 # a handful of merges, enough that common words are a few tokens each, not one per letter
 _TINY_MERGES = ["t h", "th e</w>", "a n", "i n", "e r", "o n", "r e", "a t", "e n", "o r", "s</w>", "e</w>",
                 "an d</w>", "in g</w>", "o f</w>", "a</w>", "c at</w>", "d o", "do g</w>", "r ed</w>", "e d</w>",
@@ -143,7 +132,7 @@ def write_vocab(folder: Path, vocab: str = "tiny") -> int:
         merges = _TINY_MERGES
     else:
         raise ValueError(f"vocab: 'tiny' or 'clip', not {vocab!r}")
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     tokens = list(dict.fromkeys(tokens))  # a merge may spell a token that is already there

@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edgelr.errors import EdgelrError
+from edgelr.report.tables import plain_json
 
 FLOWS = ("params=0.5", "flops=0.5", "flops=0.35", "blocks=1", "blocks=2", "int8", "flops=0.5,int8",
          "flops=0.5,blocks=1", "flops=0.5,blocks=1,int8")
@@ -560,23 +561,7 @@ def run(args, argv) -> int:
         for r in rows + distilled:
             r.pop("folder", None)
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(_finite(report), indent=1) + "\n")
+        args.json.write_text(json.dumps(plain_json(report), indent=1) + "\n")
         print(f"wrote {args.json}")
     say("done")
     return 0
-
-
-def _finite(data):
-    if isinstance(data, float) and not math.isfinite(data):
-        return str(data)
-    if isinstance(data, dict):
-        return {k: _finite(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [_finite(v) for v in data]
-    if isinstance(data, (np.floating, np.integer)):
-        return _finite(data.item())
-    return data
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -180,7 +180,8 @@ class Scheduler:
 
 # ---- CLIP's tokenizer ----
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible map from bytes to printable characters."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs, n = bs[:], 0
     for b in range(256):
@@ -214,7 +215,7 @@ class ClipTokenizer:
         self.pad = self.encoder[token("pad_token", "<|endoftext|>")]
         self.unk = self.encoder[token("unk_token", "<|endoftext|>")]
         self.max_length = int(cfg.get("model_max_length", 77))
-        self.byte_encoder = _bytes_to_unicode()
+        self.byte_encoder = bytes_to_unicode()
         self.cache: dict[str, list[str]] = {}
 
     def _bpe(self, token: str) -> list[str]:

@@ -9,6 +9,8 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+
 from edgelr.errors import EdgelrError
 from edgelr.graph.layers import Layer, Skipped
 from edgelr.passes.factorize import FactorizeResult
@@ -107,6 +109,20 @@ def result_json(result: FactorizeResult) -> dict:
             key: result.total(key) for key in ("params_before", "params_after", "flops_before", "flops_after")
         },
     }
+
+
+def plain_json(data):
+    """DATA as plain JSON can hold it: numpy scalars as Python numbers, infinite and NaN floats (the PSNR of
+    identical images) as strings, tuples as lists."""
+    if isinstance(data, (np.floating, np.integer)):
+        data = data.item()
+    if isinstance(data, float) and not math.isfinite(data):
+        return str(data)
+    if isinstance(data, dict):
+        return {k: plain_json(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [plain_json(v) for v in data]
+    return data
 
 
 def write_json(data: dict, path: str | os.PathLike) -> Path:
