@@ -223,4 +223,6 @@ def test_bad_inputs_one_line_nothing_written(exported, tmp_path, capsys):
     with pytest.raises(EdgelrError, match="not written.*SSIM"):
         compress_pipeline(copy, out, [FactorizeConfig(params=0.5)], seeds=1, steps=3, images=1, max_output_error=1.0,
                           min_ssim=0.999999, progress=False)
+    _fails(capsys, [str(copy), "--params", "0.5", "--steps", "3", "--seeds", "1", "--images", "1", "--max-output-error",
+                    "1", "--min-psnr", "200"], out, "not written", "PSNR")
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -16,6 +16,7 @@ from edgelr.cli.args import (
     positive,
     removed,
     ssh_flags,
+    unit_fraction,
 )
 from edgelr.errors import EdgelrError
 
@@ -59,9 +60,12 @@ def add(sub: argparse._SubParsersAction) -> None:
     pipe.add_argument("--prompt", action="append", metavar="TEXT", help="text to image: a prompt to sample with (repeat "
                       "for more; default: a few generic ones)")
     pipe.add_argument("--guidance", type=positive, metavar="G", help="classifier-free guidance scale (default 7.5)")
+    pipe.add_argument("--min-psnr", type=positive, metavar="DB", help="not written unless the images' mean PSNR against "
+                      "the original's is at least this")
+    pipe.add_argument("--min-ssim", type=unit_fraction, metavar="S", help="not written unless their mean SSIM is at least this")
 
 
-PIPELINE_FLAGS = ("remove_blocks", "steps", "seeds", "images", "prompt", "guidance")
+PIPELINE_FLAGS = ("remove_blocks", "steps", "seeds", "images", "prompt", "guidance", "min_psnr", "min_ssim")
 
 
 def run(args) -> int:
@@ -189,7 +193,8 @@ def _pipeline(args) -> int:
             passes += flag_passes(factorize, args.prune, args.quantize, not args.no_refit)
     done = compress_pipeline(args.model, args.output, passes, seeds=args.seeds or 4, steps=args.steps or 20,
                              prompts=args.prompt, guidance=args.guidance or 7.5, images=args.images or 4,
-                             max_output_error=args.max_output_error, target=args.target, progress=not args.quiet)
+                             max_output_error=args.max_output_error, min_psnr=args.min_psnr, min_ssim=args.min_ssim,
+                             target=args.target, progress=not args.quiet)
     record, c, i = done.manifest["compression"], done.calibration, done.images
     print(f"calibrated on {c['samples']} denoiser inputs from {len(c['seeds'])} sampling runs, {c['timesteps_covered']} "
           f"of {c['steps']} timesteps" + (f", guidance {c['guidance']:g}" if c["guidance"] else ""))
