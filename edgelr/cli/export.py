@@ -83,13 +83,15 @@ def run(args) -> int:
 def _pipeline(args) -> int:
     from edgelr.deploy.pipeline import export_pipeline
     from edgelr.errors import EdgelrError
+    from edgelr.io.shapes import parse_shapes
+    from edgelr.report.tables import human
 
-    given = [flag for flag, value in (("--calib", args.calib), ("--shapes", args.shapes), ("--precision", args.precision),
-                                      ("--sparsity", args.sparsity), ("--to", args.to)) if value]
+    given = [flag for flag, value in (("--calib", args.calib), ("--sparsity", args.sparsity), ("--to", args.to)) if value]
     if given:
         raise EdgelrError(f"{args.model}: {', '.join(given)} {'is' if len(given) == 1 else 'are'} for ONNX models; a pipeline folder exports with "
-                          "--target, -o and --threads only")
-    done = export_pipeline(args.model, args.target, args.output, threads=args.threads, progress=not args.quiet)
+                          "--target, -o and --threads (and --shapes, --precision for a TensorRT target's engine)")
+    done = export_pipeline(args.model, args.target, args.output, threads=args.threads,
+                           shapes=parse_shapes(args.shapes) or None, precision=args.precision, progress=not args.quiet)
     m = done.manifest
     print(f"{done.target.name}: {done.target.description}")
     print(f"{m['source']['class']} ({m['kind']}), exported with {next(iter(m['components'].values()))['exporter']}")
@@ -97,6 +99,18 @@ def _pipeline(args) -> int:
         p = c["parity"]
         print(f"  {c['file']}  parity {p['relative_error']:.1e} relative, {p['max_abs_error']:.1e} max abs "
               f"(tolerance {p['tolerance']:.0e})")
+    for name, e in m.get("engines", {}).items():
+        batch = e["batch"]
+        print(f"  {e['file']}  {human(e['bytes'])}B, {e['precision']}, batch {batch['min']}..{batch['max']} "
+              f"(opt {batch['opt']}), built in {e['build_seconds']:.1f} s with {e['tensorrt']['module']} "
+              f"{e['tensorrt']['version']}")
+        parity = e["parity"]
+        if isinstance(parity, dict):
+            print(f"  GPU parity of the {name} engine: relative output error {parity['relative_error']:.2e}")
+        else:
+            print(f"  GPU parity check of the {name} engine {parity}" + (" on this machine (check it on the GPU "
+                  "that runs it)" if parity == "skipped: no GPU" else ""))
     print(f"wrote {done.out_dir} in {done.seconds:.1f} s; run it there: python run.py --steps 25"
-          + (' --prompt "..."' if m["run"]["conditional"] else ""))
+          + (' --prompt "..."' if m["run"]["conditional"] else "")
+          + (" (the ONNX models, on ONNX Runtime)" if m.get("engines") else ""))
     return 0

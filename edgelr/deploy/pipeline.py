@@ -22,6 +22,10 @@ a component that does not export, or one that exports wrong, is one EdgelrError 
 
 The runner steps the scheduler in numpy (DDPM and DDIM, from scheduler_config.json), not with diffusers'
 scheduler classes: the folder runs on a device with numpy and onnxruntime alone, no torch.
+
+A TensorRT target (--target rtx) writes the same folder plus a TensorRT engine for the denoiser in
+engines/unet/ (edgelr.deploy.pipeline_engine); given a folder `edgelr export` or `edgelr compress` wrote, it
+copies that folder and builds the engine for its denoiser: export -> compress -> export --target rtx.
 """
 
 from __future__ import annotations
@@ -38,8 +42,10 @@ from pathlib import Path
 import numpy as np
 
 from edgelr.deploy.files import file_entry, whole_folder
+from edgelr.deploy.pipeline_engine import ENGINES, add_denoiser_engine
 from edgelr.deploy.pipeline_run import MANIFEST, check_scheduler
 from edgelr.deploy.targets import Target, load_target
+from edgelr.deploy.tensorrt import tensorrt_module
 from edgelr.errors import EdgelrError
 from edgelr.io import model as model_io
 from edgelr.io.diffusers_dir import (
@@ -50,6 +56,7 @@ from edgelr.io.diffusers_dir import (
     quiet_libraries,
     read_pipeline_dir,
 )
+from edgelr.io.shapes import ShapeRange
 from edgelr.version import __version__
 
 PARITY_TOLERANCE = 1e-4  # relative error (||onnx - torch|| / ||torch||, per output) each component must stay within
@@ -79,32 +86,92 @@ class _Plan:
 
 
 def export_pipeline(pipeline_dir: str | os.PathLike, target: str | Target, out_dir: str | os.PathLike, *,
-                    threads: int | None = None, tolerance: float = PARITY_TOLERANCE,
+                    threads: int | None = None, shapes: dict[str, ShapeRange] | None = None,
+                    precision: str | None = None, tolerance: float = PARITY_TOLERANCE,
                     progress: bool = True) -> PipelineExportResult:
-    """Export the diffusers pipeline in `pipeline_dir` for `target` (an ONNX Runtime target of format onnx) into
-    `out_dir` (new, empty, or an earlier export: replaced whole). EdgelrError, with nothing written, when the
-    folder is not a pipeline, a component does not load or export, or one's parity exceeds `tolerance`."""
+    """Export the diffusers pipeline in `pipeline_dir` for `target` into `out_dir` (new, empty, or an earlier
+    export: replaced whole). An ONNX Runtime target (format onnx) gets the ONNX folder; a TensorRT one the same
+    folder plus an engine for the denoiser (edgelr.deploy.pipeline_engine: `shapes` may set its batch range,
+    `precision` its precision). `pipeline_dir` may also be a folder `edgelr export` or `edgelr compress` wrote:
+    for a TensorRT target it is copied with an engine built for its own denoiser. EdgelrError, with nothing
+    written, when the folder is not a pipeline, a component does not load or export, one's parity exceeds
+    `tolerance`, or the engine does not build."""
     start = time.perf_counter()
-    target = target if isinstance(target, Target) else load_target(target)
-    if target.is_tensorrt or target.backend != "onnxruntime" or target.format != "onnx":
-        raise EdgelrError(f"target '{target.name}' ({target.backend}, format {target.format}): diffusion pipelines "
-                          "export to ONNX Runtime targets of format onnx for now (e.g. --target x86-cpu)")
-    if threads is not None:
-        if threads < 1:
-            raise EdgelrError(f"--threads {threads}: need threads >= 1")
-        target = dataclasses.replace(target, threads=threads)
+    target = _pipeline_target(target, threads, shapes, precision)
+    if (Path(pipeline_dir) / MANIFEST).is_file():
+        return _engine_for_exported(pipeline_dir, target, out_dir, threads, shapes, precision, progress, start)
+    if target.is_tensorrt:
+        tensorrt_module(target)  # a missing TensorRT is one line before the export, not after it
     pipe = read_pipeline_dir(pipeline_dir)
     out_dir = model_io.check_output_folder(out_dir, pipe.path, what="exported pipeline", manifest=MANIFEST)
     plan = _plan(pipe)
     _say(progress, f"{pipe.path}: {pipe.class_name} ({plan.kind}); loading {', '.join(plan.models)}")
     modules = {name: load_component(pipe.components[name]) for name in (*plan.models,)}
+    with _writing(out_dir) as stage:
+        manifest = _write(pipe, plan, modules, target, stage, tolerance, progress)
+        if target.is_tensorrt:
+            manifest = add_denoiser_engine(stage, manifest, target, shapes=shapes, precision=precision,
+                                           progress=progress)
+    return PipelineExportResult(target, out_dir, manifest, time.perf_counter() - start)
+
+
+def _pipeline_target(target: str | Target, threads: int | None, shapes, precision) -> Target:
+    """The target, checked: ONNX Runtime (format onnx) or TensorRT; --shapes and --precision for engines only."""
+    target = target if isinstance(target, Target) else load_target(target)
+    if not target.is_tensorrt and (target.backend != "onnxruntime" or target.format != "onnx"):
+        raise EdgelrError(f"target '{target.name}' ({target.backend}, format {target.format}): diffusion pipelines "
+                          "export to ONNX Runtime targets of format onnx (e.g. --target x86-cpu) or to TensorRT "
+                          "targets (e.g. --target rtx)")
+    given = [flag for flag, value in (("--shapes", shapes), ("--precision", precision)) if value]
+    if given and not target.is_tensorrt:
+        raise EdgelrError(f"{' and '.join(given)}: for a pipeline, these set its TensorRT engine; target "
+                          f"'{target.name}' runs the exported ONNX models as they are (give e.g. --target rtx)")
+    if threads is not None:
+        if threads < 1:
+            raise EdgelrError(f"--threads {threads}: need threads >= 1")
+        target = dataclasses.replace(target, threads=threads)
+    return target
+
+
+@contextlib.contextmanager
+def _writing(out_dir: Path):
+    """whole_folder(OUT_DIR), with a failed write (no space, no permission) as one EdgelrError line."""
     try:
         with whole_folder(out_dir) as stage:
-            manifest = _write(pipe, plan, modules, target, stage, tolerance, progress)
+            yield stage
     except OSError as exc:
         raise EdgelrError(f"{out_dir}: could not write the pipeline folder ({exc.strerror or exc}); "
                           "check the free space and permissions there") from None
+
+
+def _engine_for_exported(folder, target: Target, out_dir, threads: int | None, shapes, precision, progress: bool,
+                         start: float) -> PipelineExportResult:
+    """An exported (or compressed) pipeline folder copied to OUT_DIR with an engine for its own denoiser."""
+    from edgelr.deploy.pipeline_compress import read_exported
+
+    source = read_exported(folder)
+    if not target.is_tensorrt:
+        raise EdgelrError(f"{source.path}: already an exported pipeline (for '{source.manifest['target']['name']}'); "
+                          f"it runs as it is (python run.py); give a TensorRT target (e.g. --target rtx) to build "
+                          "an engine for its denoiser")
+    tensorrt_module(target)
+    out_dir = model_io.check_output_folder(out_dir, source.path, what="exported pipeline", manifest=MANIFEST)
+    _say(progress, f"{source.path}: an exported pipeline; copying it and building its denoiser's engine")
+    with _writing(out_dir) as stage:
+        shutil.copytree(source.path, stage, dirs_exist_ok=True, ignore=_left_behind(source.path))
+        manifest = source.manifest
+        if threads is not None:
+            manifest = {**manifest, "threads": threads}
+        manifest = add_denoiser_engine(stage, manifest, target, shapes=shapes, precision=precision, progress=progress)
     return PipelineExportResult(target, out_dir, manifest, time.perf_counter() - start)
+
+
+def _left_behind(source: Path):
+    """copytree's ignore: the source's old engines (built for another denoiser or target) and staging folders."""
+    def ignore(folder: str, names: list[str]) -> list[str]:
+        return [n for n in names if ".edgelr-" in n or (Path(folder) == source and n == ENGINES)]
+
+    return ignore
 
 
 def _say(progress: bool, text: str) -> None:
