@@ -100,6 +100,9 @@ def export_pipeline(pipeline_dir: str | os.PathLike, target: str | Target, out_d
     target = _pipeline_target(target, threads, shapes, precision)
     if (Path(pipeline_dir) / MANIFEST).is_file():
         return _engine_for_exported(pipeline_dir, target, out_dir, threads, shapes, precision, progress, start)
+    if precision == "int8":
+        raise EdgelrError(f"{pipeline_dir}: --precision int8 needs a quantized denoiser; export the pipeline, quantize "
+                          f"it (edgelr compress OUT --quantize int8 --target {target.name} -o OUT2), then export OUT2")
     if target.is_tensorrt:
         tensorrt_module(target)  # a missing TensorRT is one line before the export, not after it
     pipe = read_pipeline_dir(pipeline_dir)
@@ -111,7 +114,7 @@ def export_pipeline(pipeline_dir: str | os.PathLike, target: str | Target, out_d
         manifest = _write(pipe, plan, modules, target, stage, tolerance, progress)
         if target.is_tensorrt:
             manifest = add_denoiser_engine(stage, manifest, target, shapes=shapes, precision=precision,
-                                           progress=progress)
+                                           progress=progress, named=out_dir)
     return PipelineExportResult(target, out_dir, manifest, time.perf_counter() - start)
 
 
@@ -162,7 +165,8 @@ def _engine_for_exported(folder, target: Target, out_dir, threads: int | None, s
         manifest = source.manifest
         if threads is not None:
             manifest = {**manifest, "threads": threads}
-        manifest = add_denoiser_engine(stage, manifest, target, shapes=shapes, precision=precision, progress=progress)
+        manifest = add_denoiser_engine(stage, manifest, target, shapes=shapes, precision=precision, progress=progress,
+                                       named=source.path)
     return PipelineExportResult(target, out_dir, manifest, time.perf_counter() - start)
 
 

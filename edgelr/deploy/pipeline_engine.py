@@ -39,10 +39,18 @@ BATCH_NAME = "batch"  # shapes' key for the batch range alone
 
 
 def add_denoiser_engine(stage: Path, manifest: dict, target: Target, *, shapes: dict[str, ShapeRange] | None = None,
-                        precision: str | None = None, progress: bool = True) -> dict:
+                        precision: str | None = None, progress: bool = True, named: Path | None = None) -> dict:
     """Build the engine for STAGE's denoiser (STAGE/unet/model.onnx) into STAGE/engines/unet/ and rewrite
     STAGE/manifest.json with it: the engine, its profile, TensorRT's version, the build's seconds, and which
-    runtime runs each component. Returns the new manifest. EdgelrError (one line) if it cannot be built."""
+    runtime runs each component. Returns the new manifest. EdgelrError (one line) if it cannot be built, naming
+    the pipeline folder NAMED (the user's folder: STAGE is a staging copy) rather than STAGE."""
+    try:
+        return _add_engine(stage, manifest, target, shapes, precision, progress)
+    except EdgelrError as exc:
+        raise EdgelrError(str(exc).replace(str(stage), str(named or stage))) from None
+
+
+def _add_engine(stage: Path, manifest: dict, target: Target, shapes, precision: str | None, progress: bool) -> dict:
     trt = tensorrt_module(target)
     onnx_file = stage / manifest["components"][DENOISER]["file"]
     model = model_io.load(onnx_file)
