@@ -17,8 +17,12 @@ from edgelr.cli.args import (
 
 def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write the files that run a model on a device (Pi bundle, TensorRT engine, "
-                                      "diffusion pipeline)")
-    p.add_argument("model", metavar="MODEL.onnx", help="an ONNX model, or a diffusers pipeline folder (model_index.json)")
+                                      "diffusion pipeline)",
+                       epilog="A pipeline folder with a TensorRT target (e.g. --target rtx) gets its ONNX folder plus "
+                              "an engine for the denoiser (engines/unet/); --shapes batch=MIN:OPT:MAX sets the "
+                              "engine's batch range (default 1:1:8, or 1:2:8 for text to image: guidance doubles it)")
+    p.add_argument("model", metavar="MODEL.onnx", help="an ONNX model, a diffusers pipeline folder (model_index.json), "
+                                                      "or a pipeline folder edgelr export or compress wrote")
     add_target(p, required=True)
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="the folder to write (new, empty, or an earlier bundle)")
     add_calib(p)
@@ -98,7 +102,7 @@ def _pipeline(args) -> int:
     for name, c in m["components"].items():
         p = c["parity"]
         print(f"  {c['file']}  parity {p['relative_error']:.1e} relative, {p['max_abs_error']:.1e} max abs "
-              f"(tolerance {p['tolerance']:.0e})")
+              f"(tolerance {p['tolerance']:.0e})" + (f": {p['of']}" if "of" in p else ""))
     for name, e in m.get("engines", {}).items():
         batch = e["batch"]
         print(f"  {e['file']}  {human(e['bytes'])}B, {e['precision']}, batch {batch['min']}..{batch['max']} "
