@@ -218,18 +218,19 @@ def test_static_model_needs_no_profile_and_converts_to_fp16(tmp_path, rtx):
 
 
 # --- precision from the graph ------------------------------------------------------------------------
-def qdq_model(tmp_path: Path) -> Path:
-    """x -> Q/DQ (int8, zero point 0) -> MatMul with a DQ'd int8 weight -> y."""
+def qdq_model(tmp_path: Path, activations=np.int8) -> Path:
+    """x -> Q/DQ (ACTIVATIONS, zero point 0) -> MatMul with a DQ'd int8 weight -> y."""
     rng = np.random.default_rng(2)
     inits = [
         onnx.numpy_helper.from_array(np.float32(0.05), "s"),
+        onnx.numpy_helper.from_array(activations(0), "za"),
         onnx.numpy_helper.from_array(np.int8(0), "z"),
         onnx.numpy_helper.from_array(rng.integers(-100, 100, (8, 4)).astype(np.int8), "Wq"),
         onnx.numpy_helper.from_array(np.float32(0.01), "ws"),
     ]
     nodes = [
-        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="q"),
-        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="dq"),
+        helper.make_node("QuantizeLinear", ["x", "s", "za"], ["xq"], name="q"),
+        helper.make_node("DequantizeLinear", ["xq", "s", "za"], ["xd"], name="dq"),
         helper.make_node("DequantizeLinear", ["Wq", "ws", "z"], ["W"], name="wdq"),
         helper.make_node("MatMul", ["xd", "W"], ["y"], name="mm"),
     ]
@@ -243,6 +244,13 @@ def test_a_qdq_model_is_used_as_is_at_int8(tmp_path, rtx):
     check_manifest(tmp_path / "engine", manifest, "int8", {"model.engine"})
     with pytest.raises(EdgelrError, match="already quantized.*export it with precision int8"):
         build_engine(qdq_model(tmp_path), rtx, dest(tmp_path, "fp16"), precision="fp16")
+
+
+def test_a_model_quantized_for_x86_is_refused_in_one_line(tmp_path, rtx):
+    """ONNX Runtime's x86 layout (uint8 activations) fails TensorRT's parser with "Invalid Node": say why first."""
+    with pytest.raises(EdgelrError, match="uint8 activations.*--quantize int8 --target rtx"):
+        build_engine(qdq_model(tmp_path, np.uint8), rtx, dest(tmp_path), precision="int8")
+    assert not any((tmp_path / "engine").iterdir())
 
 
 def test_int8_takes_the_activation_type_the_target_wants(dynamic_batch, rtx, tmp_path):

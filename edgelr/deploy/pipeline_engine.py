@@ -26,7 +26,12 @@ import onnx_ir as ir
 from edgelr.deploy.files import file_entry
 from edgelr.deploy.pipeline_run import MANIFEST
 from edgelr.deploy.targets import Target
-from edgelr.deploy.tensorrt import build_engine, default_timing_cache, tensorrt_module
+from edgelr.deploy.tensorrt import (
+    build_engine,
+    default_timing_cache,
+    refuse_asymmetric_quantization,
+    tensorrt_module,
+)
 from edgelr.errors import EdgelrError
 from edgelr.io import model as model_io
 from edgelr.io.samples import model_inputs
@@ -54,7 +59,7 @@ def _add_engine(stage: Path, manifest: dict, target: Target, shapes, precision: 
     trt = tensorrt_module(target)
     onnx_file = stage / manifest["components"][DENOISER]["file"]
     model = model_io.load(onnx_file)
-    _refuse_asymmetric_quantization(model, onnx_file)
+    refuse_asymmetric_quantization(model, onnx_file)
     precision = _precision(model, onnx_file, target, precision)
     batch = batch_range(model, onnx_file, manifest["run"], shapes)
     profile = denoiser_profile(model, onnx_file, manifest["run"], batch)
@@ -148,16 +153,6 @@ def _precision(model: ir.Model, where: Path, target: Target, precision: str | No
         raise EdgelrError(f"{where}: an int8 engine needs a quantized denoiser; quantize it first (edgelr compress "
                           f"EXPORTED --quantize int8 --target {target.name} -o OUT), then export OUT")
     return precision
-
-
-def _refuse_asymmetric_quantization(model: ir.Model, where: Path) -> None:
-    """TensorRT takes symmetric int8 Q/DQ (zero points 0); ONNX Runtime's x86 uint8 activations fail its parser."""
-    for node in model.graph:
-        zero = node.inputs[2] if node.op_type == "QuantizeLinear" and len(node.inputs) > 2 else None
-        if zero is not None and zero.const_value is not None and zero.const_value.dtype == ir.DataType.UINT8:
-            raise EdgelrError(f"{where}: the denoiser is quantized with uint8 activations (ONNX Runtime's x86 "
-                              "layout), which TensorRT cannot run; compress the float pipeline again with "
-                              "--quantize int8 --target rtx (symmetric int8), or without --quantize")
 
 
 # ---- manifest pieces ----

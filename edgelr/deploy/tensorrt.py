@@ -34,6 +34,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 
 from edgelr.deploy.files import file_entry, whole_folder
 from edgelr.deploy.targets import PRECISIONS, Target
@@ -164,11 +165,23 @@ def build_engine(
         return _build(model_path, target, stage, feed, precision, shapes, timing_cache, sparsity, progress, started)
 
 
+def refuse_asymmetric_quantization(model, where: Path) -> None:
+    """TensorRT takes symmetric int8 Q/DQ (zero points 0); ONNX Runtime's x86 uint8 activations fail its parser
+    with an unhelpful "Invalid Node"."""
+    for node in model.graph:
+        zero = node.inputs[2] if node.op_type == "QuantizeLinear" and len(node.inputs) > 2 else None
+        if zero is not None and zero.const_value is not None and zero.const_value.dtype == ir.DataType.UINT8:
+            raise EdgelrError(f"{where}: quantized with uint8 activations (ONNX Runtime's x86 layout), which "
+                              "TensorRT cannot run; compress the float model again with --quantize int8 --target "
+                              "rtx (symmetric int8), or without --quantize")
+
+
 def _build(model_path: Path, target: Target, dest: Path, feed, precision: str, shapes, timing_cache: Path | None,
            sparsity: str | None, progress: bool, started: float) -> dict:
     trt = tensorrt_module(target)
     _check_version(target, trt)
     model = model_io.load(model_path)
+    refuse_asymmetric_quantization(model, model_path)
     samples = _as_samples(feed, model, model_path) if feed is not None else None
     sparse, source_model = None, model_path
     if sparsity is not None:
