@@ -119,3 +119,15 @@ def test_the_checks_can_fail(tmp_path):
         assert [name for _, name, _ in _imports(pkg / "core" / "a.py")] == ["_x"]
     finally:
         MODULES = saved
+
+
+def test_every_tool_with_a_main_runs_as_a_script():
+    """docs/ give `python tools/NAME.py ...` commands: a tool that defines main() must call it when run."""
+    silent = []
+    for path in sorted((PACKAGE.parent / "tools").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        defines_main = any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body)
+        guarded = any(isinstance(n, ast.If) and "__main__" in ast.unparse(n.test) for n in tree.body)
+        if defines_main and not guarded:
+            silent.append(path.name)
+    assert not silent, f"tools that do nothing when run: {silent}"

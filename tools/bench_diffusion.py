@@ -396,7 +396,7 @@ def table(rows: list[dict]) -> str:
         c = r.get("classifier", {})
 
         def f(v, fmt):
-            return format(v, fmt) if isinstance(v, (int, float)) and v is not None else "-"
+            return format(v, fmt) if isinstance(v, (int, float)) else "-".rjust(int(fmt.split(".")[0].rstrip(",d")))
 
         met = r.get("bars_met", {})
         lines.append(f"{r['flow']:30} {f(r.get('per_step_ratio'), '7.2f')} {f(r.get('pipeline_ratio'), '7.2f')} "
@@ -592,3 +592,7 @@ def run(args, argv) -> int:
         print(f"wrote {args.json}")
     say("done")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
