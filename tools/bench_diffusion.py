@@ -59,26 +59,30 @@ FLOWS = ("params=0.5", "flops=0.5", "flops=0.35", "blocks=1", "blocks=2", "int8"
          "flops=0.5,blocks=1", "flops=0.5,blocks=1,int8")
 BARS = {"per_step_ratio": 1.5, "pipeline_ratio": 1.4, "psnr_mean": 25.0, "ssim_mean": 0.9, "classifier_points": 2.0}
 ORIGINAL = "original"
+# int8-tf keeps the timestep embedding float by name (the quantize pass now does so itself); int8-lr adds
+# SVDQuant's float low-rank branches beside the INT8 weights
+INT8_WORDS = {"int8": "int8", "int8-tf": "int8", "int8-lr": "int8-lowrank"}
 
 
 # ---- flows ----
 
 def parse_flow(flow: str) -> list[dict]:
-    """'flops=0.35>blocks=1>int8-tf' -> one dict per stage ("budget", "blocks", "int8", "time_float")."""
+    """'flops=0.35>blocks=1>int8-tf' -> one dict per stage ("budget", "blocks", "int8": the quantize scheme or
+    None, "time_float")."""
     stages = []
     for part in flow.split(">"):
-        spec = {"budget": {}, "blocks": None, "int8": False, "time_float": False}
+        spec = {"budget": {}, "blocks": None, "int8": None, "time_float": False}
         for word in filter(None, (w.strip() for w in part.split(","))):
             key, _, value = word.partition("=")
             if key in ("params", "flops", "latency", "max_error") and value:
                 spec["budget"][key] = float(value)
             elif key == "blocks" and value:
                 spec["blocks"] = int(value)
-            elif key in ("int8", "int8-tf") and not value:
-                spec["int8"], spec["time_float"] = True, key == "int8-tf"
+            elif key in INT8_WORDS and not value:
+                spec["int8"], spec["time_float"] = INT8_WORDS[key], key == "int8-tf"
             else:
                 raise SystemExit(f"bench_diffusion: --flow {flow!r}: unknown word {word!r} (params=F, flops=F, "
-                                 "latency=F, blocks=N, int8, int8-tf; stages joined by >)")
+                                 "latency=F, blocks=N, int8, int8-tf, int8-lr; stages joined by >)")
         if not (spec["budget"] or spec["blocks"] or spec["int8"]):
             raise SystemExit(f"bench_diffusion: --flow {flow!r}: a stage says nothing to do")
         stages.append(spec)
@@ -107,7 +111,7 @@ def flow_passes(spec: dict, unet: Path) -> list:
     passes = [RemoveBlocksConfig(count=spec["blocks"])] if spec["blocks"] else []
     factorize = FactorizeConfig(**spec["budget"]) if spec["budget"] else None
     if factorize is not None or spec["int8"]:
-        passes += flag_passes(factorize, quantize="int8" if spec["int8"] else None)
+        passes += flag_passes(factorize, quantize=spec["int8"])
     if spec["time_float"]:
         keep = time_embedding_nodes(unet)
         passes = [dataclasses.replace(c, keep_float=keep) if isinstance(c, QuantizeConfig) else c for c in passes]
@@ -118,14 +122,14 @@ def float_flow(flow: str) -> str:
     """The flow without its INT8 (stages that only quantize dropped)."""
     stages = []
     for part in flow.split(">"):
-        words = [w for w in part.split(",") if w.strip() not in ("int8", "int8-tf")]
+        words = [w for w in part.split(",") if w.strip() not in INT8_WORDS]
         if words:
             stages.append(",".join(words))
     return ">".join(stages)
 
 
 def has_int8(flow: str) -> bool:
-    return any(s["int8"] for s in parse_flow(flow))
+    return any(s["int8"] is not None for s in parse_flow(flow))
 
 
 def folder_name(flow: str) -> str:
@@ -308,7 +312,7 @@ def distill_flow(exported: Path, work: Path, flow: str, folders: dict, data: Pat
                                     "time_limit_s": config.time_limit}}
     if float_out is not out:
         try:
-            quantize = {"budget": {}, "blocks": None, "int8": True, "time_float": int8[-1]["time_float"]}
+            quantize = {"budget": {}, "blocks": None, "int8": int8[-1]["int8"], "time_float": int8[-1]["time_float"]}
             compress_pipeline(float_out, out, flow_passes(quantize, float_out / "unet" / "model.onnx"),
                               seeds=args.calib_seeds,
                               steps=args.steps, samples=args.calib_samples, images=args.judge_images,
