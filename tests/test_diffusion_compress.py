@@ -4,6 +4,7 @@ written as a new pipeline folder that runs in ONNX Runtime. Bad input: one line,
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -20,7 +21,7 @@ import onnx_ir as ir
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from edgelr.api import compress_pipeline
+from edgelr.api import compress_pipeline, pipeline_passes
 from edgelr.calibration.trajectories import capture_trajectories
 from edgelr.cli import main
 from edgelr.deploy.pipeline import export_pipeline
@@ -30,8 +31,11 @@ from edgelr.errors import EdgelrError
 from edgelr.graph.residual import remove_branches, residual_branches
 from edgelr.io.model import ort_session
 from edgelr.io.samples import load_samples
+from edgelr.measure.verify import output_error
 from edgelr.passes.factorize import FactorizeConfig
+from edgelr.passes.quantize import QuantizeConfig
 from edgelr.passes.remove_blocks import RemoveBlocksConfig
+from edgelr.train.distill import ConfigFieldError, DistillConfig, distill
 from models import diffusion_tiny
 
 PROMPTS = ["a photo of the red cat", "dog"]
@@ -185,6 +189,96 @@ def test_remove_blocks_removes_the_block_whose_images_change_least(exported, tmp
     assert OnnxDiffusionPipeline(tmp_path / "fewer")(steps=2).shape == (1, 16, 16, 3)
 
 
+# ---- distillation on the teacher's own trajectories ----
+
+# a fixed number of steps (not a time limit): the same training on any machine
+QUICK_DISTILL = DistillConfig(steps=60, batch=16, lr=1e-4, augment="none", by_group=False)
+COMMON = {"seeds": 2, "steps": 6, "images": 2, "max_output_error": 10.0, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def heldout(exported, tmp_path_factory):
+    """Trajectories of seeds no calibration, judge or distillation run uses: the error is measured on them."""
+    pipe = OnnxDiffusionPipeline(exported / "ddpm.out")
+    path = capture_trajectories(pipe, seeds=range(90_000, 90_003), steps=6, samples=18).save(
+        tmp_path_factory.mktemp("heldout") / "heldout.npz")
+    return load_samples(path, ir.load(str(exported / "ddpm.out" / "unet" / "model.onnx")))
+
+
+@pytest.fixture(scope="module")
+def fewer(exported, tmp_path_factory):
+    """The tiny DDPM with one block removed, not distilled."""
+    return compress_pipeline(exported / "ddpm.out", tmp_path_factory.mktemp("fewer") / "out", [RemoveBlocksConfig(count=1)],
+                             **COMMON)
+
+
+def _heldout_error(exported: Path, folder: Path, samples) -> float:
+    return output_error(exported / "ddpm.out" / "unet" / "model.onnx", folder / "unet" / "model.onnx", samples)["worst"]
+
+
+def test_distillation_lowers_the_denoisers_error_on_heldout_trajectories(exported, heldout, fewer, tmp_path):
+    taught = compress_pipeline(exported / "ddpm.out", tmp_path / "taught", [RemoveBlocksConfig(count=1), QUICK_DISTILL],
+                               distill_seeds=4, **COMMON)
+    assert taught.manifest["compression"]["blocks_removed"]["removed"] == fewer.manifest["compression"]["blocks_removed"]["removed"]
+    before, after = _heldout_error(exported, fewer.output, heldout), _heldout_error(exported, tmp_path / "taught", heldout)
+    assert after < 0.5 * before, (before, after)  # measured: 0.128 -> 0.046
+    assert taught.images["psnr_mean"] > fewer.images["psnr_mean"] + 3  # measured: 29.9 -> 38.1 dB
+    d = taught.manifest["compression"]["distillation"]
+    assert d["steps"] == 60 and d["kept"] == "trained" and d["heldout_error_after"] < d["heldout_error_before"]
+    # trained on the teacher's runs from seeds of their own (4 runs x 6 steps), evaluated on others
+    assert d["data"]["train"]["seeds"] == [50_000, 50_001, 50_002, 50_003] and d["data"]["train"]["samples"] == 24
+    assert d["data"]["heldout"]["seeds"] == [60_000, 60_001] and d["data"]["train"]["timesteps_covered"] == 6
+    # the manifest records the passes as given, not the scratch files the distillation read
+    assert [p["_type"] for p in taught.manifest["compression"]["passes"]] == ["remove_blocks", "distill"]
+    assert "data" not in taught.manifest["compression"]["passes"][1]
+
+
+def test_block_features_are_the_joins_of_the_removed_blocks(exported, tmp_path):
+    source = exported / "ddpm.out"
+    out = tmp_path / "fewer"
+    done = compress_pipeline(source, out, [RemoveBlocksConfig(count=1), dataclasses.replace(QUICK_DISTILL, steps=5,
+                             features="blocks")], seeds=2, steps=5, images=1, distill_seeds=2, max_output_error=10.0,
+                             progress=False)
+    removed = done.manifest["compression"]["blocks_removed"]
+    original = ir.load(str(source / "unet" / "model.onnx"))
+    block = next(b for b in residual_branches(original) if b.name == removed["removed"][0])
+    add = list(original.graph)[block.add]
+    join, skip = add.outputs[0].name, add.inputs[block.skip].name
+    assert removed["joins"] == {block.name: join}
+    assert done.distillation["features"] == [[join, join]]
+    # the same name in both models: the teacher's Add of skip and branch, the student's Identity of the skip alone
+    student = ir.load(str(out / "unet" / "model.onnx"))
+    producer = next(n for n in student.graph if any(v.name == join for v in n.outputs))
+    assert add.op_type == "Add" and producer.op_type == "Identity" and producer.inputs[0].name == skip
+    # in a recipe without a remove_blocks pass there are no joins to align: one line, nothing written
+    with pytest.raises(EdgelrError, match="features 'blocks' aligns the joins of removed blocks"):
+        compress_pipeline(source, tmp_path / "none", [FactorizeConfig(params=0.5), dataclasses.replace(
+            QUICK_DISTILL, features="blocks")], seeds=1, steps=3, images=1, distill_seeds=1, progress=False)
+    assert not (tmp_path / "none").exists()
+    with pytest.raises(ConfigFieldError, match="in a recipe after remove_blocks"):  # the verb has no recipe
+        distill(source / "unet" / "model.onnx", out / "unet" / "model.onnx", "x.npz", tmp_path / "x.onnx",
+                dataclasses.replace(QUICK_DISTILL, features="blocks"))
+
+
+def test_int8_after_distillation_quantizes_the_distilled_denoiser(exported, fewer, tmp_path):
+    passes = pipeline_passes(remove_blocks=1, distill=1.0, quantize="int8")
+    assert [c.kind for c in passes] == ["remove_blocks", "distill", "quantize"] and passes[1].features is None
+    # by default a factorized budget's pairs and the removed blocks' joins are aligned (the refit comes before: after INT8 it would undo the training)
+    chain = pipeline_passes(FactorizeConfig(flops=0.5), remove_blocks=1, distill=1.0, quantize="int8")
+    assert [c.kind for c in chain] == ["remove_blocks", "factorize", "refit", "distill", "quantize"]
+    assert chain[3].features == "factorized+blocks"
+    passes[1] = dataclasses.replace(passes[1], steps=60, time_limit=None, anneal_by_time=False)
+    done = compress_pipeline(exported / "ddpm.out", tmp_path / "int8", passes, distill_seeds=4, **COMMON)
+    c = done.manifest["compression"]
+    assert [p["_type"] for p in c["passes"]] == ["remove_blocks", "distill", "quantize"]
+    assert c["distillation"]["steps"] == 60 and c["denoiser"]["quantized"]["nodes_quantized"] > 0
+    unet = ir.load(str(tmp_path / "int8" / "unet" / "model.onnx"))
+    assert any(n.op_type == "QuantizeLinear" for n in unet.graph)
+    # the distilled INT8 denoiser's images beat the float one's that was not distilled
+    assert done.images["psnr_mean"] > fewer.images["psnr_mean"], (done.images, fewer.images)
+    assert OnnxDiffusionPipeline(tmp_path / "int8")(steps=2).shape == (1, 16, 16, 3)
+
+
 # ---- bad input ----
 
 def _fails(capsys, argv: list[str], out: Path, *words: str) -> None:
@@ -225,4 +319,22 @@ def test_bad_inputs_one_line_nothing_written(exported, tmp_path, capsys):
                           min_ssim=0.999999, progress=False)
     _fails(capsys, [str(copy), "--params", "0.5", "--steps", "3", "--seeds", "1", "--images", "1", "--max-output-error",
                     "1", "--min-psnr", "200"], out, "not written", "PSNR")
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_bad_distillation_flags_one_line_nothing_written(exported, tmp_path, capsys):
+    source, out = str(exported / "ddpm.out"), tmp_path / "out"
+    _fails(capsys, [source, "--params", "0.5", "--distill-seeds", "8"], out, "--distill-seeds", "--distill MINUTES")
+    _fails(capsys, [source, "--params", "0.5", "--distill-features", "blocks"], out, "--distill MINUTES")
+    _fails(capsys, [source, "--quantize", "int8", "--distill", "1"], out, "compressed float denoiser", "--remove-blocks")
+    _fails(capsys, [source, "--params", "0.5", "--distill", "1", "--distill-features", "blocks"], out,
+           "--remove-blocks N")
+    _fails(capsys, [source, "--remove-blocks", "1", "--distill", "1", "--distill-features", "factorized"], out,
+           "--params, --flops or --latency")
+    (tmp_path / "r.yaml").write_text("passes:\n- {_type: factorize, params: 0.5}\n")
+    _fails(capsys, [source, "--recipe", str(tmp_path / "r.yaml"), "--distill", "1"], out, "--recipe gives the passes")
+    _fails(capsys, [str(exported / "ddpm.out" / "unet" / "model.onnx"), "--params", "0.5", "--distill", "1"],
+           tmp_path / "out.onnx", "--distill is for a pipeline folder")
+    with pytest.raises(EdgelrError, match="put it before quantize"):  # it trains the float denoiser
+        compress_pipeline(source, out, [FactorizeConfig(params=0.5), QuantizeConfig(), QUICK_DISTILL], progress=False)
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -63,9 +63,19 @@ def add(sub: argparse._SubParsersAction) -> None:
     pipe.add_argument("--min-psnr", type=positive, metavar="DB", help="not written unless the images' mean PSNR against "
                       "the original's is at least this")
     pipe.add_argument("--min-ssim", type=unit_fraction, metavar="S", help="not written unless their mean SSIM is at least this")
+    pipe.add_argument("--distill", type=positive, metavar="MINUTES", help="then train the compressed float denoiser "
+                      "towards the original for this long, on the original's own sampling trajectories (before "
+                      "--quantize, which then calibrates on the distilled one)")
+    pipe.add_argument("--distill-seeds", type=count, metavar="K", help="sampling runs the distillation trains on, at "
+                      "--steps steps, up to 2048 of their denoiser inputs (default 32; other seeds' runs are held out)")
+    pipe.add_argument("--distill-features", choices=DISTILL_FEATURES, help="also align these inner tensors: factorized "
+                      "(each factorized pair's output), blocks (the joins of the blocks --remove-blocks removed), both, "
+                      "or none (default: factorized with a budget, both with a budget and --remove-blocks, else none)")
 
 
-PIPELINE_FLAGS = ("remove_blocks", "steps", "seeds", "images", "prompt", "guidance", "min_psnr", "min_ssim")
+PIPELINE_FLAGS = ("remove_blocks", "steps", "seeds", "images", "prompt", "guidance", "min_psnr", "min_ssim", "distill",
+                  "distill_seeds", "distill_features")
+DISTILL_FEATURES = ("blocks", "factorized", "factorized+blocks", "none")
 
 
 def run(args) -> int:
@@ -167,9 +177,8 @@ def _device(args):
 
 def _pipeline(args) -> int:
     """A pipeline folder: its denoiser compressed, calibrated on trajectories, judged by images (compress_pipeline)."""
-    from edgelr.api import compress_pipeline, flag_passes
+    from edgelr.api import compress_pipeline, pipeline_passes
     from edgelr.passes.factorize import FactorizeConfig
-    from edgelr.passes.remove_blocks import RemoveBlocksConfig
     from edgelr.recipe import load_recipe
 
     given = [flag for flag, value in (("--calib", args.calib), ("--heldout", args.heldout), ("--metric", args.metric),
@@ -180,21 +189,24 @@ def _pipeline(args) -> int:
                           "sampling trajectories and its manifest.json records what was done")
     budget = {"params": args.params, "flops": args.flops, "latency": args.latency, "max_error": args.max_error}
     factorize = FactorizeConfig(**{k: v for k, v in budget.items() if v is not None}) if any(budget.values()) else None
+    if args.distill is None and args.distill_features:
+        raise EdgelrError("--distill-features says what a distillation aligns: give --distill MINUTES too")
     if args.recipe:
-        if factorize or args.prune or args.quantize or args.remove_blocks:
-            raise EdgelrError("--recipe gives the passes: drop the budget, --prune, --quantize and --remove-blocks flags")
+        if factorize or args.prune or args.quantize or args.remove_blocks or args.distill:
+            raise EdgelrError("--recipe gives the passes: drop the budget, --prune, --quantize, --remove-blocks and "
+                              "--distill flags (or put them in the recipe)")
         passes = load_recipe(args.recipe)
     else:
         if not (factorize or args.prune or args.quantize or args.remove_blocks):
             raise EdgelrError("say how far to compress: --params F, --flops F, --latency F, --max-error E, --prune F, "
                               "--quantize SCHEME, --remove-blocks N, or --recipe RECIPE.yaml")
-        passes = [RemoveBlocksConfig(count=args.remove_blocks)] if args.remove_blocks else []
-        if factorize or args.prune or args.quantize:
-            passes += flag_passes(factorize, args.prune, args.quantize, not args.no_refit)
+        features = {None: "auto", "none": None}.get(args.distill_features, args.distill_features)
+        passes = pipeline_passes(factorize, args.prune, args.quantize, not args.no_refit, args.remove_blocks,
+                                 args.distill, features)
     done = compress_pipeline(args.model, args.output, passes, seeds=args.seeds or 4, steps=args.steps or 20,
                              prompts=args.prompt, guidance=args.guidance or 7.5, images=args.images or 4,
                              max_output_error=args.max_output_error, min_psnr=args.min_psnr, min_ssim=args.min_ssim,
-                             target=args.target, progress=not args.quiet)
+                             target=args.target, distill_seeds=args.distill_seeds, progress=not args.quiet)
     record, c, i = done.manifest["compression"], done.calibration, done.images
     print(f"calibrated on {c['samples']} denoiser inputs from {len(c['seeds'])} sampling runs, {c['timesteps_covered']} "
           f"of {c['steps']} timesteps" + (f", guidance {c['guidance']:g}" if c["guidance"] else ""))
@@ -202,6 +214,15 @@ def _pipeline(args) -> int:
         b = record["blocks_removed"]
         print(f"removed {len(b['removed'])} of {len(b['candidates'])} candidate blocks, judged by their images: "
               f"{', '.join(b['removed'])}")
+    if done.distillation:
+        d, data = done.distillation, done.distillation["data"]["train"]
+        print(f"distilled {d['steps']} steps in {d['seconds']:.0f} s on {data['samples']} denoiser inputs from "
+              f"{len(data['seeds'])} of the original's sampling runs, final loss {d['final_loss']:.4g}"
+              + (f", {len(d['features'])} inner tensors aligned" if d.get("features") else ""))
+        if "heldout_error_before" in d:
+            print(f"held-out trajectories' output error: {d['heldout_error_before']:.4f} before, "
+                  f"{d['heldout_error_after']:.4f} after" + (" (training raised it: the denoiser is kept as it was)"
+                                                              if d.get("kept") == "student" else ""))
     if done.denoiser.quantized:
         q = done.denoiser.quantized
         print(f"quantized {q['nodes_quantized']} nodes ({q['scheme']}, {q['activations']} activations)")

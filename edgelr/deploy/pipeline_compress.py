@@ -9,6 +9,9 @@ pipeline folder. The verb is edgelr.api.compress_pipeline; this module holds its
   images in [0, 1]); `judge(model)` is the error a block-removal pass ranks blocks by (Context.block_judge):
   1 - mean SSIM over the images of whole sampling runs, so a block's error is counted as it compounds over
   the steps, not as one step's output.
+- `capture_distill_data(pipe, folder, ...)`: the training set of a distillation, the teacher's own trajectories
+  (many runs, no images needed), and a held-out set from other seeds, as .npz files a distill pass reads;
+  `distill_config(minutes)`: how a denoiser is distilled on them.
 - `write_compressed(export_dir, out_dir, unet_file, record)`: the exported folder copied whole with the
   compressed denoiser in place and the manifest saying what was done (the files' hashes redone); staged beside
   OUT_DIR and renamed into place once the staged folder has generated the judged images again.
@@ -35,6 +38,12 @@ from edgelr.measure.image_quality import pixel_summary
 DENOISER = "unet"
 BLOCK_JUDGE = "1 - mean SSIM of the images of whole sampling runs (ImageJudge's seeds and steps)"
 JUDGE_SEED = 10_000  # the images are judged from seeds JUDGE_SEED, JUDGE_SEED + 1, ...: none a calibration seed
+# a distillation trains on the runs of seeds DISTILL_SEED, DISTILL_SEED + 1, ... and is evaluated on those from
+# HELDOUT_SEED on: neither a calibration nor a judged seed
+DISTILL_SEED, HELDOUT_SEED = 50_000, 60_000
+DISTILL_SEEDS = 32  # runs; at 50 steps, 1,600 denoiser inputs
+DISTILL_SAMPLES = 2048  # denoiser inputs kept for training, at most
+HELDOUT_SAMPLES = 256
 
 
 @dataclass(frozen=True)
@@ -126,6 +135,38 @@ class ImageJudge:
     def describe(self) -> dict:
         return {"seeds": list(self.seeds), "steps": self.steps, "images": len(self.reference),
                 "prompts": self.prompts, "guidance": self.guidance if self.prompts is not None else None}
+
+
+@dataclass(frozen=True)
+class DistillData:
+    train: Path  # .npz of denoiser inputs, as a distill pass's data
+    heldout: Path
+    summary: dict  # "train" and "heldout": each one's Trajectories.summary()
+
+
+def capture_distill_data(pipe: OnnxDiffusionPipeline, folder: Path, *, seeds: int, steps: int,
+                         prompts: Sequence[str] | None, guidance: float, samples: int) -> DistillData:
+    """The teacher's own trajectories in FOLDER: SEEDS runs (at most SAMPLES inputs) to train on, and
+    max(2, SEEDS // 8) runs of other seeds (at most HELDOUT_SAMPLES) held out. The targets are what the
+    teacher makes of these inputs, so no images are needed and any number of runs can be drawn."""
+    from edgelr.calibration.trajectories import capture_trajectories
+
+    sets = {name: capture_trajectories(pipe, seeds=range(first, first + runs), steps=steps, prompts=prompts,
+                                       guidance=guidance, samples=kept)
+            for name, first, runs, kept in (("train", DISTILL_SEED, seeds, samples),
+                                            ("heldout", HELDOUT_SEED, max(2, seeds // 8), min(HELDOUT_SAMPLES, samples)))}
+    return DistillData(sets["train"].save(folder / "distill-train.npz"), sets["heldout"].save(folder / "distill-heldout.npz"),
+                       {name: traj.summary() for name, traj in sets.items()})
+
+
+def distill_config(minutes: float, features: str | None = None):
+    """How a denoiser is distilled for MINUTES (edgelr.train.distill.DistillConfig): batch 16 at lr 1e-4 (what
+    tools/bench_diffusion.py distils the digits DDPM with), decayed to 0 by the time limit, no augmentation
+    (the inputs are the trajectories themselves), the noise prediction as one output."""
+    from edgelr.train.distill import DistillConfig
+
+    return DistillConfig(steps=1_000_000, batch=16, lr=1e-4, augment="none", by_group=False,
+                         time_limit=minutes * 60, anneal_by_time=True, features=features)
 
 
 def image_measures(reference: np.ndarray, test: np.ndarray) -> dict:

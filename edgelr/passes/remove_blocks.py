@@ -61,10 +61,14 @@ class RemoveBlocksResult:
     removed: list[str] = field(default_factory=list)
     error: float | None = None  # the judged error with all of them removed
     params_removed: int = 0
+    # removed block -> the tensor at its residual join: the Add's output, which the Identity left in its place
+    # keeps by name, so the name is the same in the original and the result (distillation aligns them there)
+    joins: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"candidates": [b.name for b in self.candidates], "sensitivity": self.sensitivity,
-                "removed": self.removed, "error": self.error, "params_removed": self.params_removed}
+                "removed": self.removed, "error": self.error, "params_removed": self.params_removed,
+                "joins": self.joins}
 
 
 @register_pass(RemoveBlocksConfig)
@@ -136,6 +140,8 @@ def _judged(judge: Callable[[ir.Model], float], candidate: ir.Model) -> float:
 
 def _remove(model: ir.Model, blocks: list[ResidualBranch], result: RemoveBlocksResult) -> None:
     outer = _outermost(blocks)
+    nodes = list(model.graph)
+    result.joins.update({block.name: nodes[block.add].outputs[0].name for block in outer})
     remove_branches(model, outer)
     result.removed += [block.name for block in outer]
     result.params_removed += sum(block.params for block in outer)

@@ -81,6 +81,12 @@ __all__ = ["CHECKPOINT_EVERY", "Augment", "ConfigFieldError", "DistillConfig", "
 
 CHECKPOINT_EVERY = 50  # steps
 AUGMENTS = ("light", "strong", "none")
+FEATURE_KINDS = ("factorized", "blocks", "factorized+blocks")  # features named by kind; "blocks" only in a recipe
+# features="blocks": each removed block's join. Its normalised error starts near the share of the join's variance
+# the block added, far above the outputs'. On the digits DDPM with 2 blocks removed (260 steps) 0.01 left the
+# images worse than no features (PSNR 26.8 dB against 27.6; 0.1 was worse still); beside "factorized" (at its
+# 0.01) it did no harm (one block and flops 0.5: 28.5 against 28.3 dB)
+BLOCK_FEATURE_WEIGHT = 0.01
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -115,8 +121,11 @@ class DistillConfig(PassConfig):
         normalised by the teacher tensor's variance, each weighted by feature_weight; or "factorized":
         the output of every factorized pair of an `edgelr compress` student, aligned with the layer it
         replaced (the pair keeps that layer's output name), as DLRMamba's structure-aware distillation
-        aligns each low-rank block. feature_weight: 1 by default; FACTORIZED_FEATURE_WEIGHT with
-        "factorized".
+        aligns each low-rank block. In a recipe also "blocks": the residual join of every block an
+        earlier remove_blocks pass removed (the Add's output in the teacher, the Identity's that took its
+        place, under the same name, in the student), so the layers before the gap learn what the block
+        added; or "factorized+blocks": both. feature_weight: 1 by default; FACTORIZED_FEATURE_WEIGHT with
+        "factorized" (and with "factorized+blocks"), BLOCK_FEATURE_WEIGHT with "blocks".
     task_weight: the weight of distill's task_loss, if one is given.
     by_group: divide each output's channel groups (a detector's boxes and class scores) by their own
         scale, so every group weighs alike (edgelr.train.losses); False: each output whole.
@@ -155,7 +164,9 @@ class DistillConfig(PassConfig):
         on YOLOv8n that generalised better to held-out photos than training every weight.
     data: in a recipe (the distill pass), what to train on: a folder of images or an .npz of model inputs;
         None: the calibration samples. teacher: in a recipe, the teacher model; None: the model the
-        pipeline was given. (The verb `distill` takes both as arguments instead.)
+        pipeline was given. heldout: in a recipe, held-out inputs (as data): the error before and after
+        training, and the student kept unchanged if training raised it (unless keep_worse). (The verb
+        `distill` takes all three as arguments instead: teacher, data, eval_samples.)
 
     Serialised as {"_type": "distill", "_version": 1, field: value, ...} (the fields that differ from
     their defaults) by `to_dict`, and read back by `from_dict`, as the pass configs are.
@@ -193,6 +204,7 @@ class DistillConfig(PassConfig):
     keep_worse: bool = False
     data: str | None = None
     teacher: str | None = None
+    heldout: str | None = None
 
     def __post_init__(self):
         def put(name, value):
@@ -273,7 +285,7 @@ class DistillConfig(PassConfig):
         flag("quantization_aware")
         flag("pairs_only")
         flag("keep_worse")
-        for name in ("data", "teacher"):
+        for name in ("data", "teacher", "heldout"):
             value = getattr(self, name)
             if value is not None:
                 if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
@@ -292,8 +304,9 @@ class DistillConfig(PassConfig):
     def _check_features(self) -> None:
         features = self.features
         if isinstance(features, str):
-            if features != "factorized":
-                raise ConfigFieldError("features", f"must be pairs of tensor names or 'factorized', not {features!r}")
+            if features not in FEATURE_KINDS:
+                raise ConfigFieldError("features", f"must be pairs of tensor names or one of {', '.join(map(repr, FEATURE_KINDS))}, "
+                                                   f"not {features!r}")
             return
         if features is None or (isinstance(features, Sequence) and len(features) == 0):
             object.__setattr__(self, "features", None)
@@ -383,6 +396,9 @@ def distill(teacher: str | os.PathLike, student: str | os.PathLike, data, out: s
     need_torch()
     if not isinstance(config, DistillConfig):
         raise EdgelrError(f"distill takes a DistillConfig, e.g. DistillConfig(steps=500), not {type(config).__name__}")
+    if config.features in ("blocks", "factorized+blocks"):  # the pass spells them out from what remove_blocks did
+        raise ConfigFieldError("features", f"{config.features!r} aligns the joins of blocks a remove_blocks pass "
+                                           "removed: use it in a recipe after remove_blocks, or name the tensor pairs")
     start = time.perf_counter()
     teacher, student = Path(teacher), Path(student)
     checkpoint = Path(config.checkpoint) if config.checkpoint is not None else None
@@ -550,10 +566,44 @@ class DistillPass(FunctionalEdgelrPass):
     data or the calibration samples; the next pass gets the trained model."""
 
     def call(self, model: ir.Model) -> PassDetails:
-        ctx, config = self.context, self.config
+        ctx = self.context
+        teacher = self.config.teacher if self.config.teacher is not None else ctx.source
+        config = _resolved_features(self.config, ctx.blocks_removed, ctx.path, teacher)
         data = config.data if config.data is not None else ctx.calib
         out = ctx.scratch("distilled")
-        teacher = config.teacher if config.teacher is not None else ctx.source
-        done = distill(teacher, ctx.path, data, out, config, progress=ctx.progress)
-        ctx.distilled = {k: done[k] for k in ("steps", "seconds", "stopped_early", "final_loss") if k in done}
+        done = distill(teacher, ctx.path, data, out, config, eval_samples=config.heldout, progress=ctx.progress)
+        ctx.distilled = {k: done[k] for k in ("steps", "seconds", "stopped_early", "final_loss", "kept") if k in done}
+        ctx.distilled.update({f"heldout_{k}": done[k]["worst"] for k in ("error_before", "error_after") if k in done})
+        ctx.distilled["features"] = [list(f) for f in config.features or ()]
         return PassDetails(model_io.load(out), True, done)
+
+
+def _resolved_features(config: DistillConfig, blocks_removed: dict | None, student: Path,
+                       teacher: str | os.PathLike) -> DistillConfig:
+    """CONFIG with features named by kind ("factorized", "blocks", both) spelled out as tensor pairs, and the
+    kind's weight unless one is given (the pipeline's record then names the tensors aligned)."""
+    if not isinstance(config.features, str):
+        return config
+    kinds = config.features.split("+")
+    student_model = model_io.load(student)
+    pairs = factorized_features(student_model, student) if "factorized" in kinds else []
+    if "blocks" in kinds:
+        pairs += _block_joins(blocks_removed, {teacher: model_io.load(teacher), student: student_model})
+    weight = FACTORIZED_FEATURE_WEIGHT if "factorized" in kinds else BLOCK_FEATURE_WEIGHT
+    return dataclasses.replace(config, features=tuple(pairs),
+                               feature_weight=weight if config.feature_weight is None else config.feature_weight)
+
+
+def _block_joins(blocks_removed: dict | None, models: dict) -> list[tuple[str, str]]:
+    """(join, join) for each block remove_blocks removed, by the name it recorded, checked to be computed in the
+    teacher and the student (MODELS: path -> model)."""
+    joins = list((blocks_removed or {}).get("joins", {}).values())
+    if not joins:
+        raise ConfigFieldError("features", "'blocks' aligns the joins of removed blocks, and no remove_blocks pass "
+                                           "before distill removed any")
+    for path, model in models.items():
+        computed = {v.name for n in model.graph for v in n.outputs}
+        missing = [name for name in joins if name not in computed]
+        if missing:
+            raise EdgelrError(f"{path}: no tensor named '{missing[0]}' (the join of a removed block)")
+    return [(name, name) for name in joins]
