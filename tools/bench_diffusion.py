@@ -21,11 +21,10 @@ Steps:
    original differ by ~8 histogram points at 512 images: read the bar on thousands of images (--images, with
    --reuse --no-timing on the folders a timed run made).
 4. Distillation (--distill FLOW, or "auto": the --distill-count flows with the highest per-step speed-up among
-   those whose images pass the PSNR/SSIM bars, else the best SSIM): the teacher (original denoiser) run over
-   --distill-seeds sampling runs (edgelr.calibration.trajectories, --distill-samples inputs kept) is the
-   training set, held-out runs from other seeds the evaluation set; edgelr.train.distill trains the flow's
-   float denoiser (onnx2torch) towards the teacher's outputs; a flow with int8 is distilled in float and
-   quantized again (compress_pipeline with int8 alone) afterwards. The distilled flow is judged as the others.
+   those whose images pass the PSNR/SSIM bars, else the best SSIM): the one-stage flow made again with
+   `edgelr compress --distill MINUTES` (edgelr.api.pipeline_passes: the float denoiser trained towards the
+   original on the original's own trajectories from --distill-seeds runs, no images, before any INT8; the
+   joins of removed blocks and the factorized pairs' outputs aligned too). Judged as the others.
 5. Timing, ONNX Runtime CPU at 1 thread: the denoiser per step (edgelr.measure.latency.interleaved_timing:
    every model A B C ... at batch 1, median, re-measured while the spread is wide) and the whole pipeline at
    --steps steps, batch 1 (OnnxDiffusionPipeline, flows interleaved per round, median of --pipeline-rounds).
@@ -100,36 +99,27 @@ def time_embedding_nodes(unet: Path) -> tuple[str, ...]:
                          and n.inputs[0].producer() is not None}))
 
 
-def flow_passes(spec: dict, unet: Path) -> list:
+def flow_passes(spec: dict, unet: Path, distill: float | None = None) -> list:
+    """The stage's passes as `edgelr compress` flags make them (edgelr.api.pipeline_passes), with a distillation
+    of DISTILL minutes where given."""
     import dataclasses
 
-    from edgelr.api import flag_passes
+    from edgelr.api import pipeline_passes
     from edgelr.passes.factorize import FactorizeConfig
     from edgelr.passes.quantize import QuantizeConfig
-    from edgelr.passes.remove_blocks import RemoveBlocksConfig
 
-    passes = [RemoveBlocksConfig(count=spec["blocks"])] if spec["blocks"] else []
     factorize = FactorizeConfig(**spec["budget"]) if spec["budget"] else None
-    if factorize is not None or spec["int8"]:
-        passes += flag_passes(factorize, quantize=spec["int8"])
+    passes = pipeline_passes(factorize, quantize=spec["int8"], remove_blocks=spec["blocks"], distill=distill)
     if spec["time_float"]:
         keep = time_embedding_nodes(unet)
         passes = [dataclasses.replace(c, keep_float=keep) if isinstance(c, QuantizeConfig) else c for c in passes]
     return passes
 
 
-def float_flow(flow: str) -> str:
-    """The flow without its INT8 (stages that only quantize dropped)."""
-    stages = []
-    for part in flow.split(">"):
-        words = [w for w in part.split(",") if w.strip() not in INT8_WORDS]
-        if words:
-            stages.append(",".join(words))
-    return ">".join(stages)
-
-
-def has_int8(flow: str) -> bool:
-    return any(s["int8"] is not None for s in parse_flow(flow))
+def distillable(flow: str) -> bool:
+    """One stage that factorizes or removes blocks (a float student to train)."""
+    stages = parse_flow(flow)
+    return len(stages) == 1 and bool(stages[0]["budget"] or stages[0]["blocks"])
 
 
 def folder_name(flow: str) -> str:
@@ -263,71 +253,40 @@ def grid_png(path: Path, rows: list[tuple[str, np.ndarray]], columns: int, scale
 
 # ---- distillation ----
 
-def capture(exported: Path, seeds, steps: int, samples: int, path: Path) -> dict:
-    from edgelr.calibration.trajectories import capture_trajectories
-    from edgelr.deploy.pipeline_run import OnnxDiffusionPipeline
-
-    traj = capture_trajectories(OnnxDiffusionPipeline(exported, threads=1), seeds=list(seeds), steps=steps,
-                                samples=samples)
-    traj.save(path)
-    s = traj.summary()
-    return {"samples": s["samples"], "runs": len(s["seeds"]), "first_seed": s["seeds"][0],
-            "timesteps_covered": s["timesteps_covered"], "file": str(path)}
-
-
-def distill_flow(exported: Path, work: Path, flow: str, folders: dict, data: Path, heldout: Path, args) -> dict:
-    """The flow's float denoiser trained towards the original's; the folder written with it (int8 again if the
-    flow quantizes). Returns the record (its folder under "folder", or "error")."""
+def distill_flow(exported: Path, work: Path, flow: str, args) -> dict:
+    """The flow made again in one compress_pipeline run with a distillation before its quantization (`edgelr
+    compress --distill`: the original's own trajectories from --distill-seeds runs are the training set).
+    Returns the record (its folder under "folder", or "error")."""
     from edgelr.api import compress_pipeline
-    from edgelr.train.distill import DistillConfig, distill
 
     start = time.perf_counter()
-    float_name = float_flow(flow)
-    student_folder = folders.get(float_name) if float_name else None
-    record = {"flow": flow + " +distill", "from": flow, "student": float_name or None}
-    if student_folder is None:
-        return {**record, "error": f"no float flow {float_name!r} to distil (int8 alone has no float student)"}
+    record = {"flow": flow + " +distill", "from": flow}
+    stages = parse_flow(flow)
+    if not distillable(flow):
+        return {**record, "error": "distil one-stage flows that factorize or remove blocks (e.g. blocks=1,flops=0.35,int8)"}
     out = work / (folder_name(flow) + "+distill")
-    int8 = [spec for spec in parse_flow(flow) if spec["int8"]]
-    float_out = out if not int8 else work / (folder_name(float_name) + "+distill-float")
-    for d in (out, float_out):
-        shutil.rmtree(d, ignore_errors=True)
-    shutil.copytree(student_folder, float_out)
-    factorized = any(spec["budget"] for spec in parse_flow(float_name))
-    config = DistillConfig(steps=args.distill_steps, batch=args.distill_batch, lr=args.distill_lr, augment="none",
-                           by_group=False, time_limit=args.distill_minutes * 60, anneal_by_time=True,
-                           features="factorized" if factorized and args.distill_features else None, device="cpu")
-    try:
-        result = distill(exported / "unet" / "model.onnx", student_folder / "unet" / "model.onnx", str(data),
-                         float_out / "unet" / "model.onnx", config, eval_samples=str(heldout), progress=args.verbose)
-    except Exception as exc:  # noqa: BLE001  (onnx2torch's conversion errors are of many types: report them as they are)
-        shutil.rmtree(float_out, ignore_errors=True)
-        return {**record, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                "distill_seconds": round(time.perf_counter() - start, 1)}
-    record["distill"] = {"steps": result.get("steps"), "planned_steps": result.get("planned_steps"),
-                         "seconds": round(result["seconds"], 1), "final_loss": result.get("final_loss"),
-                         "losses": result.get("losses"), "kept": result.get("kept"),
-                         "error_before": result.get("error_before"), "error_after": result.get("error_after"),
-                         "config": {"batch": config.batch, "lr": config.lr, "features": config.features,
-                                    "time_limit_s": config.time_limit}}
-    if float_out is not out:
+    if not (args.reuse and (out / "manifest.json").is_file()):
+        shutil.rmtree(out, ignore_errors=True)
         try:
-            quantize = {"budget": {}, "blocks": None, "int8": int8[-1]["int8"], "time_float": int8[-1]["time_float"]}
-            compress_pipeline(float_out, out, flow_passes(quantize, float_out / "unet" / "model.onnx"),
-                              seeds=args.calib_seeds,
-                              steps=args.steps, samples=args.calib_samples, images=args.judge_images,
-                              max_output_error=args.max_output_error, progress=args.verbose)
+            compress_pipeline(exported, out, flow_passes(stages[0], exported / "unet" / "model.onnx",
+                                                         distill=args.distill_minutes),
+                              seeds=args.calib_seeds, steps=args.steps, samples=args.calib_samples,
+                              images=args.judge_images, max_output_error=args.max_output_error,
+                              distill_seeds=args.distill_seeds, distill_samples=args.distill_samples,
+                              progress=args.verbose)
         except EdgelrError as exc:
-            return {**record, "error": f"int8 after distillation: {exc}"}
-    record["folder"] = str(out)
-    record["distill_seconds"] = round(time.perf_counter() - start, 1)
-    return record
+            return {**record, "error": str(exc), "distill_seconds": round(time.perf_counter() - start, 1)}
+    compression = json.loads((out / "manifest.json").read_text())["compression"]
+    return {**record, "folder": str(out), "passes": [p.get("_type") for p in compression["passes"]],
+            "params_after": compression["params_after"], "distill": compression.get("distillation"),
+            "blocks_removed": (compression.get("blocks_removed") or {}).get("removed"),
+            "compress_seconds": round(time.perf_counter() - start, 1)}
 
 
 def pick_for_distill(flows: list[dict], count: int) -> list[str]:
     """The COUNT flows with the highest per-step speed-up among those whose images pass the PSNR and SSIM bars;
     if fewer pass, the rest by SSIM. (Per-step ratios come from a quick timing before the real one.)"""
-    ok = [f for f in flows if "error" not in f and float_flow(f["flow"])]
+    ok = [f for f in flows if "error" not in f and distillable(f["flow"])]
     passing = sorted((f for f in ok if f["psnr_mean"] >= BARS["psnr_mean"] and f["ssim_mean"] >= BARS["ssim_mean"]),
                      key=lambda f: -f["quick_per_step_ratio"])
     rest = sorted((f for f in ok if f not in passing), key=lambda f: -f["ssim_mean"])
@@ -428,13 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classifier", type=Path, default=ROOT / "models" / "weights" / "digit_classifier.pt")
     p.add_argument("--distill", action="append", help='a flow to distil, or "auto" (default) or "none"')
     p.add_argument("--distill-count", type=int, default=2, help="flows --distill auto picks")
-    p.add_argument("--distill-seeds", type=int, default=64, help="teacher sampling runs for the training set")
+    p.add_argument("--distill-seeds", type=int, default=32, help="the original's sampling runs it trains on")
     p.add_argument("--distill-samples", type=int, default=2048, help="denoiser inputs kept from them")
-    p.add_argument("--distill-steps", type=int, default=2000)
-    p.add_argument("--distill-minutes", type=float, default=3.0, help="time limit per distillation")
-    p.add_argument("--distill-batch", type=int, default=16)
-    p.add_argument("--distill-lr", type=float, default=1e-4)
-    p.add_argument("--distill-features", action="store_true", help='features="factorized" for factorized flows')
+    p.add_argument("--distill-minutes", type=float, default=2.5, help="training time per distillation")
     p.add_argument("--rounds", type=int, default=30, help="interleaved denoiser timing rounds")
     p.add_argument("--pipeline-rounds", type=int, default=5, help="interleaved whole-pipeline runs per flow")
     p.add_argument("--grid-images", type=int, default=16)
@@ -536,23 +491,15 @@ def run(args, argv) -> int:
                     row["quick_per_step_ratio"] = quick[ORIGINAL] / quick[row["flow"]]
             wanted = [w for w in wanted if w != "auto"] + pick_for_distill(rows, args.distill_count)
         wanted = list(dict.fromkeys(wanted))
-        say(f"distilling {wanted}: teacher trajectories from {args.distill_seeds} runs")
-        data = work / "distill_train.npz"
-        heldout = work / "distill_heldout.npz"
-        data_info = capture(exported, range(50_000, 50_000 + args.distill_seeds), args.steps, args.distill_samples, data)
-        held_info = capture(exported, range(60_000, 60_000 + max(2, args.distill_seeds // 8)), args.steps,
-                            min(256, args.distill_samples), heldout)
+        say(f"distilling {wanted}: {args.distill_minutes:g} minutes each, on the original's trajectories from "
+            f"{args.distill_seeds} runs")
         for flow in wanted:
-            record = distill_flow(exported, work, flow, {**stages, **folders}, data, heldout, args)
-            record["data"], record["heldout"] = data_info, held_info
+            record = distill_flow(exported, work, flow, args)
             distilled.append(record)
             if "error" not in record:
                 folders[record["flow"]] = Path(record["folder"])
                 generated[record["flow"]] = images.generate(Path(record["folder"]))
                 record.update(measure_images(reference, generated[record["flow"]], classify))
-                base = next((r for r in rows if r["flow"] == flow), {})
-                record.update({k: base.get(k) for k in ("params_before", "params_after", "passes", "blocks_removed")
-                               if k in base})
             say(f"{record['flow']}: " + (record.get("error") or f"PSNR {record['psnr_mean']:.2f}, SSIM "
                                                                  f"{record['ssim_mean']:.4f}"))
 
