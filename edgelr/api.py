@@ -273,11 +273,13 @@ def compress_pipeline(
 
     Distillation: a distill pass (edgelr.deploy.pipeline_compress.distill_config, or any DistillConfig without
     data of its own) trains the float denoiser the passes before it made towards the original on the original's
-    own trajectories: DISTILL_SEEDS runs (default DISTILL_SEEDS, seeds DISTILL_SEED on) at the same steps,
-    prompts and guidance, at most DISTILL_SAMPLES (default 2048) of their inputs; runs of other seeds are held
-    out (the error before and after; a training that raised it is not kept). It goes before any quantize pass,
-    which then calibrates on the distilled model; its features may be "blocks" (the joins of the blocks a
-    remove_blocks pass removed). The manifest records it under "distillation"."""
+    own trajectories (no images needed): DISTILL_SEEDS runs (default 32, seeds
+    edgelr.deploy.pipeline_compress.DISTILL_SEED on) at the same steps, prompts and guidance, at most
+    DISTILL_SAMPLES (default 2048) of their inputs; runs of other seeds are held out (the error before and after;
+    a training that raised it is not kept). It goes before any quantize pass, which then calibrates on the
+    distilled model; its features may be "blocks" (the joins of the blocks a remove_blocks pass removed). The
+    manifest records it under "distillation": steps, seconds, loss, held-out error, the tensors aligned and the
+    trajectories trained on (Trajectories.summary)."""
     from edgelr.calibration.trajectories import DEFAULT_PROMPTS, capture_trajectories
     from edgelr.deploy.pipeline_compress import (
         BLOCK_JUDGE,
@@ -310,6 +312,10 @@ def compress_pipeline(
         if value is not None and value < 1:
             raise EdgelrError(f"{name} {value}: need 1 or more")
     on_trajectories = _check_distill_order(recipe, distill_seeds, distill_samples)
+    if any(c.kind == "distill" for c in recipe.passes):
+        from edgelr.train.distill import check_distillable
+
+        check_distillable(source.denoiser)
     if prompts and not source.conditional:
         raise EdgelrError(f"{source.path}: an unconditional pipeline takes no prompts; leave them out")
     prompts = (tuple(prompts) if prompts else DEFAULT_PROMPTS) if source.conditional else None

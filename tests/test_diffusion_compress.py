@@ -25,7 +25,7 @@ from edgelr.api import compress_pipeline, pipeline_passes
 from edgelr.calibration.trajectories import capture_trajectories
 from edgelr.cli import main
 from edgelr.deploy.pipeline import export_pipeline
-from edgelr.deploy.pipeline_compress import JUDGE_SEED
+from edgelr.deploy.pipeline_compress import JUDGE_SEED, capture_distill_data
 from edgelr.deploy.pipeline_run import OnnxDiffusionPipeline
 from edgelr.errors import EdgelrError
 from edgelr.graph.residual import remove_branches, residual_branches
@@ -258,6 +258,23 @@ def test_block_features_are_the_joins_of_the_removed_blocks(exported, tmp_path):
     with pytest.raises(ConfigFieldError, match="in a recipe after remove_blocks"):  # the verb has no recipe
         distill(source / "unet" / "model.onnx", out / "unet" / "model.onnx", "x.npz", tmp_path / "x.onnx",
                 dataclasses.replace(QUICK_DISTILL, features="blocks"))
+
+
+def test_text_to_image_distillation_data_keeps_both_halves_of_guidance(exported, tmp_path):
+    source = exported / "sd.out"
+    data = capture_distill_data(OnnxDiffusionPipeline(source), tmp_path, seeds=2, steps=3, prompts=PROMPTS,
+                                guidance=7.5, samples=2048)
+    # 2 runs x 3 steps x (2 prompts, each with its negative half) = 24 denoiser inputs, text embeddings with them
+    train = data.summary["train"]
+    assert train["samples"] == 24 and train["guidance"] == 7.5 and train["prompts"] == PROMPTS
+    assert train["inputs"]["encoder_hidden_states"] == [24, 16, 16] and train["seeds"] == [50_000, 50_001]
+    assert data.summary["heldout"]["seeds"] == [60_000, 60_001]
+    assert sorted(np.load(data.train)) == ["encoder_hidden_states", "sample", "timestep"]
+    # this exporter's UNet has a Resize at opset 18, which onnx2torch does not convert: said at once, nothing written
+    with pytest.raises(EdgelrError, match=r"unet/model.onnx: onnx2torch cannot convert op Resize"):
+        compress_pipeline(source, tmp_path / "sd", [FactorizeConfig(params=0.5), QUICK_DISTILL], prompts=PROMPTS,
+                          progress=False)
+    assert not (tmp_path / "sd").exists()
 
 
 def test_int8_after_distillation_quantizes_the_distilled_denoiser(exported, fewer, tmp_path):

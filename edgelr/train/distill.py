@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from edgelr.core.objective import SCALE_SAMPLES, Group
@@ -47,6 +48,8 @@ from edgelr.passes.base import (
 )
 from edgelr.train.convert import (
     check_conversion,
+    check_ops,
+    import_onnx2torch,
     need_torch,
     onnx_info,
     parity,
@@ -501,6 +504,15 @@ def distill(teacher: str | os.PathLike, student: str | os.PathLike, data, out: s
     result["output"] = str(out)
     result["rank"] = world.rank
     return result
+
+
+def check_distillable(model: str | os.PathLike) -> None:
+    """One EdgelrError line now, before anything slow, where MODEL cannot be distilled here: no torch or onnx2torch,
+    or an op onnx2torch does not convert (distill itself finds the same, once its data is ready)."""
+    need_torch()
+    import_onnx2torch()
+    path = Path(model)
+    check_ops(onnx.load(str(path), load_external_data=False), path)
 
 
 def output_groups(session, dataset, out_names: list[str]) -> tuple[tuple[Group, ...], ...]:
