@@ -271,7 +271,7 @@ def compress_pipeline(
     held to MIN_PSNR / MIN_SSIM when given: under them, nothing is written), and a remove_blocks pass ranks
     blocks by those runs' images (1 - mean SSIM), not by one step's output.
 
-    Distillation: a distill pass (edgelr.deploy.pipeline_compress.distill_config, or any DistillConfig without
+    Distillation: a distill pass (edgelr.api.denoiser_distill_config, or any DistillConfig without
     data of its own) trains the float denoiser the passes before it made towards the original on the original's
     own trajectories (no images needed): DISTILL_SEEDS runs (default 32, seeds
     edgelr.deploy.pipeline_compress.DISTILL_SEED on) at the same steps, prompts and guidance, at most
@@ -376,7 +376,7 @@ def pipeline_passes(factorize: FactorizeConfig | None = None, prune: float | Non
                     refit: bool = True, remove_blocks: int | None = None, distill: float | None = None,
                     distill_features: str | None = "auto") -> list[PassConfig]:
     """The passes compress_pipeline's flags stand for: remove_blocks (REMOVE_BLOCKS of them), prune, factorize and
-    refit (flag_passes), a distillation of DISTILL minutes (edgelr.deploy.pipeline_compress.distill_config), then
+    refit (flag_passes), a distillation of DISTILL minutes (edgelr.api.denoiser_distill_config), then
     quantize, calibrated on the distilled model. DISTILL_FEATURES: a DistillConfig.features kind, None, or "auto",
     as measured on the digits DDPM (260 steps, 16 images): "factorized" where a budget factorizes (flops 0.35:
     PSNR 26.8 dB against 25.2 without), and "factorized+blocks" where blocks are removed too (one block and flops
@@ -384,8 +384,6 @@ def pipeline_passes(factorize: FactorizeConfig | None = None, prune: float | Non
     passes: list[PassConfig] = [RemoveBlocksConfig(count=remove_blocks)] if remove_blocks else []
     if distill is None:
         return passes + (flag_passes(factorize, prune, quantize, refit) if factorize or prune or quantize else [])
-    from edgelr.deploy.pipeline_compress import distill_config
-
     if not (factorize or prune or remove_blocks):
         raise EdgelrError("--distill trains a compressed float denoiser towards the original: give a budget, --prune "
                           "or --remove-blocks too")
@@ -399,7 +397,17 @@ def pipeline_passes(factorize: FactorizeConfig | None = None, prune: float | Non
                                  else "a budget factorized: give --params, --flops or --latency"))
     if factorize or prune:  # the float passes: a refit after quantization would undo the distillation
         passes += flag_passes(factorize, prune, None, refit)
-    return passes + [distill_config(distill, distill_features)] + ([QuantizeConfig(scheme=quantize)] if quantize else [])
+    return passes + [denoiser_distill_config(distill, distill_features)] + ([QuantizeConfig(scheme=quantize)] if quantize else [])
+
+
+def denoiser_distill_config(minutes: float, features: str | None = None):
+    """How a denoiser is distilled for MINUTES (edgelr.train.distill.DistillConfig): batch 16 at lr 1e-4 (what
+    tools/bench_diffusion.py distils the digits DDPM with), decayed to 0 by the time limit, no augmentation
+    (the inputs are the trajectories themselves), the noise prediction as one output."""
+    from edgelr.train.distill import DistillConfig
+
+    return DistillConfig(steps=1_000_000, batch=16, lr=1e-4, augment="none", by_group=False,
+                         time_limit=minutes * 60, anneal_by_time=True, features=features)
 
 
 def _check_distill_order(recipe: Recipe, seeds: int | None, samples: int | None) -> bool:

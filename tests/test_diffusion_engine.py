@@ -134,6 +134,14 @@ def test_exported_and_compressed_folders_get_an_engine_for_their_own_denoiser(pi
     again = tmp_path / "again"
     _export(out, "--target", "rtx", "-o", again)
     _check_engine(again, "fp16", _profile((1, 1, 8), sample=(3, 16, 16), timestep=()))
+    # an engine folder compressed: its engine was built from the old denoiser, so it is not carried along
+    recompressed = tmp_path / "again.q"
+    assert main(["-q", "compress", str(again), "-o", str(recompressed), "--params", "0.5", "--steps", "3",
+                 "--seeds", "1", "--images", "1", "--max-output-error", "1"]) == 0
+    m = _manifest(recompressed)
+    assert not (recompressed / "engines").exists() and "engines" not in m
+    assert {c["runtime"] for c in m["components"].values()} == {"onnxruntime"}
+    assert f"edgelr export {recompressed} --target rtx" in m["runner"]
 
 
 def _fails(capsys, args: list, out: Path, *words: str) -> None:

@@ -10,8 +10,7 @@ pipeline folder. The verb is edgelr.api.compress_pipeline; this module holds its
   1 - mean SSIM over the images of whole sampling runs, so a block's error is counted as it compounds over
   the steps, not as one step's output.
 - `capture_distill_data(pipe, folder, ...)`: the training set of a distillation, the teacher's own trajectories
-  (many runs, no images needed), and a held-out set from other seeds, as .npz files a distill pass reads;
-  `distill_config(minutes)`: how a denoiser is distilled on them.
+  (many runs, no images needed), and a held-out set from other seeds, as .npz files a distill pass reads.
 - `write_compressed(export_dir, out_dir, unet_file, record)`: the exported folder copied whole with the
   compressed denoiser in place and the manifest saying what was done (the files' hashes redone); staged beside
   OUT_DIR and renamed into place once the staged folder has generated the judged images again.
@@ -30,6 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgelr.deploy.files import file_entry, whole_folder
+from edgelr.deploy.pipeline_engine import ENGINES, without_engines
 from edgelr.deploy.pipeline_run import MANIFEST, OnnxDiffusionPipeline
 from edgelr.errors import EdgelrError
 from edgelr.io import model as model_io
@@ -159,16 +159,6 @@ def capture_distill_data(pipe: OnnxDiffusionPipeline, folder: Path, *, seeds: in
                        {name: traj.summary() for name, traj in sets.items()})
 
 
-def distill_config(minutes: float, features: str | None = None):
-    """How a denoiser is distilled for MINUTES (edgelr.train.distill.DistillConfig): batch 16 at lr 1e-4 (what
-    tools/bench_diffusion.py distils the digits DDPM with), decayed to 0 by the time limit, no augmentation
-    (the inputs are the trajectories themselves), the noise prediction as one output."""
-    from edgelr.train.distill import DistillConfig
-
-    return DistillConfig(steps=1_000_000, batch=16, lr=1e-4, augment="none", by_group=False,
-                         time_limit=minutes * 60, anneal_by_time=True, features=features)
-
-
 def image_measures(reference: np.ndarray, test: np.ndarray) -> dict:
     """PSNR and SSIM (mean, median, worst) of TEST's images against REFERENCE's, both (N, C, H, W) in [0, 1]."""
     return pixel_summary(reference, test, value_range=(0.0, 1.0))
@@ -194,8 +184,9 @@ def write_compressed(source: ExportedPipeline, out_dir: Path, unet_file: Path, r
     again before it moves into place. Returns the manifest written."""
     try:
         with whole_folder(out_dir) as stage:
+            # an engine was built from the denoiser being replaced: it is left behind, not shipped stale
             shutil.copytree(source.path, stage, dirs_exist_ok=True,
-                            ignore=shutil.ignore_patterns(".*.edgelr-*", ".edgelr-*"))
+                            ignore=shutil.ignore_patterns(".*.edgelr-*", ".edgelr-*", ENGINES))
             target = stage / source.manifest["components"][DENOISER]["file"]
             for old in target.parent.glob(target.name + "*"):  # the model and its external data (.data, _data)
                 old.unlink()
@@ -203,7 +194,7 @@ def write_compressed(source: ExportedPipeline, out_dir: Path, unet_file: Path, r
             data = Path(str(unet_file) + ".data")
             if data.exists():
                 shutil.copyfile(data, Path(str(target) + ".data"))
-            manifest = json.loads(json.dumps(source.manifest))
+            manifest = without_engines(json.loads(json.dumps(source.manifest)), out_dir)
             unet = manifest["components"][DENOISER]
             unet["parity"]["of"] = "the exported original, against torch (before edgelr compress)"
             unet["compressed"] = {k: record[k] for k in ("passes", "params_before", "params_after", "bytes_before",

@@ -87,6 +87,19 @@ def _add_engine(stage: Path, manifest: dict, target: Target, shapes, precision: 
     return manifest
 
 
+def without_engines(manifest: dict, folder: Path) -> dict:
+    """MANIFEST (changed in place) for FOLDER once its engines are gone (its denoiser was replaced): every
+    component on ONNX Runtime, and where the engine is rebuilt."""
+    if manifest.pop(ENGINES, None) is None:
+        return manifest
+    for component in manifest["components"].values():
+        component.pop("engine", None)
+        component["runtime"] = "onnxruntime"
+    manifest["runner"] = (f"run.py: numpy + onnxruntime; no engine yet (the denoiser changed): build it with "
+                          f"`edgelr export {folder} --target {manifest['target']['name']} -o NEW_FOLDER`")
+    return manifest
+
+
 # ---- the profile ----
 
 def batch_range(model: ir.Model, where: Path, run: dict, shapes: dict[str, ShapeRange] | None) -> tuple[int, int, int]:
