@@ -42,6 +42,26 @@ def torch_one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session")
+def tiny_pipelines(tmp_path_factory):
+    """models/diffusion_tiny's DDPM and text-to-image pipelines saved (ROOT/ddpm, ROOT/sd) and exported for x86-cpu
+    (ROOT/ddpm.out, ROOT/sd.out), once per session, torch at one thread (the machine is shared). Read only."""
+    import torch
+
+    from edgelr.deploy.pipeline import export_pipeline
+    from models import diffusion_tiny
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("tiny-pipelines")
+    try:
+        for name, save in (("ddpm", diffusion_tiny.save_ddpm), ("sd", diffusion_tiny.save_text_to_image)):
+            export_pipeline(save(root / name), "x86-cpu", root / f"{name}.out", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return root
+
+
 @pytest.fixture()
 def demo(tmp_path, monkeypatch):
     """edgelr demo's small convnet (m.onnx) and 8 calibration images (calib.npz), with a cold cache of its own."""

@@ -18,13 +18,11 @@ pytest.importorskip("optimum.exporters.onnx")
 pytest.importorskip("skimage")
 
 import onnx_ir as ir
-import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from edgelr.api import compress_pipeline, pipeline_passes
 from edgelr.calibration.trajectories import capture_trajectories
 from edgelr.cli import main
-from edgelr.deploy.pipeline import export_pipeline
 from edgelr.deploy.pipeline_compress import JUDGE_SEED, capture_distill_data
 from edgelr.deploy.pipeline_run import OnnxDiffusionPipeline
 from edgelr.errors import EdgelrError
@@ -36,23 +34,13 @@ from edgelr.passes.factorize import FactorizeConfig
 from edgelr.passes.quantize import QuantizeConfig
 from edgelr.passes.remove_blocks import RemoveBlocksConfig
 from edgelr.train.distill import ConfigFieldError, DistillConfig, distill
-from models import diffusion_tiny
 
 PROMPTS = ["a photo of the red cat", "dog"]
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """The two tiny pipelines, saved and exported once (torch at one thread: the machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("diffusion-compress")
-    try:
-        for name, save in (("ddpm", diffusion_tiny.save_ddpm), ("sd", diffusion_tiny.save_text_to_image)):
-            export_pipeline(save(root / name), "x86-cpu", root / f"{name}.out", progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    return root
+@pytest.fixture(scope="session")
+def exported(tiny_pipelines):
+    return tiny_pipelines
 
 
 def _digest(folder: Path) -> dict[str, str]:

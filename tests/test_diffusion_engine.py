@@ -20,29 +20,17 @@ pytest.importorskip("diffusers")
 pytest.importorskip("optimum.exporters.onnx")
 pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT for RTX is not installed (pip install edgelr[trt])")
 
-import torch
 
 from edgelr.cli import main
-from edgelr.deploy.pipeline import export_pipeline
 from edgelr.deploy.pipeline_run import OnnxDiffusionPipeline
 from edgelr.deploy.tensorrt import gpu_available
-from models import diffusion_tiny
 
 PROMPTS = ["a photo of the red cat", "dog"]
 
 
-@pytest.fixture(scope="module")
-def pipelines(tmp_path_factory):
-    """The two tiny pipelines, saved, and each exported once for x86-cpu (torch at one thread: a shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("diffusion-engine")
-    try:
-        for name, save in (("ddpm", diffusion_tiny.save_ddpm), ("sd", diffusion_tiny.save_text_to_image)):
-            export_pipeline(save(root / name), "x86-cpu", root / f"{name}.out", progress=False)
-        yield root
-    finally:
-        torch.set_num_threads(threads)
+@pytest.fixture(scope="session")
+def pipelines(tiny_pipelines):
+    return tiny_pipelines
 
 
 def _export(*args: str) -> None:
