@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from edgelr.deploy.files import file_entry, whole_folder
-from edgelr.deploy.pipeline_engine import ENGINES, add_denoiser_engine
+from edgelr.deploy.pipeline_engine import add_denoiser_engine, copy_without_engines
 from edgelr.deploy.pipeline_run import MANIFEST, check_scheduler
 from edgelr.deploy.targets import Target, load_target
 from edgelr.deploy.tensorrt import tensorrt_module
@@ -161,21 +161,13 @@ def _engine_for_exported(folder, target: Target, out_dir, threads: int | None, s
     out_dir = model_io.check_output_folder(out_dir, source.path, what="exported pipeline", manifest=MANIFEST)
     _say(progress, f"{source.path}: an exported pipeline; copying it and building its denoiser's engine")
     with _writing(out_dir) as stage:
-        shutil.copytree(source.path, stage, dirs_exist_ok=True, ignore=_left_behind(source.path))
+        copy_without_engines(source.path, stage)
         manifest = source.manifest
         if threads is not None:
             manifest = {**manifest, "threads": threads}
         manifest = add_denoiser_engine(stage, manifest, target, shapes=shapes, precision=precision, progress=progress,
                                        named=source.path)
     return PipelineExportResult(target, out_dir, manifest, time.perf_counter() - start)
-
-
-def _left_behind(source: Path):
-    """copytree's ignore: the source's old engines (built for another denoiser or target) and staging folders."""
-    def ignore(folder: str, names: list[str]) -> list[str]:
-        return [n for n in names if ".edgelr-" in n or (Path(folder) == source and n == ENGINES)]
-
-    return ignore
 
 
 def _say(progress: bool, text: str) -> None:

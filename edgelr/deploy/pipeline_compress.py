@@ -29,7 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgelr.deploy.files import file_entry, whole_folder
-from edgelr.deploy.pipeline_engine import ENGINES, without_engines
+from edgelr.deploy.pipeline_engine import copy_without_engines, without_engines
 from edgelr.deploy.pipeline_run import MANIFEST, OnnxDiffusionPipeline
 from edgelr.errors import EdgelrError
 from edgelr.io import model as model_io
@@ -184,9 +184,7 @@ def write_compressed(source: ExportedPipeline, out_dir: Path, unet_file: Path, r
     again before it moves into place. Returns the manifest written."""
     try:
         with whole_folder(out_dir) as stage:
-            # an engine was built from the denoiser being replaced: it is left behind, not shipped stale
-            shutil.copytree(source.path, stage, dirs_exist_ok=True,
-                            ignore=shutil.ignore_patterns(".*.edgelr-*", ".edgelr-*", ENGINES))
+            copy_without_engines(source.path, stage)  # an engine of the replaced denoiser would ship stale
             target = stage / source.manifest["components"][DENOISER]["file"]
             for old in target.parent.glob(target.name + "*"):  # the model and its external data (.data, _data)
                 old.unlink()

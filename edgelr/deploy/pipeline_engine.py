@@ -18,6 +18,7 @@ pipeline's). The text encoder and the VAE stay on ONNX Runtime; the manifest say
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -85,6 +86,15 @@ def _add_engine(stage: Path, manifest: dict, target: Target, shapes, precision: 
                          if p.is_file() and p != stage / MANIFEST}
     (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
+
+
+def copy_without_engines(source: Path, stage: Path) -> None:
+    """SOURCE's pipeline folder copied into STAGE, leaving behind its engines (built for another denoiser or
+    target) and any staging folders."""
+    def ignore(folder: str, names: list[str]) -> list[str]:
+        return [n for n in names if ".edgelr-" in n or (Path(folder) == source and n == ENGINES)]
+
+    shutil.copytree(source, stage, dirs_exist_ok=True, ignore=ignore)
 
 
 def without_engines(manifest: dict, folder: Path) -> dict:
